@@ -357,3 +357,27 @@ class Placement:
         """Replicas that ``other`` places on a GPU that does not hold them here (per layer, summed)."""
         added = np.clip(other.gpu_expert_matrix() - self.gpu_expert_matrix(), 0, None)
         return int(added.sum())
+
+
+@dataclass(frozen=True)
+class RoutingBatch:
+    """One forward step of the whole EP group: every token's experts at every layer.
+
+    expert_ids: [L, B, k] logical expert ids, column 0 the token's first choice.
+    source_gpu: [B] the GPU (attention data-parallel rank) each token starts on.
+    """
+
+    expert_ids: np.ndarray
+    source_gpu: np.ndarray
+
+    def __post_init__(self) -> None:
+        expert_ids = _as_array("expert_ids", self.expert_ids, 3, np.int64)
+        source_gpu = _as_array("source_gpu", self.source_gpu, 1, np.int64)
+        if expert_ids.shape[1] != source_gpu.shape[0]:
+            raise PlacementError(
+                f"source_gpu: {source_gpu.shape[0]} tokens, expert_ids has {expert_ids.shape[1]}"
+            )
+        if expert_ids.shape[1] == 0:
+            raise PlacementError("expert_ids: empty batch")
+        object.__setattr__(self, "expert_ids", expert_ids)
+        object.__setattr__(self, "source_gpu", source_gpu)
