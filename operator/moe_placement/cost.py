@@ -1,0 +1,189 @@
+"""Roofline and all-to-all cost model of the MoE layers of one forward step.
+
+Per layer and GPU: time = max(tokens x FLOP per token / peak FLOP/s,
+activated slots x expert bytes / HBM bandwidth). Layer time = slowest GPU + all-to-all time.
+
+Data flow (MoETuner's): a token starts layer 0 on its attention data-parallel rank, and each later
+layer from the GPU that served its first choice in the layer before, so placing experts that tokens
+chain between layers on one GPU keeps tokens local. A token is sent once to each GPU it needs and, across
+nodes, once to each node (to the lowest such GPU there, which forwards over NVLink), as DeepEP does;
+the combine sends the same bytes back, so each transfer counts twice.
+
+Shapes: L layers, B tokens, k choices, G GPUs, N slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_placement.models import ModelShape, Placement, PlacementError, RoutingBatch, Topology
+from moe_placement.routing import ReplicaLayout, get_router, replica_layouts
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Modelled cost of one forward step, averaged over the batches evaluated.
+
+    token_imbalance (max / mean GPU tokens) and max_activated_experts (on the busiest GPU) are taken
+    per layer and batch, then averaged; times and bytes are summed over layers.
+
+    gpu_tokens: [L, G] (token, choice) pairs each GPU serves per step.
+    gpu_activated: [L, G] distinct slots each GPU activates per step.
+    """
+
+    token_imbalance: float
+    max_activated_experts: float
+    cross_gpu_bytes: float
+    cross_node_bytes: float
+    compute_time_s: float
+    comm_time_s: float
+    moe_time_s: float
+    gpu_tokens: np.ndarray
+    gpu_activated: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        """The scalar figures, for tables and JSON."""
+        return {
+            "token_imbalance": self.token_imbalance,
+            "max_activated_experts": self.max_activated_experts,
+            "cross_gpu_mb": self.cross_gpu_bytes / 1e6,
+            "cross_node_mb": self.cross_node_bytes / 1e6,
+            "compute_ms": self.compute_time_s * 1e3,
+            "comm_ms": self.comm_time_s * 1e3,
+            "moe_ms": self.moe_time_s * 1e3,
+        }
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer of one batch. gpu_tokens, gpu_activated: [G]."""
+
+    gpu_tokens: np.ndarray
+    gpu_activated: np.ndarray
+    compute_time_s: float
+    comm_time_s: float
+    cross_gpu_bytes: float
+    cross_node_bytes: float
+
+
+def layer_cost(
+    slots: np.ndarray,
+    source_gpu: np.ndarray,
+    layout: ReplicaLayout,
+    model: ModelShape,
+    topology: Topology,
+) -> LayerCost:
+    """Cost of one layer. slots: [B, k] slot serving each (token, choice); source_gpu: [B]."""
+    num_gpus = len(layout.node_of_gpu)
+    num_tokens = slots.shape[0]
+    gpu_of_slot, node_of_gpu = layout.gpu_of_slot, layout.node_of_gpu
+    destination_gpu = gpu_of_slot[slots]
+
+    gpu_tokens = np.bincount(destination_gpu.ravel(), minlength=num_gpus).astype(np.float64)
+    used_slots = np.unique(slots)
+    gpu_activated = np.bincount(gpu_of_slot[used_slots], minlength=num_gpus).astype(np.float64)
+    compute = gpu_tokens * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
+    memory = gpu_activated * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
+    compute_time = float(np.max(np.maximum(compute, memory)))
+
+    # Unique (token, destination GPU) pairs that leave the token's GPU.
+    token_index = np.repeat(np.arange(num_tokens), slots.shape[1])
+    pair_key = np.unique(token_index * num_gpus + destination_gpu.ravel())
+    pair_token, pair_gpu = pair_key // num_gpus, pair_key % num_gpus
+    pair_source = source_gpu[pair_token]
+    remote = pair_gpu != pair_source
+    pair_token, pair_gpu, pair_source = pair_token[remote], pair_gpu[remote], pair_source[remote]
+    same_node = node_of_gpu[pair_gpu] == node_of_gpu[pair_source]
+
+    # Cross-node: one transfer per (token, destination node), received by the node's lowest GPU.
+    remote_token, remote_gpu = pair_token[~same_node], pair_gpu[~same_node]
+    node_key = remote_token * topology.num_nodes + node_of_gpu[remote_gpu]
+    node_keys, first = np.unique(node_key, return_index=True)
+    receiver = remote_gpu[first]  # pairs are sorted by (token, gpu): first is the lowest GPU
+    sender = source_gpu[node_keys // topology.num_nodes]
+    forwarded = np.ones(len(remote_gpu), dtype=bool)
+    forwarded[first] = False
+
+    token_bytes = 2.0 * model.token_bytes  # dispatch + combine
+    intra_out = np.bincount(pair_source[same_node], minlength=num_gpus) + np.bincount(
+        receiver[np.searchsorted(node_keys, node_key[forwarded])], minlength=num_gpus
+    )
+    intra_in = np.bincount(pair_gpu[same_node], minlength=num_gpus) + np.bincount(
+        remote_gpu[forwarded], minlength=num_gpus
+    )
+    inter_out = np.bincount(sender, minlength=num_gpus)
+    inter_in = np.bincount(receiver, minlength=num_gpus)
+    intra_bw, inter_bw = topology.intra_node_gb_s * 1e9, topology.inter_node_gb_s * 1e9
+    send = intra_out * token_bytes / intra_bw + inter_out * token_bytes / inter_bw
+    receive = intra_in * token_bytes / intra_bw + inter_in * token_bytes / inter_bw
+    comm_time = float(np.max(np.maximum(send, receive))) if num_gpus > 1 else 0.0
+
+    inter_transfers = len(node_keys)
+    intra_transfers = int(same_node.sum() + forwarded.sum())
+    return LayerCost(
+        gpu_tokens=gpu_tokens,
+        gpu_activated=gpu_activated,
+        compute_time_s=compute_time,
+        comm_time_s=comm_time,
+        cross_gpu_bytes=(intra_transfers + inter_transfers) * token_bytes,
+        cross_node_bytes=inter_transfers * token_bytes,
+    )
+
+
+def evaluate(
+    placement: Placement,
+    model: ModelShape,
+    topology: Topology,
+    batches: Sequence[RoutingBatch],
+    router: str = "random",
+    seed: int = 0,
+) -> CostReport:
+    """Modelled cost of ``placement`` on ``batches`` with tokens routed by ``router``."""
+    placement.check_topology(model, topology)
+    route = get_router(router)
+    layouts = replica_layouts(placement, topology)
+    rng = np.random.default_rng(seed)
+    num_layers, num_gpus = placement.num_layers, placement.num_gpus
+    gpu_tokens = np.zeros((num_layers, num_gpus))
+    gpu_activated = np.zeros((num_layers, num_gpus))
+    # compute, comm, cross-GPU bytes, cross-node bytes, token imbalance, max activated
+    totals = np.zeros(6)
+    if not batches:
+        raise PlacementError("batches: nothing to evaluate")
+    for batch in batches:
+        if batch.expert_ids.shape[0] != num_layers:
+            raise PlacementError(
+                f"expert_ids: batch has {batch.expert_ids.shape[0]} layers, placement {num_layers}"
+            )
+        source_gpu = batch.source_gpu % num_gpus
+        for layer, layout in enumerate(layouts):
+            expert_ids = batch.expert_ids[layer]
+            slots = route(layout, expert_ids, source_gpu, rng.random(expert_ids.shape))
+            cost = layer_cost(slots, source_gpu, layout, model, topology)
+            gpu_tokens[layer] += cost.gpu_tokens
+            gpu_activated[layer] += cost.gpu_activated
+            totals += (
+                cost.compute_time_s,
+                cost.comm_time_s,
+                cost.cross_gpu_bytes,
+                cost.cross_node_bytes,
+                cost.gpu_tokens.max() / max(cost.gpu_tokens.mean(), 1e-12) / num_layers,
+                cost.gpu_activated.max() / num_layers,
+            )
+            source_gpu = layout.gpu_of_slot[slots[:, 0]]
+    count = len(batches)
+    compute, comm, cross_gpu, cross_node, token_imbalance, max_activated = totals / count
+    return CostReport(
+        token_imbalance=float(token_imbalance),
+        max_activated_experts=float(max_activated),
+        cross_gpu_bytes=float(cross_gpu),
+        cross_node_bytes=float(cross_node),
+        compute_time_s=float(compute),
+        comm_time_s=float(comm),
+        moe_time_s=float(compute + comm),
+        gpu_tokens=gpu_tokens / count,
+        gpu_activated=gpu_activated / count,
+    )

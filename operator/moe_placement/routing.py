@@ -1,0 +1,123 @@
+"""Token -> replica routers, numpy reference versions.
+
+A router decides, for each (token, choice) of one layer, which slot (replica) serves it. The agent's
+torch routers must give the same slots on the same input, so tie-breaking is part of the contract:
+
+- ``random`` (vLLM): replica ``floor(u * replicas)`` of the expert, u one uniform draw per (token, k).
+- ``local_first`` (SGLang static dispatch): a replica on the token's GPU, else on its node, else any;
+  among equally local replicas, the ``floor(u * n)``-th in slot order.
+- ``metro`` (METRO greedy): all tokens of an expert go to one replica. Experts are taken in order of
+  (fewest replicas, most tokens, lowest id); each picks, among the GPUs holding it, the one with the
+  fewest activated experts so far, then the fewest tokens, then the lowest slot.
+
+Shapes: B tokens, k choices, E experts, R most replicas of an expert, N slots, G GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_placement.models import Placement, PlacementError, Topology
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    """One layer's replicas as routers need them.
+
+    replica_slots: [E, R] slots of each expert, -1 padded; replica_counts: [E];
+    gpu_of_slot: [N]; node_of_gpu: [G].
+    """
+
+    replica_slots: np.ndarray
+    replica_counts: np.ndarray
+    gpu_of_slot: np.ndarray
+    node_of_gpu: np.ndarray
+
+
+def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
+    """Per-layer replica layouts of a placement, length L."""
+    replica_slots = placement.logical_to_physical_map()
+    replica_counts = placement.replica_count()
+    gpu_of_slot = np.arange(placement.num_slots) // placement.slots_per_gpu
+    node_of_gpu = np.arange(placement.num_gpus) // topology.gpus_per_node
+    return [
+        ReplicaLayout(replica_slots[layer], replica_counts[layer], gpu_of_slot, node_of_gpu)
+        for layer in range(placement.num_layers)
+    ]
+
+
+def route_random(
+    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
+    """Uniformly random replica. expert_ids, uniform: [B, k]; source_gpu: [B] -> slots [B, k]."""
+    counts = layout.replica_counts[expert_ids]
+    choice = np.minimum((uniform * counts).astype(np.int64), counts - 1)
+    return layout.replica_slots[expert_ids, choice]
+
+
+def route_local_first(
+    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
+    """Most local replica, ties broken by ``uniform``. Shapes as ``route_random``."""
+    candidates = layout.replica_slots[expert_ids]  # [B, k, R]
+    valid = candidates >= 0
+    candidate_gpu = layout.gpu_of_slot[np.where(valid, candidates, 0)]
+    source = source_gpu[:, None, None]
+    distance = np.where(
+        candidate_gpu == source,
+        0,
+        np.where(layout.node_of_gpu[candidate_gpu] == layout.node_of_gpu[source], 1, 2),
+    )
+    distance = np.where(valid, distance, 3)
+    best = distance == distance.min(axis=-1, keepdims=True)
+    rank_among_best = np.cumsum(best, axis=-1) - 1
+    pick = np.minimum((uniform * best.sum(axis=-1)).astype(np.int64), best.sum(axis=-1) - 1)
+    chosen = best & (rank_among_best == pick[..., None])
+    return candidates[chosen].reshape(expert_ids.shape)
+
+
+def route_metro(
+    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
+    """METRO greedy: fewest activated experts per GPU. Shapes as ``route_random``."""
+    num_gpus = len(layout.node_of_gpu)
+    experts, inverse, tokens = np.unique(expert_ids.ravel(), return_inverse=True, return_counts=True)
+    counts = layout.replica_counts[experts]
+    chosen_slot = np.empty(len(experts), dtype=np.int64)
+    # Experts with one replica have no choice: place them first in one vectorised step.
+    single = counts == 1
+    chosen_slot[single] = layout.replica_slots[experts[single], 0]
+    activated = np.bincount(layout.gpu_of_slot[chosen_slot[single]], minlength=num_gpus)
+    gpu_tokens = np.bincount(
+        layout.gpu_of_slot[chosen_slot[single]], weights=tokens[single], minlength=num_gpus
+    )
+    multi = np.nonzero(~single)[0]
+    order = multi[np.lexsort((experts[multi], -tokens[multi], counts[multi]))]
+    for index in order:
+        slots = layout.replica_slots[experts[index], : counts[index]]
+        gpus = layout.gpu_of_slot[slots]
+        best = np.lexsort((slots, gpu_tokens[gpus], activated[gpus]))[0]
+        chosen_slot[index] = slots[best]
+        activated[gpus[best]] += 1
+        gpu_tokens[gpus[best]] += tokens[index]
+    return chosen_slot[inverse].reshape(expert_ids.shape)
+
+
+Router = Callable[[ReplicaLayout, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+ROUTERS: dict[str, Router] = {
+    "random": route_random,
+    "local_first": route_local_first,
+    "metro": route_metro,
+}
+
+
+def get_router(name: str) -> Router:
+    """The router called ``name``."""
+    try:
+        return ROUTERS[name]
+    except KeyError:
+        raise PlacementError(f"router: unknown {name!r}; known: {', '.join(ROUTERS)}") from None
