@@ -1,0 +1,41 @@
+# Every target installs what it needs, idempotently. The virtualenv lives outside the checkout so that
+# fresh clones (CI) reuse it; the install is redone when pyproject.toml or the checkout path changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= $(HOME)/.cache/moeplace/venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo bench test test-unit clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): | $(PY)
+	rm -f $(VENV)/.installed-*
+	$(PY) -m pip install -q -e '.[agent,test]'
+	touch $@
+
+setup: $(STAMP)
+
+system-deps:
+	scripts/system-deps.sh
+
+demo: setup
+	$(VENV)/bin/moeplace bench --model deepseek-v2-lite --topology 2x4 --redundant-slots 16 \
+		--policies linear,round_robin,eplb --json out/bench-demo.json --plot out/plots
+
+bench: setup
+	$(VENV)/bin/moeplace bench --trace ../shared/traces/esft_lite_intent_law_top6.npz \
+		--model deepseek-v2-lite --topology 2x4 --redundant-slots 16 --json out/bench-esft.json
+
+test: setup system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf out .pytest_cache .hypothesis

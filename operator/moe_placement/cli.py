@@ -1,0 +1,174 @@
+"""``moeplace plan`` and ``moeplace bench``: the placement library on routing traces."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moe_placement.bench import (
+    PHASES,
+    BenchOptions,
+    Workload,
+    format_table,
+    plot_heatmaps,
+    run_bench,
+    workloads_from_file,
+    write_json,
+)
+from moe_placement.cost import evaluate
+from moe_placement.files import build_placement_file, write_placement, write_sglang
+from moe_placement.models import PlacementError
+from moe_placement.policies import POLICIES, PolicyOptions, plan
+from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
+from moe_placement.routing import ROUTERS
+from moe_placement.synthetic import SYNTHETIC_PRESETS, generate
+from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``plan`` and ``bench``."""
+    plan_parser = subparsers.add_parser("plan", help="Compute a placement from a routing trace.")
+    _add_workload_arguments(plan_parser)
+    plan_parser.add_argument("--policy", default="eplb", help=f"one of: {', '.join(POLICIES)}")
+    plan_parser.add_argument(
+        "--phase", choices=PHASES, default="prefill", help="phase the placement serves"
+    )
+    plan_parser.add_argument("--out", required=True, type=Path, help="placement file to write")
+    plan_parser.add_argument(
+        "--format", choices=("moeplace", "sglang"), default="moeplace",
+        help="moeplace JSON, or the JSON SGLang's --init-expert-location reads",
+    )
+    plan_parser.set_defaults(func=run_plan)
+
+    bench_parser = subparsers.add_parser(
+        "bench", help="Compare policies and routers side by side on a trace."
+    )
+    _add_workload_arguments(bench_parser)
+    bench_parser.add_argument("--policies", default="linear,round_robin,eplb")
+    bench_parser.add_argument("--router", "--routers", dest="routers", default="random,local_first,metro")
+    bench_parser.add_argument("--shift", help="also fit on domain A and score on domain B (A:B)")
+    bench_parser.add_argument("--prefill-tokens-per-gpu", type=int, default=512)
+    bench_parser.add_argument("--decode-tokens-per-gpu", type=int, default=16)
+    bench_parser.add_argument("--batches", type=int, default=4, help="batches scored per phase")
+    bench_parser.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON to write")
+    bench_parser.add_argument("--plot", type=Path, help="directory for PNG heatmaps")
+    bench_parser.set_defaults(func=run_bench_command)
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trace", type=Path,
+        help="routing trace (native npz, counts npz, or a ../shared/traces file); "
+        "default: the synthetic generator calibrated for --model",
+    )
+    parser.add_argument("--task", help="domain of the trace to use (e.g. intent, law)")
+    parser.add_argument(
+        "--model", default="deepseek-v2-lite", help=f"one of: {', '.join(MODEL_PRESETS)}"
+    )
+    parser.add_argument("--topology", default="2x4", help="NODESxGPUS[:gpu], e.g. 2x4 or 8x8:h200")
+    parser.add_argument("--redundant-slots", type=int, default=0, help="extra slots in all")
+    parser.add_argument("--time-limit", type=float, default=30.0, help="solver time limit, s")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _synthetic_trace(args: argparse.Namespace) -> Trace:
+    if args.model not in SYNTHETIC_PRESETS:
+        raise PlacementError(f"model: no synthetic workload for {args.model!r}; pass --trace")
+    _progress(f"generating the synthetic {args.model} workload")
+    return generate(SYNTHETIC_PRESETS[args.model], seed=args.seed)
+
+
+def _workloads(args: argparse.Namespace) -> list[Workload]:
+    if args.trace is not None:
+        return workloads_from_file(args.trace, args.task, args.shift, args.seed)
+    return [Workload(f"synthetic:{args.model}", *_synthetic_trace(args).split(0.5))]
+
+
+def _whole_trace(args: argparse.Namespace) -> Trace:
+    if args.trace is None:
+        return _synthetic_trace(args)
+    try:
+        trace = load_trace(args.trace)
+    except PlacementError as error:
+        if "counts only" not in str(error):
+            raise
+        profile = load_profile(args.trace, task=args.task)
+        return sample_tokens(profile, 16384, np.random.default_rng(args.seed))
+    return trace.select_domain(args.task) if args.task else trace
+
+
+def _csv(text: str, known: dict, field: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise PlacementError(f"{field}: unknown {unknown or text!r}; known: {', '.join(known)}")
+    return names
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    model = model_preset(args.model)
+    topology = parse_topology(args.topology, model.num_experts, args.redundant_slots)
+    trace = _whole_trace(args)
+    batch_tokens = 512 if args.phase == "prefill" else 16
+    profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=args.phase)
+    result = plan(
+        args.policy, profile, model, topology,
+        PolicyOptions(time_limit_s=args.time_limit, seed=args.seed),
+    )
+    rng = np.random.default_rng(args.seed)
+    predicted = {}
+    for phase, tokens_per_gpu in (("prefill", 512), ("decode", 16)):
+        batches = sample_batches(trace, topology.num_gpus, tokens_per_gpu, 4, phase, rng)
+        predicted[phase] = evaluate(result.placement, model, topology, batches, "random").summary()
+    if args.format == "sglang":
+        write_sglang(args.out, result.placement)
+    else:
+        write_placement(args.out, build_placement_file(result, model, topology, predicted))
+    print(
+        f"{args.out}: policy {args.policy} ({result.solver.status}, {result.solve_seconds:.2f}s), "
+        f"prefill token max/mean {predicted['prefill']['token_imbalance']:.3f}, "
+        f"decode max activated experts {predicted['decode']['max_activated_experts']:.2f}, "
+        f"predicted MoE ms prefill {predicted['prefill']['moe_ms']:.3f} "
+        f"decode {predicted['decode']['moe_ms']:.3f}"
+    )
+    return 0
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    model = model_preset(args.model)
+    topology = parse_topology(args.topology, model.num_experts, args.redundant_slots)
+    policies = _csv(args.policies, POLICIES, "policies")
+    routers = _csv(args.routers, ROUTERS, "router")
+    options = BenchOptions(
+        prefill_tokens_per_gpu=args.prefill_tokens_per_gpu,
+        decode_tokens_per_gpu=args.decode_tokens_per_gpu,
+        num_batches=args.batches,
+        time_limit_s=args.time_limit,
+        seed=args.seed,
+    )
+    workloads = _workloads(args)
+    rows, heat = run_bench(workloads, model, topology, policies, routers, options, _progress)
+    print(format_table(rows))
+    meta = {
+        "model": model.model_dump(),
+        "topology": topology.model_dump(),
+        "policies": policies,
+        "routers": routers,
+        "options": asdict(options),
+        "trace": str(args.trace) if args.trace else f"synthetic:{args.model}",
+    }
+    write_json(args.json, rows, meta)
+    print(f"wrote {args.json}")
+    if args.plot:
+        for path in plot_heatmaps(args.plot, heat):
+            print(f"wrote {path}")
+    return 0
