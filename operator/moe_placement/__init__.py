@@ -12,6 +12,7 @@ from moe_placement.models import (
     SparsePairs,
     Topology,
     WorkloadProfile,
+    placement_hash,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "SparsePairs",
     "Topology",
     "WorkloadProfile",
+    "placement_hash",
 ]

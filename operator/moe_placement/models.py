@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import hashlib
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -381,3 +383,11 @@ class RoutingBatch:
             raise PlacementError("expert_ids: empty batch")
         object.__setattr__(self, "expert_ids", expert_ids)
         object.__setattr__(self, "source_gpu", source_gpu)
+
+
+def placement_hash(physical_to_logical_map: np.ndarray) -> str:
+    """Identity of a map [L, N]: sha256 of its int64 little-endian bytes, first 16 hex digits."""
+    data = np.ascontiguousarray(np.asarray(physical_to_logical_map, dtype="<i8"))
+    digest = hashlib.sha256(f"{data.shape}".encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()[:16]
