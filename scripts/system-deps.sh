@@ -18,9 +18,20 @@ RUNTIME_PACKAGES=(etcd-server prometheus openssl)
 BUILD_PACKAGES=(golang-go rsync golang-github-modern-go-reflect2-dev)
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 DEB_SRC_LIST=/etc/apt/sources.list.d/moeplace-deb-src.sources
+LOG_FILE="$CACHE_DIR/system-deps.log"
 
 step() { printf 'system-deps: %s\n' "$*"; }
 die() { printf 'system-deps: error: %s\n' "$*" >&2; exit 1; }
+
+# Tools' own output goes to the log so the terminal shows one line per step; a failure shows its tail.
+quietly() {
+    mkdir -p "$CACHE_DIR"
+    printf '\n$ %s\n' "$*" >>"$LOG_FILE"
+    if ! "$@" >>"$LOG_FILE" 2>&1 </dev/null; then
+        tail -n 40 "$LOG_FILE" >&2
+        die "'$*' failed; full output in $LOG_FILE"
+    fi
+}
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -32,7 +43,7 @@ APT_UPDATED=0
 apt_update_once() {
     if [[ $APT_UPDATED -eq 0 ]]; then
         step "apt-get update"
-        "${SUDO[@]}" apt-get update -qq </dev/null
+        quietly "${SUDO[@]}" apt-get update
         APT_UPDATED=1
     fi
 }
@@ -52,7 +63,7 @@ apt_install_missing() {
     apt_update_once
     step "apt-get install ${missing[*]}"
     # Without --no-install-recommends prometheus drags in node-exporter and friends as services.
-    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+    quietly "${SUDO[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
 apiserver_works() {
@@ -85,7 +96,7 @@ unpack_source() {
     rm -rf "$src"
     mkdir -p "$BUILD_DIR/download" "$src"
     step "apt-get source --download-only kubernetes"
-    (cd "$BUILD_DIR/download" && apt-get source -qq --download-only kubernetes </dev/null)
+    (cd "$BUILD_DIR/download" && quietly apt-get source --download-only kubernetes)
     local tarball
     tarball=$(find "$BUILD_DIR/download" -maxdepth 1 -name 'kubernetes_*.orig.tar.*' | sort | head -n1)
     [[ -n $tarball ]] || die "no kubernetes_*.orig.tar.* in $BUILD_DIR/download"
@@ -118,15 +129,15 @@ KUBE_GIT_MINOR='20'
 KUBE_GIT_COMMIT='0000000000000000000000000000000000000000'
 KUBE_GIT_TREE_STATE='clean'
 EOF
-    step "building kube-apiserver (${jobs} jobs; takes about 5 minutes on 2 cores)"
+    step "building kube-apiserver (${jobs} jobs, about 5 minutes on 2 cores; log: $LOG_FILE)"
     local started=$SECONDS
     (
         cd "$src"
         # HOME isolates the go build cache inside the build dir; -p caps compile parallelism to the
         # cores we have so the machine stays usable while it builds.
-        env GOPATH="$src/.go" CGO_ENABLED=0 GOFLAGS="-p=$jobs" HOME="$BUILD_DIR/home" \
+        quietly env GOPATH="$src/.go" CGO_ENABLED=0 GOFLAGS="-p=$jobs" HOME="$BUILD_DIR/home" \
             KUBE_GIT_VERSION_FILE="$BUILD_DIR/version.env" \
-            make -j"$jobs" WHAT=cmd/kube-apiserver </dev/null
+            make -j"$jobs" WHAT=cmd/kube-apiserver
     )
     local built="$src/_output/bin/kube-apiserver"
     [[ -x $built ]] || die "build finished but $built is missing"

@@ -53,8 +53,10 @@ def _cluster_up(args: argparse.Namespace) -> int:
 def _cluster_env(args: argparse.Namespace) -> int:
     try:
         state = cluster.read_state()
-        if state is None or not cluster.is_up(state):
+        if state is None:
             raise cluster.ClusterError("no local cluster is up: run `moeplace cluster up`")
+        if not cluster.is_up(state):
+            raise cluster.ClusterError("the local cluster has stopped running: `moeplace cluster up` restarts it")
     except cluster.ClusterError as error:
         return _fail(error)
     print("\n".join(cluster.cluster_env_lines(state)))

@@ -152,6 +152,12 @@ def ensure_binaries() -> Binaries:
     return Binaries(**found)
 
 
+def _binary(name: str) -> Path:
+    """One binary, installing only when it is missing: Prometheus alone must not wait on an apiserver build."""
+    found, _missing = _find_binaries()
+    return found[name] if name in found else getattr(ensure_binaries(), name)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Processes
 
@@ -642,7 +648,11 @@ class PrometheusServer:
     process: ManagedProcess
 
     def set_targets(self, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
-        """Replace the scrape targets; Prometheus picks the change up within a second or so."""
+        """Replace the scrape targets.
+
+        Prometheus sees the file change at once but applies discovery updates on a 5 s tick, so new
+        targets are scraped within about 5 s plus one scrape interval.
+        """
         write_targets_file(self.targets_file, targets, labels)
 
     def reload(self) -> None:
@@ -714,7 +724,7 @@ def start_prometheus(
     with ``labels``) or the path of a file_sd JSON file the caller maintains. Either way targets can
     change at runtime by rewriting the file (``PrometheusServer.set_targets``).
     """
-    binaries = ensure_binaries()
+    prometheus_binary = _binary("prometheus")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(scrape_targets, Path):
@@ -732,7 +742,7 @@ def start_prometheus(
     process = ManagedProcess.spawn(
         "prometheus",
         [
-            str(binaries.prometheus),
+            str(prometheus_binary),
             f"--config.file={config_file}",
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address={LOOPBACK}:{port}",
@@ -754,8 +764,9 @@ def start_prometheus(
 
 
 def state_dir() -> Path:
-    """Directory of the persistent cluster started by ``moeplace cluster up``."""
-    return cache_dir() / "cluster"
+    """Directory of the persistent cluster started by ``moeplace cluster up`` (``MOEPLACE_CLUSTER_DIR``)."""
+    override = os.environ.get("MOEPLACE_CLUSTER_DIR")
+    return Path(override) if override else cache_dir() / "cluster"
 
 
 def state_file() -> Path:

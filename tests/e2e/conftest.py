@@ -7,12 +7,10 @@ a broken environment) and are skipped with the reason elsewhere.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-import urllib3
 
 from moe_operator.cluster import (
     Binaries,
@@ -27,11 +25,10 @@ from moe_operator.cluster import (
 PrometheusFactory = Callable[..., PrometheusServer]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _quiet_self_signed_tls() -> None:
+def pytest_configure(config: pytest.Config) -> None:
     # The local apiserver's certificate is self-signed and only reachable on 127.0.0.1; the kubernetes
     # client would otherwise warn on every request.
-    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+    config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
 
 
 @pytest.fixture(scope="session")

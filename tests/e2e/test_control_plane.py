@@ -16,7 +16,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from moe_operator.cluster import LocalCluster, PrometheusServer, free_port, read_state, state_file
+from moe_operator.cluster import LocalCluster, PrometheusServer, free_port, is_up, read_state, state_file
 
 pytestmark = pytest.mark.e2e
 
@@ -257,7 +257,7 @@ def test_cli_cluster_up_env_down(
 ) -> None:
     # --use-existing-kubeconfig keeps the session's apiserver as the target, so this test starts only a
     # detached Prometheus; a detached apiserver runs the same start_control_plane code as the fixture.
-    monkeypatch.setenv("MOEPLACE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MOEPLACE_CLUSTER_DIR", str(tmp_path))
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent"))}
 
@@ -284,3 +284,24 @@ def test_cli_cluster_up_env_down(
     assert not prometheus.is_running()
     assert read_state() is None
     assert _moeplace("cluster", "env", env=env).returncode == 1
+
+
+@pytest.mark.slow
+def test_cli_cluster_up_starts_a_detached_control_plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOEPLACE_CLUSTER_DIR", str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent"))}
+    env.pop("MOEPLACE_USE_EXISTING_KUBECONFIG", None)
+    up = _moeplace("cluster", "up", env=env)
+    assert up.returncode == 0, up.stderr
+    state = read_state()
+    assert state is not None
+    try:
+        # The processes outlived the `up` command that started them, and the kubeconfig reaches them.
+        assert is_up(state)
+        with api_client(Path(state["kubeconfig"])) as api:
+            assert client.VersionApi(api).get_code().minor == "20"
+    finally:
+        down = _moeplace("cluster", "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not is_up(state)
+    assert not (tmp_path / "control-plane" / "etcd-data").exists()
