@@ -1,0 +1,312 @@
+"""The Helm chart rendered offline with helm-python-sdk: lint, the objects' shape for each values
+case, and the repository files the chart must stay equal to (CRDs, RBAC, rules, runbooks, metrics)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "moeplace"
+RULES_FILE = CHART / "files" / "rules.yaml"
+DASHBOARD_FILE = CHART / "files" / "dashboard.json"
+RUNBOOKS = REPO_ROOT / "docs" / "runbooks"
+METRIC_DOCS = [REPO_ROOT / "docs" / "agent-api.md", REPO_ROOT / "docs" / "operator-metrics.md"]
+DEFAULT_RUNBOOK_BASE = "https://github.com/moeplace/moeplace/blob/main/docs/runbooks/"
+RELEASE_NAMESPACE = "moeplace-system"
+# The operator's cluster-wide RBAC in the repository, which the chart's rules must equal.
+DEPLOY_RBAC = REPO_ROOT / "deploy" / "rbac.yaml"
+
+# What the chart promises to alert on (issue 6): each needs a runbook and promtool unit tests.
+EXPECTED_ALERTS = {
+    "MoEPlaceImbalanceHigh",
+    "MoEPlaceMigrationStalled",
+    "MoEPlaceMetricsMissing",
+    "MoEPlaceSolverFailing",
+    "MoEPlaceSolverTimingOut",
+    "MoEPlaceAgentUnreachable",
+}
+
+Manifest = dict[str, Any]
+
+
+def by_kind(objects: list[Manifest], kind: str) -> list[Manifest]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def one(objects: list[Manifest], kind: str) -> Manifest:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, rendered {len(found)}"
+    return found[0]
+
+
+def operator_container(objects: list[Manifest]) -> Manifest:
+    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return containers[0]
+
+
+def rule_triples(rules: list[Manifest]) -> set[tuple[str, str, str]]:
+    """RBAC rules flattened to (apiGroup, resource, verb), so equal grants compare equal."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def alerts() -> list[Manifest]:
+    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def metric_names(expr: str) -> set[str]:
+    """moeplace metric and recording-rule names in a PromQL expression, histogram suffixes removed."""
+    names = set(re.findall(r"\bmoeplace[a-z0-9_:]*", expr))
+    return {re.sub(r"_(bucket|count|sum)$", "", name) for name in names}
+
+
+def test_chart_lints_clean(helm: Any, values: dict[str, Any]) -> None:
+    report = helm.lint(str(CHART), values, strict=True, namespace=RELEASE_NAMESPACE, kube_version="v1.20.2")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
+    assert not report["errors"] and not problems, report
+
+
+def test_operator_runs_once_non_root_read_only_with_liveness(render: Any, values: dict[str, Any]) -> None:
+    objects = render(values)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+
+    container = operator_container(objects)
+    assert container["args"][0] == "operator"
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # A writable /tmp, since the root filesystem is not.
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+    # The probe asks kopf's liveness endpoint, on the port the operator was told to serve it.
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert f"--liveness=http://0.0.0.0:{ports[probe['port']]}/healthz" in container["args"]
+    assert f"--metrics-port={ports['metrics']}" in container["args"]
+
+
+def test_default_values_watch_all_namespaces_with_a_generated_agent_token(render: Any) -> None:
+    objects = render("default")
+    container = operator_container(objects)
+    assert "--all-namespaces" in container["args"]
+    assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
+    assert container["image"] == "ghcr.io/moeplace/moeplace:0.1.0"
+
+    secret = one(objects, "Secret")
+    token_env = next(env for env in container["env"] if env["name"] == "MOEPLACE_AGENT_TOKEN")
+    assert token_env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "token"}
+    assert len(secret["data"]["token"]) > 40
+    assert one(objects, "ServiceAccount")["metadata"]["name"] == "moeplace"
+
+
+def test_custom_image_resources_and_existing_secret_and_service_account(render: Any) -> None:
+    objects = render("custom-image-resources")
+    container = operator_container(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    # A digest pins the image and wins over the tag.
+    assert container["image"] == (
+        "registry.example.com/ml/moeplace@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+    assert container["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert container["resources"] == {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"cpu": "4", "memory": "4Gi"},
+    }
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
+    assert "--prometheus-url=http://prometheus.monitoring.svc:9090" in container["args"]
+    assert container["args"][-1] == "--solver-time-limit=60"
+
+    token_env = next(env for env in container["env"] if env["name"] == "MOEPLACE_AGENT_TOKEN")
+    assert token_env["valueFrom"]["secretKeyRef"] == {"name": "moeplace-agent-token", "key": "bearer"}
+    assert not by_kind(objects, "Secret") and not by_kind(objects, "ServiceAccount")
+    assert pod["serviceAccountName"] == "moeplace-operator"
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "moeplace-operator", "namespace": RELEASE_NAMESPACE}
+    ]
+
+
+def test_cluster_scoped_rbac_binds_one_cluster_role(render: Any) -> None:
+    objects = render("default")
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+    role = one(objects, "ClusterRole")
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "moeplace", "namespace": RELEASE_NAMESPACE}]
+
+
+def test_namespaced_rbac_grants_the_same_rules_per_watched_namespace(render: Any) -> None:
+    values = {"rbac": {"clusterScoped": False}, "operator": {"watchNamespaces": ["team-a", "team-b"]}}
+    cluster_rules = rule_triples(one(render("default"), "ClusterRole")["rules"])
+    objects = render(values)
+    roles = by_kind(objects, "Role")
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    # Cluster-scoped resources can only be granted by a ClusterRole; whatever is left there plus the
+    # Roles' rules is exactly the cluster-scoped mode's grant.
+    remaining = [rule_triples(r["rules"]) for r in by_kind(objects, "ClusterRole")]
+    for role in roles:
+        assert rule_triples(role["rules"]) | set().union(*remaining) == cluster_rules
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
+
+    args = operator_container(objects)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert "--all-namespaces" not in args
+    # The agents' PodMonitor looks in the same namespaces.
+    monitored = render({**values, "monitoring": {"enabled": True}})
+    assert one(monitored, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_namespaced_rbac_without_namespaces_watches_the_release_namespace(render: Any) -> None:
+    objects = render({"rbac": {"clusterScoped": False}})
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == [RELEASE_NAMESPACE]
+    assert f"--namespace={RELEASE_NAMESPACE}" in operator_container(objects)["args"]
+
+
+def test_rbac_is_least_privilege(render: Any) -> None:
+    triples = rule_triples(one(render("default"), "ClusterRole")["rules"])
+    assert triples
+    assert not [t for t in triples if "*" in t], "no wildcards"
+    assert not [t for t in triples if t[1] in {"secrets", "pods/exec", "clusterroles", "roles", "rolebindings"}]
+    assert not [t for t in triples if t[2] in {"escalate", "bind", "impersonate"}]
+
+
+def test_rbac_equals_the_repository_deploy_rbac(render: Any) -> None:
+    assert DEPLOY_RBAC.exists(), f"{DEPLOY_RBAC.relative_to(REPO_ROOT)} (the operator's RBAC) is missing"
+    documents = [doc for doc in yaml.safe_load_all(DEPLOY_RBAC.read_text()) if doc]
+    deploy_rules = [rule for doc in documents if doc["kind"] == "ClusterRole" for rule in doc["rules"]]
+    chart_rules = one(render("default"), "ClusterRole")["rules"]
+    assert rule_triples(chart_rules) == rule_triples(deploy_rules)
+
+
+def test_chart_crds_equal_the_repository_crds() -> None:
+    repo = {path.name: path.read_text() for path in (REPO_ROOT / "crds").glob("*.yaml")}
+    chart = {path.name: path.read_text() for path in (CHART / "crds").glob("*.yaml")}
+    assert repo, "the repository's crds/ holds no CRD"
+    fix = "cp crds/*.yaml charts/moeplace/crds/ (after removing stale files there)"
+    assert sorted(chart) == sorted(repo), f"charts/moeplace/crds/ holds other files than crds/: {fix}"
+    stale = sorted(name for name in repo if chart[name] != repo[name])
+    assert not stale, f"charts/moeplace/crds/ differs from crds/ in {stale}: {fix}"
+
+
+def test_monitoring_is_off_by_default(render: Any) -> None:
+    objects = render("default")
+    assert not [o for o in objects if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert not by_kind(objects, "ConfigMap")
+
+
+def test_monitoring_objects(render: Any) -> None:
+    objects = render("monitoring")
+    service = one(objects, "Service")
+    service_monitor = one(objects, "ServiceMonitor")
+    pod_monitor = one(objects, "PodMonitor")
+    rule = one(objects, "PrometheusRule")
+    for obj in (service_monitor, pod_monitor, rule):
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+    # The ServiceMonitor selects the operator's Service and a port it has; the operator's own
+    # `namespace` label must win over the target's.
+    selector = service_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    endpoint = service_monitor["spec"]["endpoints"][0]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["honorLabels"] is True
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    relabel = pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
+    assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"], "targetLabel": "deployment"}
+
+    dashboard = one(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert json.loads(dashboard["data"]["moeplace.json"]) == json.loads(DASHBOARD_FILE.read_text())
+
+
+def test_prometheus_rule_spec_is_the_rules_file(render: Any) -> None:
+    rule = one(render({"monitoring": {"enabled": True}}), "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(RULES_FILE.read_text())
+
+    relinked = one(render("monitoring"), "PrometheusRule")
+    for alert in (r for g in relinked["spec"]["groups"] for r in g["rules"] if "alert" in r):
+        assert alert["annotations"]["runbook_url"] == f"https://runbooks.example.com/moeplace/{alert['alert']}.md"
+
+
+def test_alerts_follow_kube_prometheus_conventions_and_have_runbooks() -> None:
+    found = alerts()
+    assert {a["alert"] for a in found} == EXPECTED_ALERTS
+    for alert in found:
+        name = alert["alert"]
+        assert alert["labels"]["severity"] in {"info", "warning", "critical"}, name
+        assert alert["annotations"]["summary"].endswith("."), name
+        assert "{{ $labels.namespace }}/{{ $labels.deployment }}" in alert["annotations"]["description"], name
+        assert alert["annotations"]["runbook_url"] == f"{DEFAULT_RUNBOOK_BASE}{name}.md"
+        runbook = RUNBOOKS / f"{name}.md"
+        assert runbook.exists(), f"missing runbook {runbook.relative_to(REPO_ROOT)}"
+        text = runbook.read_text()
+        for section in ("## Meaning", "## Check", "## Fix"):
+            assert section in text, f"{runbook.name} lacks {section}"
+
+
+def test_every_alert_has_a_promtool_unit_test() -> None:
+    tests = yaml.safe_load((Path(__file__).parent / "rules_test.yaml").read_text())["tests"]
+    for name in EXPECTED_ALERTS:
+        cases = [c for t in tests for c in t.get("alert_rule_test", []) if c["alertname"] == name]
+        assert any(c["exp_alerts"] for c in cases), f"{name}: no case where it fires"
+        assert any(not c["exp_alerts"] for c in cases), f"{name}: no case where it stays silent"
+
+
+def test_rules_and_dashboard_use_only_documented_metrics() -> None:
+    documented = {name for doc in METRIC_DOCS for name in re.findall(r"`(moeplace_[a-z0-9_]+)`", doc.read_text())}
+    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+    exprs = [rule["expr"] for group in groups for rule in group["rules"]]
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exprs += [variable["query"]["query"] for variable in dashboard["templating"]["list"] if variable["type"] == "query"]
+    used = set().union(*(metric_names(expr) for expr in exprs))
+    assert used - documented - recorded == set()
+
+
+def test_dashboard_panels() -> None:
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    assert dashboard["uid"] == "moeplace"
+    panels = {panel["title"]: panel for panel in dashboard["panels"] if panel["type"] != "row"}
+    assert panels["Token imbalance per layer"]["type"] == "heatmap"
+    for title in ("Max activated experts per GPU", "Cross-GPU and cross-node traffic", "Migration steps", "Solve time"):
+        assert title in panels
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert variables == {"datasource", "namespace", "deployment"}
+    for panel in panels.values():
+        for target in panel["targets"]:
+            assert 'namespace="$namespace", deployment="$deployment"' in target["expr"], panel["title"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
