@@ -1,0 +1,242 @@
+"""``moeplace agent``: one replay-mode agent (one EP rank) with its HTTP API and metrics.
+
+    moeplace agent --replay TRACE|synthetic --model PRESET|SHAPE.json --topology 2x4 \\
+        --redundant-slots N --rank R --port P --token-file F --tokens-per-second N \\
+        --expert-scale K [--placement FILE]
+
+``python -m moe_agent ...`` takes the same flags. See docs/agent.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from aiohttp import web
+from prometheus_client import disable_created_metrics
+
+from moe_placement.baselines import linear_placement
+from moe_placement.models import ModelShape, Placement, PlacementError, Topology
+from moe_placement.presets import MODEL_PRESETS, parse_topology
+from moe_placement.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
+from moe_placement.traces import Trace, load_trace
+from moe_agent.agent import AgentCore
+from moe_agent.model import ReplayMoEModel
+from moe_agent.recorder import attach
+from moe_agent.replay import ReplayEngine, TokenStream
+from moe_agent.router import ROUTERS
+from moe_agent.server import AgentServer, ServerOptions, TokenSource
+from moe_agent.store import DTYPES, ExpertStore
+
+log = logging.getLogger("moe_agent")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``agent`` subcommand."""
+    parser = subparsers.add_parser(
+        "agent",
+        help="run one replay-mode agent (EP rank): recorder, router, expert store, HTTP API",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("token stream")
+    source.add_argument("--replay", required=True, metavar="TRACE|synthetic",
+                        help="routing trace file (any format moe_placement.traces reads) or 'synthetic'")
+    source.add_argument("--task", help="replay only this domain of the trace")
+    source.add_argument("--tokens-per-second", type=float, default=1000.0, help="token rate (default 1000)")
+    source.add_argument("--batch-tokens", type=int, default=256, help="tokens per replayed step (default 256)")
+    source.add_argument("--shift-after-seconds", type=float,
+                        help="domain shift: replay --task (default: the first domain) until then, --shift-to after")
+    source.add_argument("--shift-to", help="domain after the shift (default: the next domain)")
+    source.add_argument("--start-time", type=float,
+                        help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
+    source.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace, weights and draws")
+
+    shape = parser.add_argument_group("model and placement")
+    shape.add_argument("--model", required=True,
+                       help=f"model preset ({', '.join(MODEL_PRESETS)}) or a ModelShape JSON file")
+    shape.add_argument("--topology", required=True, help="NODESxGPUS[:gpu], e.g. 2x4")
+    shape.add_argument("--redundant-slots", type=int, default=0, help="slots beyond one per expert, in all")
+    shape.add_argument("--rank", type=int, required=True, help="this agent's EP rank (GPU index)")
+    shape.add_argument("--placement", type=Path,
+                       help="initial placement (moeplace or SGLang JSON; default: linear)")
+    shape.add_argument("--expert-scale", type=int, default=1,
+                       help="divide each expert's FFN width by this, to fit memory (default 1)")
+    shape.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="expert weight dtype")
+    shape.add_argument("--router", choices=sorted(ROUTERS), default="metro", help="token -> replica router")
+    shape.add_argument("--forward-budget", type=int, default=32,
+                       help="(token, choice) pairs per layer per step the expert FFNs run on (CPU budget)")
+    shape.add_argument("--window-seconds", type=float, default=60.0, help="recorder window (default 60)")
+    shape.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    shape.add_argument("--device", default="cpu", help="torch device of routing and recording")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, required=True, help="listen port (0: any free port)")
+    server.add_argument("--token-file", type=Path,
+                        help="file holding the bearer token (default: $MOEPLACE_AGENT_TOKEN)")
+    server.add_argument("--transfer-timeout", type=float, default=30.0,
+                        help="seconds a peer may stay silent during a transfer (default 30)")
+    server.add_argument("--test-throttle-bytes-per-second", type=float, help=argparse.SUPPRESS)
+    server.add_argument("--test-corrupt-transfers", action="store_true", help=argparse.SUPPRESS)
+
+
+def load_model_shape(spec: str) -> ModelShape:
+    """A preset by name, or a ModelShape JSON file."""
+    if spec in MODEL_PRESETS:
+        return MODEL_PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise PlacementError(f"model: {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file")
+    try:
+        return ModelShape.model_validate_json(path.read_text())
+    except ValueError as error:
+        raise PlacementError(f"model: {path}: {error}") from None
+
+
+def load_initial_placement(path: Path | None, shape: ModelShape, topology: Topology) -> Placement:
+    """The placement of a moeplace or SGLang JSON file, or the linear one."""
+    if path is None:
+        mapping = linear_placement(shape.num_layers, shape.num_experts, topology.num_slots)
+    else:
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict) or "physical_to_logical_map" not in document:
+            raise PlacementError(f"placement: {path} has no physical_to_logical_map")
+        mapping = document["physical_to_logical_map"]
+    placement = Placement(mapping, shape.num_experts, topology.slots_per_gpu)
+    placement.check_topology(shape, topology)
+    return placement
+
+
+def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
+    """The token stream the flags describe, checked against the model's shape."""
+    if args.replay == "synthetic":
+        base = SYNTHETIC_PRESETS.get(shape.name, SyntheticConfig())
+        config = replace(
+            base, name=shape.name, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k
+        )
+        if isinstance(config.popularity_skew, tuple) and len(config.popularity_skew) != shape.num_layers:
+            config = replace(config, popularity_skew=base.layer_skew.mean())
+        trace = generate(config, args.seed)
+    else:
+        trace = load_trace(args.replay)
+    expected = (shape.num_layers, shape.num_experts, shape.top_k)
+    if (trace.num_layers, trace.num_experts, trace.top_k) != expected:
+        raise PlacementError(
+            f"replay: trace is {trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}; "
+            f"model {shape.name} is {expected[0]} x {expected[1]}, top-{expected[2]}"
+        )
+    if args.shift_after_seconds is None:
+        return TokenStream(trace.select_domain(args.task) if args.task else trace)
+    domains = trace.domain_names
+    before = args.task or domains[0]
+    after = args.shift_to or next((name for name in domains if name != before), None)
+    if after is None or after == before:
+        raise PlacementError(f"shift_to: trace has no domain to shift to from {before!r} (domains: {domains})")
+    return TokenStream(
+        trace.select_domain(before),
+        trace.select_domain(after),
+        shift_at=int(args.shift_after_seconds * args.tokens_per_second),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the agent from the flags and serve until SIGINT / SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(max(args.threads, 1))
+    disable_created_metrics()  # *_created series would double the agent's series for no use
+    shape = load_model_shape(args.model)
+    topology = parse_topology(args.topology, shape.num_experts, args.redundant_slots)
+    if not 0 <= args.rank < topology.num_gpus:
+        raise PlacementError(f"rank: {args.rank} not in 0..{topology.num_gpus - 1}")
+    try:
+        tokens = TokenSource.from_env_or_file(args.token_file)
+    except ValueError as error:
+        raise PlacementError(str(error)) from None
+    placement = load_initial_placement(args.placement, shape, topology)
+    stream = build_stream(args, shape)
+
+    store = ExpertStore(
+        shape, topology.slots_per_gpu, args.rank, expert_scale=args.expert_scale, dtype=DTYPES[args.dtype], seed=args.seed
+    )
+    model = ReplayMoEModel(shape.num_layers, shape.hidden_size, shape.num_experts, shape.top_k, seed=args.seed)
+    model.to(args.device)
+    recorder = attach(model, window_seconds=args.window_seconds, device=args.device)
+    core = AgentCore(shape, topology, args.rank, store, placement, recorder, device=args.device)
+    engine = ReplayEngine(
+        core,
+        model,
+        stream,
+        tokens_per_second=args.tokens_per_second,
+        batch_tokens=args.batch_tokens,
+        router=args.router,
+        seed=args.seed,
+        start_time=args.start_time,
+        forward_budget=args.forward_budget,
+    )
+    options = ServerOptions(
+        transfer_timeout_seconds=args.transfer_timeout,
+        throttle_bytes_per_second=args.test_throttle_bytes_per_second,
+        corrupt_transfers=args.test_corrupt_transfers,
+    )
+    server = AgentServer(core, tokens, options)
+    asyncio.run(_serve(server, engine, args.host, args.port))
+    return 0
+
+
+async def _serve(server: AgentServer, engine: ReplayEngine, host: str, port: int) -> None:
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    core = server.core
+    print(
+        f"moe_agent: rank {core.rank} of {core.topology.num_gpus} serving on http://{host}:{bound} "
+        f"({core.shape.name}, {core.store.intermediate_size}-wide experts of "
+        f"{core.store.expert_nbytes / 1e6:.2f} MB, {core.store.occupancy()['live']} live slots)",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+    finished = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, finished.set)
+    replay = threading.Thread(target=engine.run, args=(stop,), name="replay", daemon=True)
+    replay.start()
+    try:
+        await finished.wait()
+    finally:
+        stop.set()
+        await runner.cleanup()
+        await asyncio.to_thread(replay.join, 10.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moe_agent``: the ``agent`` subcommand's flags, without the subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m moe_agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except PlacementError as error:
+        print(f"moe_agent: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"moe_agent: error: {error.filename}: no such file", file=sys.stderr)
+        return 2
