@@ -18,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--use-existing-kubeconfig",
         action="store_true",
-        help=f"keep $KUBECONFIG instead of starting an apiserver (or set {cluster.USE_EXISTING_KUBECONFIG_ENV}=1)",
+        help="keep $KUBECONFIG instead of starting an apiserver "
+        f"(or set {cluster.USE_EXISTING_KUBECONFIG_ENV}=1)",
     )
     up.set_defaults(func=_cluster_up)
-    env = actions.add_parser("env", help="print shell exports for the running cluster: eval \"$(moeplace cluster env)\"")
+    env = actions.add_parser(
+        "env", help='print shell exports for the running cluster: eval "$(moeplace cluster env)"'
+    )
     env.set_defaults(func=_cluster_env)
     down = actions.add_parser("down", help="stop the local cluster and delete its data")
     down.set_defaults(func=_cluster_down)
@@ -56,7 +59,9 @@ def _cluster_env(args: argparse.Namespace) -> int:
         if state is None:
             raise cluster.ClusterError("no local cluster is up: run `moeplace cluster up`")
         if not cluster.is_up(state):
-            raise cluster.ClusterError("the local cluster has stopped running: `moeplace cluster up` restarts it")
+            raise cluster.ClusterError(
+                "the local cluster has stopped running: `moeplace cluster up` restarts it"
+            )
     except cluster.ClusterError as error:
         return _fail(error)
     print("\n".join(cluster.cluster_env_lines(state)))

@@ -15,6 +15,11 @@ running server. Instead a fixed set of named users gets a static token at start 
 ``nobody`` that tests never bind), and ``LocalCluster.service_account_token`` mints tokens for service
 accounts at any time through the TokenRequest API.
 
+Environment: ``MOEPLACE_CACHE_DIR`` (default ``~/.cache/moeplace``: binaries and build tree, shared with
+``scripts/system-deps.sh``), ``MOEPLACE_CLUSTER_DIR`` (default ``$MOEPLACE_CACHE_DIR/cluster``: the
+persistent cluster), ``MOEPLACE_KUBE_APISERVER`` / ``MOEPLACE_ETCD`` / ``MOEPLACE_PROMETHEUS`` (binaries
+to use instead), ``MOEPLACE_USE_EXISTING_KUBECONFIG`` (``cluster up`` keeps ``$KUBECONFIG``).
+
 Every listener is on 127.0.0.1 and nothing here contacts any other address.
 """
 
@@ -38,6 +43,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -49,7 +55,7 @@ CLUSTER_NAME = "moeplace-local"
 ADMIN_USER = "admin"
 ADMIN_GROUPS = ("system:masters",)
 # Static identities created at every start; see the module docstring for why they cannot be added later.
-DEFAULT_USERS: Mapping[str, tuple[str, ...]] = {"operator": (), "nobody": ()}
+DEFAULT_USERS: Mapping[str, tuple[str, ...]] = MappingProxyType({"operator": (), "nobody": ()})
 PROMETHEUS_JOB = "moeplace"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -153,7 +159,7 @@ def ensure_binaries() -> Binaries:
 
 
 def _binary(name: str) -> Path:
-    """One binary, installing only when it is missing: Prometheus alone must not wait on an apiserver build."""
+    """One binary, installed only if missing: Prometheus alone must not wait for an apiserver build."""
     found, _missing = _find_binaries()
     return found[name] if name in found else getattr(ensure_binaries(), name)
 
@@ -209,13 +215,15 @@ class ManagedProcess:
         """Start ``argv`` with output appended to ``log_path``.
 
         ``detached`` puts it in its own session so it outlives this Python process (``cluster up``);
-        otherwise it gets SIGTERM when the calling thread exits, so tests never leak servers.
+        otherwise it gets SIGKILL when the calling thread exits, so tests never leak servers.
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = list(argv)
         setpriv = shutil.which("setpriv")
         if not detached and setpriv is not None:
-            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
+            # KILL, not TERM: all siblings get the signal at once, and kube-apiserver's graceful
+            # shutdown hangs retrying an etcd that has already exited.
+            command = [setpriv, "--pdeathsig", "KILL", "--", *command]
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 command,
@@ -260,7 +268,12 @@ class ManagedProcess:
 
     def to_state(self) -> dict[str, Any]:
         """JSON-ready description for the persistent state file."""
-        return {"name": self.name, "pid": self.pid, "start_ticks": self.start_ticks, "log": str(self.log_path)}
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "start_ticks": self.start_ticks,
+            "log": str(self.log_path),
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> ManagedProcess:
@@ -268,7 +281,9 @@ class ManagedProcess:
         return cls(state["name"], int(state["pid"]), int(state["start_ticks"]), Path(state["log"]))
 
 
-def _wait_until(check: Callable[[], bool], what: str, processes: Sequence[ManagedProcess], timeout: float) -> None:
+def _wait_until(
+    check: Callable[[], bool], what: str, processes: Sequence[ManagedProcess], timeout: float
+) -> None:
     """Poll ``check`` until true; fail fast with the log if a process dies, or after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -333,7 +348,9 @@ def _write_private(path: Path, text: str) -> None:
 # kube-apiserver + etcd
 
 
-def build_kubeconfig(server: str, user: str, token: str, *, cluster_name: str = CLUSTER_NAME) -> dict[str, Any]:
+def build_kubeconfig(
+    server: str, user: str, token: str, *, cluster_name: str = CLUSTER_NAME
+) -> dict[str, Any]:
     """A kubeconfig (as a dict) for one bearer-token user of an apiserver with a self-signed cert."""
     if not server.startswith("https://"):
         raise ClusterError(f"kubeconfig server must be an https:// URL, got {server!r}")
@@ -499,7 +516,9 @@ def start_control_plane(
     binaries = ensure_binaries()
     workdir = workdir.resolve()
     if (workdir / "etcd-data").exists():
-        raise ClusterError(f"{workdir} already holds a cluster's etcd-data: stop that cluster or use a new dir")
+        raise ClusterError(
+            f"{workdir} already holds a cluster's etcd-data: stop that cluster or use a new directory"
+        )
     pki = workdir / "pki"
     pki.mkdir(parents=True, exist_ok=True)
     os.chmod(pki, 0o700)
@@ -581,9 +600,8 @@ def start_control_plane(
             timeout,
         )
         kubeconfig = workdir / "kubeconfig"
-        _write_private(
-            kubeconfig, yaml.safe_dump(build_kubeconfig(server, ADMIN_USER, tokens[ADMIN_USER]), sort_keys=False)
-        )
+        admin_config = build_kubeconfig(server, ADMIN_USER, tokens[ADMIN_USER])
+        _write_private(kubeconfig, yaml.safe_dump(admin_config, sort_keys=False))
     except BaseException:
         for process in reversed(processes):
             process.stop()
@@ -602,7 +620,9 @@ def validate_duration(value: str, what: str = "duration") -> str:
     return value
 
 
-def build_target_groups(targets: Sequence[str], labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def build_target_groups(
+    targets: Sequence[str], labels: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """The ``file_sd`` JSON content for ``host:port`` targets sharing ``labels``."""
     if isinstance(targets, str):
         raise ClusterError(f"targets must be a list of 'host:port' strings, got the string {targets!r}")
@@ -696,7 +716,10 @@ class PrometheusServer:
     def from_state(cls, state: Mapping[str, Any]) -> PrometheusServer:
         """Inverse of ``to_state``, for ``cluster down`` and for tools that add targets later."""
         return cls(
-            Path(state["workdir"]), state["url"], Path(state["targets_file"]), ManagedProcess.from_state(state["process"])
+            workdir=Path(state["workdir"]),
+            url=state["url"],
+            targets_file=Path(state["targets_file"]),
+            process=ManagedProcess.from_state(state["process"]),
         )
 
 
@@ -735,7 +758,8 @@ def start_prometheus(
         targets_file = workdir / "targets.json"
         write_targets_file(targets_file, scrape_targets, labels)
     config_file = workdir / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(build_prometheus_config(targets_file, scrape_interval), sort_keys=False))
+    config = build_prometheus_config(targets_file, scrape_interval)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"

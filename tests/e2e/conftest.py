@@ -45,7 +45,7 @@ def binaries() -> Binaries:
 
 @pytest.fixture(scope="session")
 def control_plane(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A kube-apiserver + etcd for the whole session, with static users ``admin``, ``operator``, ``nobody``."""
+    """kube-apiserver + etcd for the whole session; static users ``admin``, ``operator``, ``nobody``."""
     with start_control_plane(tmp_path_factory.mktemp("control-plane")) as cluster:
         yield cluster
 

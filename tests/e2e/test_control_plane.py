@@ -16,7 +16,15 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from moe_operator.cluster import LocalCluster, PrometheusServer, free_port, is_up, read_state, state_file
+from moe_operator.cluster import (
+    Binaries,
+    LocalCluster,
+    PrometheusServer,
+    free_port,
+    is_up,
+    read_state,
+    state_file,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +178,9 @@ def test_rbac_grants_exactly_what_is_bound(
         namespace,
         client.V1RoleBinding(
             metadata=client.V1ObjectMeta(name="configmap-reader"),
-            role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="configmap-reader"),
+            role_ref=client.V1RoleRef(
+                api_group="rbac.authorization.k8s.io", kind="Role", name="configmap-reader"
+            ),
             subjects=subjects,
         ),
     )
@@ -203,7 +213,9 @@ def _allowed(call: Callable[[], object]) -> bool | None:
 def probe_exporter() -> Iterator[tuple[str, prometheus_client.Gauge]]:
     """A prometheus_client HTTP server on a free loopback port exposing one gauge."""
     registry = prometheus_client.CollectorRegistry()
-    gauge = prometheus_client.Gauge("moeplace_e2e_probe", "A value the e2e test expects to read back.", registry=registry)
+    gauge = prometheus_client.Gauge(
+        "moeplace_e2e_probe", "A value the e2e test expects to read back.", registry=registry
+    )
     port = free_port()
     server, thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
     yield f"127.0.0.1:{port}", gauge
@@ -211,24 +223,24 @@ def probe_exporter() -> Iterator[tuple[str, prometheus_client.Gauge]]:
     thread.join(timeout=5)
 
 
-def _sample(prometheus: Any, promql: str) -> float | None:
+def _sample(prometheus: PrometheusServer, promql: str) -> float | None:
     result = prometheus.query(promql)
     return float(result[0]["value"][1]) if result else None
 
 
 def test_prometheus_scrapes_an_in_process_exporter(
-    prometheus_factory: Callable[..., Any], probe_exporter: tuple[str, prometheus_client.Gauge]
+    prometheus_factory: Callable[..., PrometheusServer], probe_exporter: tuple[str, prometheus_client.Gauge]
 ) -> None:
     target, gauge = probe_exporter
     gauge.set(42.5)
     prometheus = prometheus_factory([target], labels={"role": "probe"})
     assert prometheus.url.startswith("http://127.0.0.1:")
-    value = eventually(lambda: _sample(prometheus, 'moeplace_e2e_probe{role="probe",job="moeplace"}'), "a scrape")
-    assert value == 42.5
+    promql = 'moeplace_e2e_probe{role="probe",job="moeplace"}'
+    assert eventually(lambda: _sample(prometheus, promql), "a scrape") == 42.5
 
 
 def test_prometheus_targets_change_at_runtime(
-    prometheus_factory: Callable[..., Any], probe_exporter: tuple[str, prometheus_client.Gauge]
+    prometheus_factory: Callable[..., PrometheusServer], probe_exporter: tuple[str, prometheus_client.Gauge]
 ) -> None:
     target, gauge = probe_exporter
     gauge.set(7)
@@ -239,9 +251,22 @@ def test_prometheus_targets_change_at_runtime(
     assert eventually(lambda: _sample(prometheus, 'moeplace_e2e_probe{pod="agent-0"}'), "the new target") == 7
 
 
-def _moeplace(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+# Runs only the operator's subcommands, in a fresh process as a user would: the full `moeplace` entry
+# point also imports the agent (torch), which costs seconds per call. One test goes through it anyway.
+_OPERATOR_CLI = (
+    "import argparse, sys\n"
+    "from moe_operator import cli\n"
+    "parser = argparse.ArgumentParser(prog='moeplace')\n"
+    "cli.register(parser.add_subparsers(required=True))\n"
+    "args = parser.parse_args()\n"
+    "sys.exit(args.func(args))\n"
+)
+
+
+def _moeplace(*args: str, env: dict[str, str], entry_point: bool = False) -> subprocess.CompletedProcess[str]:
+    command = ["-m", "moeplace.cli"] if entry_point else ["-c", _OPERATOR_CLI]
     return subprocess.run(
-        [sys.executable, "-m", "moeplace.cli", *args],
+        [sys.executable, *command, *args],
         cwd=REPO_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -268,7 +293,7 @@ def test_cli_cluster_up_env_down(
     try:
         again = _moeplace("cluster", "up", env=env)
         assert again.returncode == 0 and "already up" in again.stdout, again.stderr
-        exported = _moeplace("cluster", "env", env=env)
+        exported = _moeplace("cluster", "env", env=env, entry_point=True)
         assert exported.returncode == 0, exported.stderr
         assert exported.stdout.splitlines()[:2] == [
             f"export KUBECONFIG={control_plane.kubeconfig}",
@@ -287,7 +312,9 @@ def test_cli_cluster_up_env_down(
 
 
 @pytest.mark.slow
-def test_cli_cluster_up_starts_a_detached_control_plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_cluster_up_starts_a_detached_control_plane(
+    binaries: Binaries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MOEPLACE_CLUSTER_DIR", str(tmp_path))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent"))}
     env.pop("MOEPLACE_USE_EXISTING_KUBECONFIG", None)

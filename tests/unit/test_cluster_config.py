@@ -124,7 +124,9 @@ def test_targets_file_is_replaced_whole(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["targets.json"]
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, False), ("", False), ("0", False), ("1", True), ("Yes", True)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, False), ("", False), ("0", False), ("1", True), ("Yes", True)]
+)
 def test_parse_flag(value: str | None, expected: bool) -> None:
     assert parse_flag(value, "X") is expected
 
