@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     env.set_defaults(func=_cluster_env)
     down = actions.add_parser("down", help="stop the local cluster and delete its data")
     down.set_defaults(func=_cluster_down)
+    register_operator_commands(subparsers)
 
 
 def _fail(error: cluster.ClusterError) -> int:
@@ -74,4 +75,48 @@ def _cluster_down(args: argparse.Namespace) -> int:
     except cluster.ClusterError as error:
         return _fail(error)
     print("moeplace: cluster stopped" if was_up else "moeplace: no local cluster was up")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The operator itself: `moeplace operator` runs it, `moeplace crd` prints or checks its CRD.
+
+
+def register_operator_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``moeplace operator`` and ``moeplace crd`` (kept apart from the cluster commands above)."""
+    from moe_operator import run as operator_run
+
+    operator_parser = subparsers.add_parser(
+        "operator", help="run the MoEDeployment operator (kopf) against $KUBECONFIG or in-cluster"
+    )
+    operator_run.add_arguments(operator_parser)
+    operator_parser.set_defaults(func=operator_run.run)
+    crd_parser = subparsers.add_parser("crd", help="print the MoEDeployment CRD YAML (generated from the models)")
+    crd_parser.add_argument("--output", "-o", help="write it to this file instead of stdout")
+    crd_parser.add_argument(
+        "--check", action="store_true", help="exit 1 when --output differs from the generated YAML"
+    )
+    crd_parser.set_defaults(func=_crd)
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moe_operator.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.check:
+        if not args.output:
+            print("moeplace: error: --check needs --output FILE", file=sys.stderr)
+            return 2
+        path = Path(args.output)
+        if not path.exists() or path.read_text() != text:
+            print(f"moeplace: {path} differs from the models: run `moeplace crd -o {path}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"moeplace: wrote {args.output}")
+    else:
+        sys.stdout.write(text)
     return 0

@@ -1,0 +1,437 @@
+"""Pure ``build_*`` functions: the Kubernetes objects the operator owns, as plain dicts.
+
+Nothing here talks to the API server; the handlers create, patch and read what these return. Every
+owned object carries an owner reference to its ``MoEDeployment`` and the labels in ``labels_for``.
+
+Agents are announced in the Endpoints of the ``<name>-agents`` Service; the rank mapping is explicit:
+
+* each Endpoints port named ``rank-<r>`` is local rank ``r`` at that port;
+* an address whose ``targetRef`` (or ``hostname``) names a pod ending in ``-<ordinal>`` (StatefulSet
+  and LeaderWorkerSet pods) is node ``ordinal``: global rank = ``ordinal * gpusPerNode + r``;
+* an address without either is node 0: global rank = ``r`` (the local demo announces its agent
+  processes as one address with ports ``rank-0`` .. ``rank-<G-1>``).
+
+Kubernetes refuses loopback addresses in Endpoints, so agents on the operator's own machine (the
+local demo and tests) are announced under a placeholder address (``192.0.2.1``, TEST-NET-1) with the
+annotation ``moeplace.io/agent-host: 127.0.0.1``: the operator then contacts every address of that
+Endpoints object at the annotated host instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from moe_operator.crd import API_VERSION, KIND, ResolvedSpec
+from moe_placement.models import ModelShape, Placement, Topology, placement_hash
+
+MANAGED_BY = "moeplace-operator"
+LABEL_DEPLOYMENT = "moeplace.io/deployment"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_GENERATION = "moeplace.io/placement-generation"
+ANNOTATION_HASH = "moeplace.io/placement-hash"
+
+SGLANG_KEY = "physical_to_logical_map.json"
+PLACEMENT_KEY = "placement.json"
+TARGET_KEY = "target.json"
+PLACEMENT_MOUNT = "/etc/moeplace/placement"
+TOKEN_MOUNT = "/etc/moeplace/agent-token"
+
+RANK_PORT_PREFIX = "rank-"
+ANNOTATION_AGENT_HOST = "moeplace.io/agent-host"
+PLACEHOLDER_IP = "192.0.2.1"
+
+
+def placement_configmap_name(name: str) -> str:
+    return f"{name}-placement"
+
+
+def migration_configmap_name(name: str) -> str:
+    return f"{name}-migration"
+
+
+def agents_service_name(name: str) -> str:
+    return f"{name}-agents"
+
+
+def engine_statefulset_name(name: str) -> str:
+    return f"{name}-engine"
+
+
+def podmonitor_name(name: str) -> str:
+    return f"{name}-agents"
+
+
+def prometheusrule_name(name: str) -> str:
+    return f"{name}-alerts"
+
+
+def labels_for(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "moeplace",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_DEPLOYMENT: name,
+    }
+
+
+def build_owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The controller owner reference to a MoEDeployment body."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner.get("kind", KIND),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(owner: Mapping[str, Any], name: str, component: str, **extra: Any) -> dict[str, Any]:
+    meta = owner["metadata"]
+    metadata = {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels_for(meta["name"], component),
+        "ownerReferences": [build_owner_reference(owner)],
+    }
+    metadata.update(extra)
+    return metadata
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement ConfigMaps
+
+
+def map_json(mapping: np.ndarray | Sequence[Sequence[int]]) -> str:
+    """SGLang's ``--init-expert-location`` JSON: ``{"physical_to_logical_map": [[...]]}``."""
+    return json.dumps({"physical_to_logical_map": np.asarray(mapping).tolist()}, separators=(",", ":"))
+
+
+def build_placement_document(
+    placement: Placement,
+    generation: int,
+    policy: str,
+    model: ModelShape,
+    topology: Topology,
+    solver: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """moeplace's placement file (``moeplace.placement/v1``) of a published generation."""
+    return {
+        "format": "moeplace.placement/v1",
+        "policy": policy,
+        "model": model.model_dump(by_alias=True),
+        "topology": topology.model_dump(by_alias=True),
+        "physical_to_logical_map": placement.physical_to_logical_map.tolist(),
+        "solver": dict(solver or {"status": "heuristic"}),
+        "predicted": {},
+    }
+
+
+def build_placement_configmap(
+    owner: Mapping[str, Any],
+    placement: Placement,
+    generation: int,
+    policy: str,
+    resolved: ResolvedSpec,
+    solver: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The published placement: SGLang's map JSON, moeplace's placement file, generation and hash."""
+    digest = placement_hash(placement.physical_to_logical_map)
+    document = build_placement_document(
+        placement, generation, policy, resolved.model, resolved.topology, solver
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            owner,
+            placement_configmap_name(owner["metadata"]["name"]),
+            "placement",
+            annotations={ANNOTATION_GENERATION: str(generation), ANNOTATION_HASH: digest},
+        ),
+        "data": {
+            SGLANG_KEY: map_json(placement.physical_to_logical_map),
+            PLACEMENT_KEY: json.dumps(document, separators=(",", ":")),
+            "generation": str(generation),
+            "hash": digest,
+            "policy": policy,
+        },
+    }
+
+
+def parse_placement_configmap(
+    configmap: Mapping[str, Any], num_experts: int, slots_per_gpu: int
+) -> tuple[Placement, int, str]:
+    """(placement, generation, policy) of a placement ConfigMap; raises ValueError/PlacementError."""
+    data = configmap.get("data") or {}
+    mapping = json.loads(data[SGLANG_KEY])["physical_to_logical_map"]
+    placement = Placement(np.asarray(mapping, dtype=np.int64), num_experts, slots_per_gpu)
+    generation = int(data.get("generation", "0"))
+    digest = data.get("hash")
+    if digest and digest != placement_hash(placement.physical_to_logical_map):
+        raise ValueError(f"{SGLANG_KEY}: hash {digest} does not match the map")
+    return placement, generation, data.get("policy", "")
+
+
+def build_migration_configmap(
+    owner: Mapping[str, Any],
+    plan_id: str,
+    source: Placement,
+    target: Placement,
+    from_generation: int,
+    policy: str,
+    max_copies_per_stage: int,
+) -> dict[str, Any]:
+    """The in-flight migration's source and target maps, so a restarted operator re-derives the plan."""
+    document = {
+        "planId": plan_id,
+        "policy": policy,
+        "fromGeneration": from_generation,
+        "maxCopiesPerStage": max_copies_per_stage,
+        "sourceHash": placement_hash(source.physical_to_logical_map),
+        "targetHash": placement_hash(target.physical_to_logical_map),
+        "source": source.physical_to_logical_map.tolist(),
+        "target": target.physical_to_logical_map.tolist(),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            owner, migration_configmap_name(owner["metadata"]["name"]), "migration"
+        ),
+        "data": {TARGET_KEY: json.dumps(document, separators=(",", ":")), "planId": plan_id},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Agents: Service, Endpoints, monitoring
+
+
+def agent_ports(resolved: ResolvedSpec) -> list[dict[str, Any]]:
+    """``rank-<r>`` ports of one pod's (node's) agents: local rank r listens on agentPort + r."""
+    base = resolved.spec.metrics.agent_port
+    return [
+        {"name": f"{RANK_PORT_PREFIX}{rank}", "port": base + rank, "targetPort": base + rank, "protocol": "TCP"}
+        for rank in range(resolved.topology.gpus_per_node)
+    ]
+
+
+def build_agents_service(
+    owner: Mapping[str, Any], resolved: ResolvedSpec, selector: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Headless Service of the agents; selector-less (Endpoints written by others) unless ``selector``."""
+    spec: dict[str, Any] = {
+        "clusterIP": "None",
+        "publishNotReadyAddresses": True,
+        "ports": agent_ports(resolved),
+    }
+    if selector:
+        spec["selector"] = dict(selector)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, agents_service_name(owner["metadata"]["name"]), "agents"),
+        "spec": spec,
+    }
+
+
+def build_external_endpoints(
+    name: str, namespace: str, agents: Mapping[int, tuple[str, int]]
+) -> dict[str, Any]:
+    """Endpoints announcing agents outside pods: rank -> (ip, port), as the demo and tests write them.
+
+    Ranks sharing an IP go in one subset with ports ``rank-<r>`` (no targetRef: the rank is global).
+    Loopback agents are announced at ``PLACEHOLDER_IP`` with the ``moeplace.io/agent-host`` annotation.
+    """
+    annotations: dict[str, str] = {}
+    loopback = {ip for ip, _ in agents.values() if ip.startswith("127.") or ip in ("::1", "localhost")}
+    if loopback:
+        if len(loopback) != len({ip for ip, _ in agents.values()}) or len(loopback) > 1:
+            raise ValueError("agents: loopback agents cannot be mixed with other addresses")
+        annotations[ANNOTATION_AGENT_HOST] = loopback.pop()
+        agents = {rank: (PLACEHOLDER_IP, port) for rank, (_, port) in agents.items()}
+    by_ip: dict[str, list[dict[str, Any]]] = {}
+    for rank, (ip, port) in sorted(agents.items()):
+        by_ip.setdefault(ip, []).append(
+            {"name": f"{RANK_PORT_PREFIX}{rank}", "port": int(port), "protocol": "TCP"}
+        )
+    return {
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {
+            "name": agents_service_name(name),
+            "namespace": namespace,
+            "labels": {LABEL_DEPLOYMENT: name},
+            "annotations": annotations,
+        },
+        "subsets": [{"addresses": [{"ip": ip}], "ports": ports} for ip, ports in by_ip.items()],
+    }
+
+
+def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
+    """A prometheus-operator PodMonitor scraping every agent port of the deployment's pods."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _metadata(owner, podmonitor_name(name), "agents"),
+        "spec": {
+            "selector": {"matchLabels": {LABEL_DEPLOYMENT: name}},
+            "podMetricsEndpoints": [
+                {"port": port["name"], "path": "/metrics", "interval": "15s"}
+                for port in agent_ports(resolved)
+            ],
+        },
+    }
+
+
+def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
+    """Alerts on imbalance, a stalled migration and missing metrics (operator's own series)."""
+    meta = owner["metadata"]
+    alerts = resolved.spec.alerts
+    match = f'namespace="{meta["namespace"]}",deployment="{meta["name"]}"'
+    labels = {"severity": "warning", "moeplace_deployment": meta["name"]}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _metadata(owner, prometheusrule_name(meta["name"]), "alerts"),
+        "spec": {
+            "groups": [
+                {
+                    "name": f"moeplace-{meta['namespace']}-{meta['name']}",
+                    "rules": [
+                        {
+                            "alert": "MoEPlacementImbalanced",
+                            "expr": f"moeplace_operator_imbalance{{{match}}} > {alerts.imbalance_threshold}",
+                            "for": "10m",
+                            "labels": labels,
+                            "annotations": {
+                                "summary": "Expert load imbalance stays above the threshold",
+                                "description": "{{ $labels.deployment }}: token imbalance {{ $value }}",
+                            },
+                        },
+                        {
+                            "alert": "MoEMigrationStalled",
+                            "expr": (
+                                f"moeplace_operator_migration_in_progress{{{match}}} == 1 and on(namespace, deployment) "
+                                f"(time() - moeplace_operator_migration_last_progress_timestamp_seconds{{{match}}}) "
+                                f"> {alerts.migration_stalled_seconds}"
+                            ),
+                            "labels": labels,
+                            "annotations": {"summary": "An expert migration made no progress"},
+                        },
+                        {
+                            "alert": "MoEMetricsMissing",
+                            "expr": f"moeplace_operator_metrics_available{{{match}}} == 0",
+                            "for": f"{alerts.metrics_missing_seconds}s",
+                            "labels": labels,
+                            "annotations": {"summary": "No usable expert load from Prometheus"},
+                        },
+                    ],
+                }
+            ]
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving workload
+
+
+def engine_selector(name: str) -> dict[str, str]:
+    return {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "engine"}
+
+
+def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
+    """One pod per node: the engine container plus one agent sidecar per GPU (local rank r on
+    agentPort + r, global rank = pod ordinal * gpusPerNode + r); the placement ConfigMap is mounted
+    and named to the engine by ``MOEPLACE_PLACEMENT`` (SGLang's ``--init-expert-location``)."""
+    meta = owner["metadata"]
+    name = meta["name"]
+    engine = resolved.spec.serving.engine
+    if engine is None:
+        raise ValueError("spec.serving.engine: not set")
+    topology = resolved.topology
+    model = resolved.model
+    gpus = topology.gpus_per_node
+    resources = json.loads(json.dumps(engine.resources)) if engine.resources else {}
+    resources.setdefault("limits", {}).setdefault("nvidia.com/gpu", gpus)
+    placement_file = f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"
+    token_env: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = [
+        {"name": "placement", "configMap": {"name": placement_configmap_name(name)}}
+    ]
+    ref = resolved.spec.metrics.token_secret_ref
+    if ref is not None:
+        token_env = [
+            {"name": "MOEPLACE_AGENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        ]
+    engine_container = {
+        "name": "engine",
+        "image": engine.image,
+        "env": [{"name": "MOEPLACE_PLACEMENT", "value": placement_file}]
+        + [{"name": var.name, "value": var.value} for var in engine.env],
+        "resources": resources,
+        "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
+    }
+    if engine.command:
+        engine_container["command"] = list(engine.command)
+    if engine.args:
+        engine_container["args"] = list(engine.args)
+    containers = [engine_container]
+    base_port = resolved.spec.metrics.agent_port
+    for local in range(gpus):
+        port = base_port + local
+        containers.append(
+            {
+                "name": f"agent-{local}",
+                "image": engine.agent_image,
+                "command": ["sh", "-c"],
+                "args": [
+                    "exec python -m moe_agent agent"
+                    f" --rank $(( ${{POD_NAME##*-}} * {gpus} + {local} ))"
+                    f" --port {port} --topology {topology.num_nodes}x{gpus}"
+                    f" --redundant-slots {resolved.spec.placement.redundant_slots}"
+                    f" --placement {placement_file} "
+                    + " ".join(engine.agent_args)
+                ],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "MOEPLACE_MODEL", "value": json.dumps(model.model_dump(by_alias=True))},
+                ]
+                + token_env,
+                "ports": [{"name": f"{RANK_PORT_PREFIX}{local}", "containerPort": port, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5},
+                "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
+            }
+        )
+    labels = {**labels_for(name, "engine")}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(owner, engine_statefulset_name(name), "engine"),
+        "spec": {
+            "serviceName": agents_service_name(name),
+            "replicas": topology.num_nodes,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": engine_selector(name)},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": containers, "volumes": volumes},
+            },
+        },
+    }
+
+
+def workload_selector(workload: Mapping[str, Any]) -> dict[str, str]:
+    """Pod labels of an existing StatefulSet or LeaderWorkerSet (for the agents Service)."""
+    kind = workload.get("kind")
+    if kind == "LeaderWorkerSet":
+        return {"leaderworkerset.sigs.k8s.io/name": workload["metadata"]["name"]}
+    selector = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return dict(selector)

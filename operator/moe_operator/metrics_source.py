@@ -1,0 +1,242 @@
+"""Live statistics -> ``WorkloadProfile``: per-expert load from Prometheus, transitions and
+co-activation from the agents' ``/v1/stats``.
+
+Bad samples (labels that are not integers, ids out of range, NaN or negative values, malformed
+stats) are skipped and counted by reason in a ``MetricsReport``; the cycle reports them in status and
+events. Nothing here blocks the event loop: ``fetch_load`` is synchronous and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moe_placement.models import Phase, SparsePairs, WorkloadProfile
+
+LOAD_METRIC = "moeplace_expert_tokens_total"
+ACTIVATED_METRIC = "moeplace_activated_experts"
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class MetricsUnavailable(RuntimeError):
+    """No usable load: ``reason`` is a condition reason (PrometheusUnavailable, NoData, BadData)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class MetricsReport:
+    """What a fetch used and what it skipped."""
+
+    series: int = 0
+    used: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    tokens: float = 0.0
+    agents_with_stats: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+
+    def summary(self) -> str:
+        parts = [f"{self.used}/{self.series} load series used"]
+        if self.skipped:
+            parts.append(
+                "skipped " + ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+            )
+        if self.agents_with_stats:
+            parts.append(f"stats from {self.agents_with_stats} agents")
+        return "; ".join(parts + self.notes)
+
+
+def _matchers(match_labels: Mapping[str, str]) -> str:
+    parts = []
+    for name, value in sorted(match_labels.items()):
+        if not _LABEL_NAME.match(name):
+            raise MetricsUnavailable("BadData", f"spec.metrics.matchLabels: {name!r} is not a label name")
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        parts.append(f'{name}="{escaped}"')
+    return ",".join(parts)
+
+
+def load_query(window_seconds: int, match_labels: Mapping[str, str] | None = None) -> str:
+    """PromQL of the global per-(layer, expert) load over the window."""
+    matchers = _matchers(match_labels or {})
+    return f"sum by (layer, expert) (increase({LOAD_METRIC}{{{matchers}}}[{int(window_seconds)}s]))"
+
+
+def activated_query(match_labels: Mapping[str, str] | None = None) -> str:
+    """PromQL of the busiest GPU's activated experts per layer."""
+    matchers = _matchers(match_labels or {})
+    return f"max by (layer) ({ACTIVATED_METRIC}{{{matchers}}})"
+
+
+def _int_label(metric: Mapping[str, Any], name: str) -> int | None:
+    value = metric.get(name)
+    if value is None or not str(value).lstrip("-").isdigit():
+        return None
+    return int(value)
+
+
+def parse_load(
+    result: Sequence[Mapping[str, Any]], num_layers: int, num_experts: int, report: MetricsReport | None = None
+) -> tuple[np.ndarray, MetricsReport]:
+    """The [L, E] load from an instant-vector result; bad series are skipped into the report."""
+    report = report or MetricsReport()
+    load = np.zeros((num_layers, num_experts), dtype=np.float64)
+    seen: set[tuple[int, int]] = set()
+    for series in result:
+        report.series += 1
+        metric = series.get("metric") or {}
+        layer, expert = _int_label(metric, "layer"), _int_label(metric, "expert")
+        if layer is None or expert is None:
+            report.skip("bad_label")
+            continue
+        if not (0 <= layer < num_layers and 0 <= expert < num_experts):
+            report.skip("out_of_range")
+            continue
+        try:
+            value = float((series.get("value") or [None, None])[1])
+        except (TypeError, ValueError, IndexError):
+            report.skip("not_a_number")
+            continue
+        if not math.isfinite(value):
+            report.skip("not_finite")
+            continue
+        if value < 0:
+            report.skip("negative")
+            continue
+        if (layer, expert) in seen:
+            report.skip("duplicate")
+            continue
+        seen.add((layer, expert))
+        load[layer, expert] = value
+        report.used += 1
+    return load, report
+
+
+def fetch_load(
+    url: str,
+    window_seconds: int,
+    match_labels: Mapping[str, str],
+    num_layers: int,
+    num_experts: int,
+    timeout_s: float = 10.0,
+) -> tuple[np.ndarray, MetricsReport, float | None]:
+    """Query Prometheus (blocking; run in a thread): (load [L, E], report, live max activated experts).
+
+    Raises MetricsUnavailable when Prometheus does not answer or returns no usable series.
+    """
+    from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+    from requests import RequestException
+    from urllib3.util.retry import Retry
+
+    client = PrometheusConnect(url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout_s)
+    try:
+        try:
+            result = client.custom_query(load_query(window_seconds, match_labels))
+        except (PrometheusApiClientException, RequestException, ValueError) as error:
+            raise MetricsUnavailable("PrometheusUnavailable", f"{url}: {type(error).__name__}: {error}"[:400]) from None
+        load, report = parse_load(result, num_layers, num_experts)
+        activated = None
+        try:
+            rows = client.custom_query(activated_query(match_labels))
+            values = [float(row["value"][1]) for row in rows if _int_label(row.get("metric") or {}, "layer") is not None]
+            values = [value for value in values if math.isfinite(value)]
+            if values:
+                activated = float(np.mean(values))
+        except (PrometheusApiClientException, RequestException, ValueError, KeyError, IndexError, TypeError):
+            report.notes.append("activated experts unavailable")
+    finally:
+        client._session.close()
+    if report.series == 0:
+        raise MetricsUnavailable("NoData", f"{url}: no {LOAD_METRIC} series in the last {window_seconds}s")
+    if report.used == 0:
+        raise MetricsUnavailable("BadData", f"{url}: no usable series ({report.summary()})")
+    return load, report, activated
+
+
+def _pairs(
+    document: Any, num_layers: int, num_experts: int, max_layer: int, report: MetricsReport, name: str
+) -> SparsePairs | None:
+    if not isinstance(document, Mapping):
+        return None
+    try:
+        columns = [np.asarray(document[key], dtype=np.float64) for key in ("layer", "first", "second", "count")]
+    except (KeyError, TypeError, ValueError):
+        report.skip(f"bad_{name}")
+        return None
+    if len({len(column) for column in columns}) != 1 or any(column.ndim != 1 for column in columns):
+        report.skip(f"bad_{name}")
+        return None
+    layer, first, second, count = columns
+    ok = np.isfinite(layer) & np.isfinite(first) & np.isfinite(second) & np.isfinite(count)
+    ok &= (layer >= 0) & (layer < max_layer) & (first >= 0) & (first < num_experts)
+    ok &= (second >= 0) & (second < num_experts) & (count > 0)
+    ok &= (layer == np.round(layer)) & (first == np.round(first)) & (second == np.round(second))
+    if (~ok).any():
+        report.skip(f"{name}_out_of_range", int((~ok).sum()))
+    if not ok.any():
+        return None
+    return SparsePairs(layer[ok].astype(np.int64), first[ok].astype(np.int64), second[ok].astype(np.int64), count[ok])
+
+
+def _merge(parts: list[SparsePairs], num_experts: int) -> SparsePairs | None:
+    if not parts:
+        return None
+    layer = np.concatenate([part.layer for part in parts])
+    first = np.concatenate([part.first for part in parts])
+    second = np.concatenate([part.second for part in parts])
+    count = np.concatenate([part.count for part in parts])
+    key = (layer * num_experts + first) * num_experts + second
+    unique, inverse = np.unique(key, return_inverse=True)
+    summed = np.zeros(len(unique))
+    np.add.at(summed, inverse, count)
+    return SparsePairs(
+        unique // (num_experts * num_experts), (unique // num_experts) % num_experts, unique % num_experts, summed
+    )
+
+
+def parse_stats(
+    documents: Sequence[Any], num_layers: int, num_experts: int, report: MetricsReport | None = None
+) -> tuple[SparsePairs | None, SparsePairs | None, MetricsReport]:
+    """Summed transitions and co-activation of the agents' ``/v1/stats`` answers."""
+    report = report or MetricsReport()
+    transitions: list[SparsePairs] = []
+    coactivation: list[SparsePairs] = []
+    for document in documents:
+        if not isinstance(document, Mapping):
+            report.skip("bad_stats")
+            continue
+        if document.get("num_layers") not in (None, num_layers) or document.get("num_experts") not in (None, num_experts):
+            report.skip("stats_shape_mismatch")
+            continue
+        report.agents_with_stats += 1
+        pairs = _pairs(document.get("transitions"), num_layers, num_experts, num_layers - 1, report, "transitions")
+        if pairs is not None:
+            transitions.append(pairs)
+        pairs = _pairs(document.get("coactivation"), num_layers, num_experts, num_layers, report, "coactivation")
+        if pairs is not None:
+            coactivation.append(pairs)
+    return _merge(transitions, num_experts), _merge(coactivation, num_experts), report
+
+
+def build_profile(
+    load: np.ndarray,
+    top_k: int,
+    transitions: SparsePairs | None = None,
+    coactivation: SparsePairs | None = None,
+    phase: Phase = "decode",
+) -> WorkloadProfile:
+    """The profile the solver sees."""
+    return WorkloadProfile(
+        load=load, top_k=top_k, transitions=transitions, coactivation=coactivation, phase=phase
+    )
