@@ -135,7 +135,7 @@ def test_custom_image_resources_and_existing_secret_and_service_account(render: 
     }
     assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
     assert "--prometheus-url=http://prometheus.monitoring.svc:9090" in container["args"]
-    assert container["args"][-1] == "--solver-time-limit=60"
+    assert container["args"][-1] == "--solver-workers=2"
 
     token_env = next(env for env in container["env"] if env["name"] == "MOEPLACE_AGENT_TOKEN")
     assert token_env["valueFrom"]["secretKeyRef"] == {"name": "moeplace-agent-token", "key": "bearer"}
@@ -168,11 +168,9 @@ def test_namespaced_rbac_grants_the_same_rules_per_watched_namespace(render: Any
     bindings = by_kind(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    # Cluster-scoped resources can only be granted by a ClusterRole; whatever is left there plus the
-    # Roles' rules is exactly the cluster-scoped mode's grant.
-    remaining = [rule_triples(r["rules"]) for r in by_kind(objects, "ClusterRole")]
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
     for role in roles:
-        assert rule_triples(role["rules"]) | set().union(*remaining) == cluster_rules
+        assert rule_triples(role["rules"]) == cluster_rules
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
@@ -181,7 +179,7 @@ def test_namespaced_rbac_grants_the_same_rules_per_watched_namespace(render: Any
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
     # The agents' PodMonitor looks in the same namespaces.
-    monitored = render({**values, "monitoring": {"enabled": True}})
+    monitored = render({**values, "monitoring": {"enabled": True, "agents": {"podMonitor": True}}})
     assert one(monitored, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
@@ -195,7 +193,9 @@ def test_rbac_is_least_privilege(render: Any) -> None:
     triples = rule_triples(one(render("default"), "ClusterRole")["rules"])
     assert triples
     assert not [t for t in triples if "*" in t], "no wildcards"
-    assert not [t for t in triples if t[1] in {"secrets", "pods/exec", "clusterroles", "roles", "rolebindings"}]
+    assert not [t for t in triples if t[1] in {"pods/exec", "clusterroles", "roles", "rolebindings"}]
+    # Agents' tokens are read by name (spec.metrics.tokenSecretRef), never listed.
+    assert {verb for _, resource, verb in triples if resource == "secrets"} == {"get"}
     assert not [t for t in triples if t[2] in {"escalate", "bind", "impersonate"}]
 
 
@@ -217,10 +217,13 @@ def test_chart_crds_equal_the_repository_crds() -> None:
     assert not stale, f"charts/moeplace/crds/ differs from crds/ in {stale}: {fix}"
 
 
-def test_monitoring_is_off_by_default(render: Any) -> None:
+def test_monitoring_is_off_by_default_and_the_agents_pod_monitor_opt_in(render: Any) -> None:
     objects = render("default")
     assert not [o for o in objects if o["apiVersion"].startswith("monitoring.coreos.com/")]
     assert not by_kind(objects, "ConfigMap")
+    # The operator creates a PodMonitor per MoEDeployment; the chart's would scrape agents twice.
+    kinds = {o["kind"] for o in render({"monitoring": {"enabled": True}})}
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds and "PodMonitor" not in kinds
 
 
 def test_monitoring_objects(render: Any) -> None:
@@ -241,9 +244,12 @@ def test_monitoring_objects(render: Any) -> None:
     assert endpoint["honorLabels"] is True
     assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
 
+    # Every agent port of the MoEDeployments' pods, with the deployment's name as a label.
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
-    relabel = pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
-    assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"], "targetLabel": "deployment"}
+    assert pod_monitor["spec"]["selector"] == {"matchExpressions": [{"key": "moeplace.io/deployment", "operator": "Exists"}]}
+    keep, deployment = pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert keep == {"sourceLabels": ["__meta_kubernetes_pod_container_port_name"], "regex": "rank-[0-9]+", "action": "keep"}
+    assert deployment == {"sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"], "targetLabel": "deployment"}
 
     dashboard = one(objects, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

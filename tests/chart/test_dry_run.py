@@ -153,7 +153,7 @@ def test_cluster_scoped_rbac_grants_exactly_the_operator_rules(
     for group, resource, verb in sorted(rule_triples(rules)):
         for namespace in ("team-a", "team-c"):
             assert can(admin, user, verb, group, resource, namespace), (verb, group, resource, namespace)
-    assert not can(admin, user, "get", "", "secrets", "team-a")
+    assert not can(admin, user, "list", "", "secrets", "team-a")
     assert not can(admin, user, "create", "rbac.authorization.k8s.io", "rolebindings", "team-a")
     assert not can(admin, user, "delete", "moeplace.io", "moedeployments", "team-a")
 
@@ -173,4 +173,5 @@ def test_namespaced_rbac_stays_inside_the_watched_namespaces(
         for namespace in ("team-a", "team-b"):
             assert can(admin, user, verb, group, resource, namespace), (verb, group, resource, namespace)
         assert not can(admin, user, verb, group, resource, "team-c"), (verb, group, resource, "team-c")
-    assert not can(admin, user, "get", "", "secrets", "team-a")
+    assert not can(admin, user, "list", "", "secrets", "team-a")
+    assert not [o for o in objects if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
