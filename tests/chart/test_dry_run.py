@@ -175,3 +175,18 @@ def test_namespaced_rbac_stays_inside_the_watched_namespaces(
         assert not can(admin, user, verb, group, resource, "team-c"), (verb, group, resource, "team-c")
     assert not can(admin, user, "list", "", "secrets", "team-a")
     assert not [o for o in objects if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+
+
+def test_rbac_rules_name_only_namespaced_resources(dynamic: DynamicClient, render: Any) -> None:
+    """Namespaced RBAC puts every rule into Roles, which cannot grant cluster-scoped resources."""
+    rules = next(o for o in render("default") if o["kind"] == "ClusterRole")["rules"]
+    checked = 0
+    for group, resource in sorted({(g, r.split("/")[0]) for g, r, _ in rule_triples(rules)}):
+        # The core group's name is "" (which search() would ignore): ask for its only version.
+        where = {"group": group} if group else {"api_version": "v1"}
+        found = [r for r in dynamic.resources.search(name=resource, **where) if r.kind != "APIResourceList"]
+        if not found:
+            continue  # an optional API this server lacks (LeaderWorkerSet)
+        assert all(r.namespaced for r in found), f"{resource}.{group} is cluster-scoped"
+        checked += 1
+    assert checked >= 5
