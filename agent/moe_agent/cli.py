@@ -1,10 +1,13 @@
-"""``moeplace agent``: one replay-mode agent (one EP rank) with its HTTP API and metrics.
+"""``moeplace agent``: one agent (one EP rank) with its HTTP API and metrics, replaying a token stream.
 
     moeplace agent --replay TRACE|synthetic --model PRESET|SHAPE.json --topology 2x4 \\
         --redundant-slots N --rank R --port P --token-file F --tokens-per-second N \\
         --expert-scale K [--placement FILE]
 
-``python -m moe_agent ...`` takes the same flags. See docs/agent.md.
+``python -m moe_agent [agent] ...`` takes the same flags (the operator's pods run
+``python -m moe_agent agent``). The model defaults to ``$MOEPLACE_MODEL`` (a ModelShape JSON, as the
+operator sets it). Without ``--replay`` the agent serves its API and store with no traffic. See
+docs/agent.md.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,21 +26,23 @@ from pathlib import Path
 import torch
 from aiohttp import web
 from prometheus_client import disable_created_metrics
+from pydantic import ValidationError
 
 from moe_placement.baselines import linear_placement
-from moe_placement.models import ModelShape, Placement, PlacementError, Topology
+from moe_placement.models import ModelShape, Placement, PlacementError, Topology, format_validation_error
 from moe_placement.presets import MODEL_PRESETS, parse_topology
 from moe_placement.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 from moe_placement.traces import Trace, load_trace
 from moe_agent.agent import AgentCore
 from moe_agent.model import ReplayMoEModel
-from moe_agent.recorder import attach
+from moe_agent.recorder import RoutingRecorder, attach
 from moe_agent.replay import ReplayEngine, TokenStream
 from moe_agent.router import ROUTERS
 from moe_agent.server import AgentServer, ServerOptions, TokenSource
 from moe_agent.store import DTYPES, ExpertStore
 
 log = logging.getLogger("moe_agent")
+MODEL_ENV = "MOEPLACE_MODEL"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,21 +59,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("token stream")
-    source.add_argument("--replay", required=True, metavar="TRACE|synthetic",
-                        help="routing trace file (any format moe_placement.traces reads) or 'synthetic'")
+    source.add_argument("--replay", metavar="TRACE|synthetic",
+                        help="routing trace file (any format moe_placement.traces reads) or 'synthetic'; "
+                        "without it no tokens flow")
     source.add_argument("--task", help="replay only this domain of the trace")
     source.add_argument("--tokens-per-second", type=float, default=1000.0, help="token rate (default 1000)")
     source.add_argument("--batch-tokens", type=int, default=256, help="tokens per replayed step (default 256)")
     source.add_argument("--shift-after-seconds", type=float,
-                        help="domain shift: replay --task (default: the first domain) until then, --shift-to after")
+                        help="domain shift: replay --task (default: the first domain, the synthetic "
+                        "config's order or the trace's) until then, --shift-to after")
     source.add_argument("--shift-to", help="domain after the shift (default: the next domain)")
     source.add_argument("--start-time", type=float,
                         help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
     source.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace, weights and draws")
 
     shape = parser.add_argument_group("model and placement")
-    shape.add_argument("--model", required=True,
-                       help=f"model preset ({', '.join(MODEL_PRESETS)}) or a ModelShape JSON file")
+    shape.add_argument("--model", default=os.environ.get(MODEL_ENV),
+                       help=f"model preset ({', '.join(MODEL_PRESETS)}), a ModelShape JSON file or inline "
+                       f"JSON (default: ${MODEL_ENV})")
     shape.add_argument("--topology", required=True, help="NODESxGPUS[:gpu], e.g. 2x4")
     shape.add_argument("--redundant-slots", type=int, default=0, help="slots beyond one per expert, in all")
     shape.add_argument("--rank", type=int, required=True, help="this agent's EP rank (GPU index)")
@@ -94,17 +103,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--test-corrupt-transfers", action="store_true", help=argparse.SUPPRESS)
 
 
-def load_model_shape(spec: str) -> ModelShape:
-    """A preset by name, or a ModelShape JSON file."""
+def load_model_shape(spec: str | None) -> ModelShape:
+    """A preset by name, a ModelShape JSON file, or inline ModelShape JSON."""
+    if not spec:
+        raise PlacementError(f"model: give --model or set {MODEL_ENV}")
     if spec in MODEL_PRESETS:
         return MODEL_PRESETS[spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise PlacementError(f"model: {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file")
+    text = spec if spec.lstrip().startswith("{") else None
+    if text is None:
+        path = Path(spec)
+        if not path.is_file():
+            raise PlacementError(f"model: {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file")
+        text = path.read_text()
     try:
-        return ModelShape.model_validate_json(path.read_text())
-    except ValueError as error:
-        raise PlacementError(f"model: {path}: {error}") from None
+        return ModelShape.model_validate_json(text)
+    except ValidationError as error:
+        raise PlacementError(format_validation_error(error, "model")) from None
 
 
 def load_initial_placement(path: Path | None, shape: ModelShape, topology: Topology) -> Placement:
@@ -131,8 +145,10 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
         if isinstance(config.popularity_skew, tuple) and len(config.popularity_skew) != shape.num_layers:
             config = replace(config, popularity_skew=base.layer_skew.mean())
         trace = generate(config, args.seed)
+        domains = config.domains
     else:
         trace = load_trace(args.replay)
+        domains = trace.domain_names
     expected = (shape.num_layers, shape.num_experts, shape.top_k)
     if (trace.num_layers, trace.num_experts, trace.top_k) != expected:
         raise PlacementError(
@@ -141,7 +157,6 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
         )
     if args.shift_after_seconds is None:
         return TokenStream(trace.select_domain(args.task) if args.task else trace)
-    domains = trace.domain_names
     before = args.task or domains[0]
     after = args.shift_to or next((name for name in domains if name != before), None)
     if after is None or after == before:
@@ -167,26 +182,33 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise PlacementError(str(error)) from None
     placement = load_initial_placement(args.placement, shape, topology)
-    stream = build_stream(args, shape)
+    stream = build_stream(args, shape) if args.replay else None
 
     store = ExpertStore(
         shape, topology.slots_per_gpu, args.rank, expert_scale=args.expert_scale, dtype=DTYPES[args.dtype], seed=args.seed
     )
-    model = ReplayMoEModel(shape.num_layers, shape.hidden_size, shape.num_experts, shape.top_k, seed=args.seed)
-    model.to(args.device)
-    recorder = attach(model, window_seconds=args.window_seconds, device=args.device)
-    core = AgentCore(shape, topology, args.rank, store, placement, recorder, device=args.device)
-    engine = ReplayEngine(
-        core,
-        model,
-        stream,
-        tokens_per_second=args.tokens_per_second,
-        batch_tokens=args.batch_tokens,
-        router=args.router,
-        seed=args.seed,
-        start_time=args.start_time,
-        forward_budget=args.forward_budget,
-    )
+    engine = None
+    if stream is None:
+        recorder = RoutingRecorder(
+            shape.num_layers, shape.num_experts, device=args.device, window_seconds=args.window_seconds
+        )
+        core = AgentCore(shape, topology, args.rank, store, placement, recorder, device=args.device)
+    else:
+        model = ReplayMoEModel(shape.num_layers, shape.hidden_size, shape.num_experts, shape.top_k, seed=args.seed)
+        model.to(args.device)
+        recorder = attach(model, window_seconds=args.window_seconds, device=args.device)
+        core = AgentCore(shape, topology, args.rank, store, placement, recorder, device=args.device)
+        engine = ReplayEngine(
+            core,
+            model,
+            stream,
+            tokens_per_second=args.tokens_per_second,
+            batch_tokens=args.batch_tokens,
+            router=args.router,
+            seed=args.seed,
+            start_time=args.start_time,
+            forward_budget=args.forward_budget,
+        )
     options = ServerOptions(
         transfer_timeout_seconds=args.transfer_timeout,
         throttle_bytes_per_second=args.test_throttle_bytes_per_second,
@@ -197,17 +219,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(server: AgentServer, engine: ReplayEngine, host: str, port: int) -> None:
+async def _serve(server: AgentServer, engine: ReplayEngine | None, host: str, port: int) -> None:
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
     core = server.core
+    replaying = "no replay" if engine is None else f"replaying {engine.tokens_per_second:g} tokens/s"
     print(
         f"moe_agent: rank {core.rank} of {core.topology.num_gpus} serving on http://{host}:{bound} "
         f"({core.shape.name}, {core.store.intermediate_size}-wide experts of "
-        f"{core.store.expert_nbytes / 1e6:.2f} MB, {core.store.occupancy()['live']} live slots)",
+        f"{core.store.expert_nbytes / 1e6:.2f} MB, {core.store.occupancy()['live']} live slots, {replaying})",
         file=sys.stderr,
         flush=True,
     )
@@ -216,21 +239,28 @@ async def _serve(server: AgentServer, engine: ReplayEngine, host: str, port: int
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, finished.set)
-    replay = threading.Thread(target=engine.run, args=(stop,), name="replay", daemon=True)
-    replay.start()
+    replay = None
+    if engine is not None:
+        replay = threading.Thread(target=engine.run, args=(stop,), name="replay", daemon=True)
+        replay.start()
     try:
         await finished.wait()
     finally:
         stop.set()
         await runner.cleanup()
-        await asyncio.to_thread(replay.join, 10.0)
+        if replay is not None:
+            await asyncio.to_thread(replay.join, 10.0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_agent``: the ``agent`` subcommand's flags, without the subcommand."""
+    """``python -m moe_agent [agent] FLAGS``: the ``agent`` subcommand's flags; the word ``agent`` is
+    optional (the operator's pods give it)."""
     parser = argparse.ArgumentParser(prog="python -m moe_agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         return run(args)
