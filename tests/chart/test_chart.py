@@ -316,3 +316,17 @@ def test_dashboard_panels() -> None:
             assert 'namespace="$namespace", deployment="$deployment"' in target["expr"], panel["title"]
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_every_value_is_documented() -> None:
+    """Each value of values.yaml, or a map it belongs to, has a row in docs/chart.md."""
+    documented = set(re.findall(r"`([A-Za-z0-9_.]+)`", (REPO_ROOT / "docs" / "chart.md").read_text()))
+
+    def undocumented(node: Any, path: str) -> list[str]:
+        if path in documented:
+            return []
+        if isinstance(node, dict) and node:
+            return [p for key, value in node.items() for p in undocumented(value, f"{path}.{key}" if path else key)]
+        return [path]
+
+    assert undocumented(yaml.safe_load((CHART / "values.yaml").read_text()), "") == []
