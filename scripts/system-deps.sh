@@ -95,10 +95,13 @@ unpack_source() {
     fi
     rm -rf "$src"
     mkdir -p "$BUILD_DIR/download" "$src"
-    step "apt-get source --download-only kubernetes"
-    (cd "$BUILD_DIR/download" && quietly apt-get source --download-only kubernetes)
     local tarball
     tarball=$(find "$BUILD_DIR/download" -maxdepth 1 -name 'kubernetes_*.orig.tar.*' | sort | head -n1)
+    if [[ -z $tarball ]]; then
+        step "apt-get source --download-only kubernetes"
+        (cd "$BUILD_DIR/download" && quietly apt-get source --download-only kubernetes)
+        tarball=$(find "$BUILD_DIR/download" -maxdepth 1 -name 'kubernetes_*.orig.tar.*' | sort | head -n1)
+    fi
     [[ -n $tarball ]] || die "no kubernetes_*.orig.tar.* in $BUILD_DIR/download"
     step "unpacking $(basename "$tarball")"
     tar -xf "$tarball" -C "$src" --strip-components=1
@@ -145,9 +148,20 @@ EOF
     cp "$built" "$APISERVER.tmp"
     mv -f "$APISERVER.tmp" "$APISERVER"
     step "built $APISERVER in $((SECONDS - started))s: $("$APISERVER" --version)"
+    # The 1.8 GB tree is only needed to build; the downloaded source stays for an offline rebuild.
+    step "removing the build tree $src"
+    rm -rf "$src"
 }
 
 main() {
+    mkdir -p "$CACHE_DIR"
+    # Two test runs starting at once on a fresh machine must not build into the same tree (nor race
+    # on apt's lock): the second waits here, then finds the binary cached.
+    exec 9>"$CACHE_DIR/system-deps.lock"
+    if ! flock -n 9; then
+        step "another system-deps.sh is running; waiting for it"
+        flock 9
+    fi
     apt_install_missing "${RUNTIME_PACKAGES[@]}"
     if apiserver_works; then
         step "kube-apiserver cached: $APISERVER ($("$APISERVER" --version))"

@@ -513,6 +513,10 @@ def start_control_plane(
     """
     if ADMIN_USER in users:
         raise ClusterError(f"user name {ADMIN_USER!r} is reserved for the system:masters token")
+    all_users = {ADMIN_USER: ADMIN_GROUPS, **users}
+    tokens = {user: secrets.token_hex(24) for user in all_users}
+    token_file_text = render_token_file(all_users, tokens)
+    # Resolved after the arguments are checked, so bad input never waits on an install.
     binaries = ensure_binaries()
     workdir = workdir.resolve()
     if (workdir / "etcd-data").exists():
@@ -535,10 +539,8 @@ def start_control_plane(
     if keygen.returncode != 0:
         raise ClusterError(f"openssl genrsa failed: {keygen.stderr.strip()}")
 
-    all_users = {ADMIN_USER: ADMIN_GROUPS, **users}
-    tokens = {user: secrets.token_hex(24) for user in all_users}
     token_file = workdir / "tokens.csv"
-    _write_private(token_file, render_token_file(all_users, tokens))
+    _write_private(token_file, token_file_text)
 
     etcd_port, peer_port, apiserver_port = _free_ports(3)
     etcd_url = f"http://{LOOPBACK}:{etcd_port}"
@@ -747,12 +749,14 @@ def start_prometheus(
     with ``labels``) or the path of a file_sd JSON file the caller maintains. Either way targets can
     change at runtime by rewriting the file (``PrometheusServer.set_targets``).
     """
-    prometheus_binary = _binary("prometheus")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(scrape_targets, Path):
         if labels is not None:
             raise ClusterError("labels apply only to a list of targets, not to a file_sd path")
+        if scrape_targets.suffix not in (".json", ".yml", ".yaml"):
+            # Prometheus ignores file_sd files with any other extension, silently scraping nothing.
+            raise ClusterError(f"file_sd path {scrape_targets} must end in .json, .yml or .yaml")
         targets_file = scrape_targets.resolve()
     else:
         targets_file = workdir / "targets.json"
@@ -760,6 +764,8 @@ def start_prometheus(
     config_file = workdir / "prometheus.yml"
     config = build_prometheus_config(targets_file, scrape_interval)
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    # Resolved after the arguments are checked, so bad input never waits on an install.
+    prometheus_binary = _binary("prometheus")
 
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"

@@ -20,6 +20,8 @@ from moe_operator.cluster import (
     free_port,
     parse_flag,
     render_token_file,
+    start_control_plane,
+    start_prometheus,
     write_targets_file,
 )
 
@@ -158,3 +160,17 @@ def test_binary_override_that_does_not_exist_is_named(monkeypatch: pytest.Monkey
     monkeypatch.setenv("MOEPLACE_ETCD", "/nonexistent/etcd")
     with pytest.raises(ClusterError, match="MOEPLACE_ETCD='/nonexistent/etcd'"):
         ensure_binaries()
+
+
+def test_file_sd_path_must_have_an_extension_prometheus_reads(tmp_path: Path) -> None:
+    with pytest.raises(ClusterError, match=r"must end in \.json"):
+        start_prometheus(tmp_path, tmp_path / "targets.txt")
+
+
+@pytest.mark.parametrize(("users", "problem"), [({"admin": ()}, "reserved"), ({"a,b": ()}, "user or group")])
+def test_control_plane_rejects_bad_users_before_starting_anything(
+    tmp_path: Path, users: dict[str, tuple[str, ...]], problem: str
+) -> None:
+    with pytest.raises(ClusterError, match=problem):
+        start_control_plane(tmp_path, users=users)
+    assert list(tmp_path.iterdir()) == []
