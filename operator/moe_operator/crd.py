@@ -370,6 +370,13 @@ def resolve_spec(spec: Any) -> ResolvedSpec:
     model = parsed.model.resolve()
     topo = parsed.topology
     gpu = topo.gpu_spec if topo.gpu_spec is not None else gpu_preset(topo.gpu)
+    total_slots = model.num_experts + parsed.placement.redundant_slots
+    if total_slots < topo.num_gpus:
+        raise SpecError(
+            f"spec.topology: {topo.nodes} nodes x {topo.gpus_per_node} GPUs = {topo.num_gpus} GPUs, more than "
+            f"the {model.num_experts} experts + {parsed.placement.redundant_slots} redundant slots of the model: "
+            "every GPU needs at least one expert slot"
+        )
     try:
         slots = slots_per_gpu(model.num_experts, topo.num_gpus, parsed.placement.redundant_slots)
     except PlacementError as error:
