@@ -330,3 +330,17 @@ def test_every_value_is_documented() -> None:
         return [path]
 
     assert undocumented(yaml.safe_load((CHART / "values.yaml").read_text()), "") == []
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"monitoring": {"enable": True}}, "additional properties 'enable'"),
+        ({"rbac": {"clusterScoped": "false"}}, "/rbac/clusterScoped"),
+        ({"image": {"digest": "latest"}}, "/image/digest"),
+        ({"operator": {"prometheusURL": "prometheus:9090"}}, "/operator/prometheusURL"),
+    ],
+)
+def test_values_schema_rejects_misspelt_and_mistyped_values(render: Any, helm: Any, bad: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        render(bad)
