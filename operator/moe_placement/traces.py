@@ -186,6 +186,16 @@ class Trace:
             for start, stop in zip(bounds[:-1], bounds[1:])
         ]
 
+    def domain_loads(self) -> dict[str, np.ndarray]:
+        """Load [L, E] of each domain, in order of first appearance; empty for one domain."""
+        if len(self.domain_names) < 2:
+            return {}
+        token_domain = np.array(self.domains)[self.sequence_of_token()]
+        return {
+            domain: expert_load(self.expert_ids[:, token_domain == domain], self.num_experts)
+            for domain in self.domain_names
+        }
+
     def profile(
         self, batch_size: int = 4096, phase: Phase | None = None, max_pairs_per_layer: int = 4096
     ) -> WorkloadProfile:
@@ -201,19 +211,12 @@ class Trace:
         """
         if max_pairs_per_layer <= 0:
             raise PlacementError(f"max_pairs_per_layer: {max_pairs_per_layer} must be > 0")
-        domain_loads: dict[str, np.ndarray] = {}
-        if len(self.domain_names) > 1:
-            token_domain = np.array(self.domains)[self.sequence_of_token()]
-            domain_loads = {
-                domain: expert_load(self.expert_ids[:, token_domain == domain], self.num_experts)
-                for domain in self.domain_names
-            }
         return WorkloadProfile(
             load=expert_load(self.expert_ids, self.num_experts),
             top_k=self.top_k,
             transitions=transition_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer),
             coactivation=coactivation_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer),
-            domain_loads=domain_loads,
+            domain_loads=self.domain_loads(),
             phase=self.phase if phase is None else phase,
             batch_size=batch_size,
         )
@@ -412,10 +415,14 @@ def _systematic_sample(load: np.ndarray, top_k: int, num_tokens: int, rng: np.ra
         orders = np.argsort(rng.random((num_orders, num_experts)), axis=1)
         # Order r's cumulative probabilities run from r*k to (r+1)*k, so one sorted array serves all.
         edges = (np.cumsum(probability[orders], axis=1) + top_k * np.arange(num_orders)[:, None]).ravel()
-        order_of_token = rng.integers(num_orders, size=num_tokens)
-        points = rng.random(num_tokens)[:, None] + np.arange(top_k) + top_k * order_of_token[:, None]
+        # Integer part: the token's order; fraction: its systematic start. Sorted, because
+        # searchsorted is several times faster on sorted needles; a permutation undoes the sort.
+        position = np.sort(rng.random(num_tokens) * num_orders)
+        order_of_token = position.astype(np.int64)
+        starts = position + (top_k - 1) * order_of_token
+        points = starts[None, :] + np.arange(top_k)[:, None]  # [k, T], each row sorted
         slot = np.minimum(np.searchsorted(edges, points, side="right"), edges.size - 1)
-        chosen = orders.ravel()[slot]
+        chosen = orders.ravel()[slot.T][rng.permutation(num_tokens)]
         # First choice: popular experts more likely (Gumbel-perturbed log probability).
         priority = np.log(probability[chosen]) + rng.gumbel(size=chosen.shape)
         ids[layer] = np.take_along_axis(chosen, np.argsort(-priority, axis=1), axis=1)
