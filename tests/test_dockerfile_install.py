@@ -114,7 +114,9 @@ def test_builder_installs_the_lock_then_torch_then_the_package() -> None:
     _, builder, _ = dockerfile()
     assert {instruction for instruction, _ in builder.instructions} <= BUILDER_INSTRUCTIONS
     runs = builder.args("RUN")
-    lock_installs = [i for i, run in enumerate(runs) if re.search(rf"pip install .*-r {re.escape(LOCK_PATH)}", run)]
+    lock_installs = [
+        i for i, run in enumerate(runs) if re.search(rf"pip install .*-r {re.escape(LOCK_PATH)}", run)
+    ]
     torch_installs = [i for i, run in enumerate(runs) if "torch==" in run]
     package_installs = [i for i, run in enumerate(runs) if re.search(r"pip install --no-deps \.( |$)", run)]
     assert len(lock_installs) == len(torch_installs) == len(package_installs) == 1, runs
@@ -166,7 +168,9 @@ def host_index_url() -> str:
     here; the machine's find-links hold the same CPU wheel)."""
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
     match = re.search(r"^(?:global|install|:env:)\.index-url='([^']+)'", listing, re.MULTILINE)
     return match.group(1) if match else "https://pypi.org/simple"
 
@@ -192,7 +196,9 @@ def run_builder_stage(root: Path, build_args: dict[str, str]) -> dict[str, str]:
                 key, _, value = pair.partition("=")
                 value = expand(value, env)
                 # A single container path is moved under root; PATH-like lists were built from it.
-                env[key] = str(root / value.lstrip("/")) if value.startswith("/") and ":" not in value else value
+                env[key] = (
+                    str(root / value.lstrip("/")) if value.startswith("/") and ":" not in value else value
+                )
         elif instruction == "WORKDIR":
             workdir = root / args.lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,9 @@ def run_builder_stage(root: Path, build_args: dict[str, str]) -> dict[str, str]:
             for source in sources:
                 copy_into(REPO_ROOT / source, target, many=len(sources) > 1 or destination.endswith("/"))
         elif instruction == "RUN":
-            result = subprocess.run(["/bin/sh", "-c", args], cwd=workdir, env=env, capture_output=True, text=True)
+            result = subprocess.run(
+                ["/bin/sh", "-c", args], cwd=workdir, env=env, capture_output=True, text=True
+            )
             assert result.returncode == 0, f"RUN {args}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return env
 
@@ -211,7 +219,9 @@ def copy_into(source: Path, target: Path, many: bool) -> None:
     """COPY semantics: a directory's contents go to target; files go into a target directory when
     several are copied or the target ends in /, else to the target path."""
     if source.is_dir():
-        shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
         return
     destination = target / source.name if many else target
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +234,15 @@ def test_image_install_commands_give_a_working_moeplace(tmp_path: Path) -> None:
     env = run_builder_stage(tmp_path, {"TORCH_INDEX_URL": host_index_url()})
     bin_dir = Path(env["VIRTUAL_ENV"]) / "bin"
     for argv in (["--help"], ["operator", "--help"], ["agent", "--help"]):
-        result = subprocess.run([str(bin_dir / "moeplace"), *argv], env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(bin_dir / "moeplace"), *argv], env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"moeplace {' '.join(argv)}:\n{result.stdout}\n{result.stderr}"
         assert "usage: moeplace" in result.stdout
     probe = "import torch, moe_agent, moe_operator, moe_placement; print(torch.__version__)"
-    result = subprocess.run([str(bin_dir / "python"), "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(bin_dir / "python"), "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     defaults = arg_defaults(builder)
     assert result.stdout.strip() == f"{defaults['TORCH_VERSION']}+{defaults['TORCH_VARIANT']}"

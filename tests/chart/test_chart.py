@@ -157,7 +157,9 @@ def test_cluster_scoped_rbac_binds_one_cluster_role(render: Any) -> None:
         "kind": "ClusterRole",
         "name": role["metadata"]["name"],
     }
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "moeplace", "namespace": RELEASE_NAMESPACE}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "moeplace", "namespace": RELEASE_NAMESPACE}
+    ]
 
 
 def test_namespaced_rbac_grants_the_same_rules_per_watched_namespace(render: Any) -> None:
@@ -246,10 +248,19 @@ def test_monitoring_objects(render: Any) -> None:
 
     # Every agent port of the MoEDeployments' pods, with the deployment's name as a label.
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
-    assert pod_monitor["spec"]["selector"] == {"matchExpressions": [{"key": "moeplace.io/deployment", "operator": "Exists"}]}
+    assert pod_monitor["spec"]["selector"] == {
+        "matchExpressions": [{"key": "moeplace.io/deployment", "operator": "Exists"}]
+    }
     keep, deployment = pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
-    assert keep == {"sourceLabels": ["__meta_kubernetes_pod_container_port_name"], "regex": "rank-[0-9]+", "action": "keep"}
-    assert deployment == {"sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"], "targetLabel": "deployment"}
+    assert keep == {
+        "sourceLabels": ["__meta_kubernetes_pod_container_port_name"],
+        "regex": "rank-[0-9]+",
+        "action": "keep",
+    }
+    assert deployment == {
+        "sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"],
+        "targetLabel": "deployment",
+    }
 
     dashboard = one(objects, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -263,7 +274,10 @@ def test_prometheus_rule_spec_is_the_rules_file(render: Any) -> None:
 
     relinked = one(render("monitoring"), "PrometheusRule")
     for alert in (r for g in relinked["spec"]["groups"] for r in g["rules"] if "alert" in r):
-        assert alert["annotations"]["runbook_url"] == f"https://runbooks.example.com/moeplace/{alert['alert']}.md"
+        assert (
+            alert["annotations"]["runbook_url"]
+            == f"https://runbooks.example.com/moeplace/{alert['alert']}.md"
+        )
 
 
 def test_alerts_follow_kube_prometheus_conventions_and_have_runbooks() -> None:
@@ -291,13 +305,19 @@ def test_every_alert_has_a_promtool_unit_test() -> None:
 
 
 def test_rules_and_dashboard_use_only_documented_metrics() -> None:
-    documented = {name for doc in METRIC_DOCS for name in re.findall(r"`(moeplace_[a-z0-9_]+)`", doc.read_text())}
+    documented = {
+        name for doc in METRIC_DOCS for name in re.findall(r"`(moeplace_[a-z0-9_]+)`", doc.read_text())
+    }
     groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
     exprs = [rule["expr"] for group in groups for rule in group["rules"]]
     dashboard = json.loads(DASHBOARD_FILE.read_text())
     exprs += [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    exprs += [variable["query"]["query"] for variable in dashboard["templating"]["list"] if variable["type"] == "query"]
+    exprs += [
+        variable["query"]["query"]
+        for variable in dashboard["templating"]["list"]
+        if variable["type"] == "query"
+    ]
     used = set().union(*(metric_names(expr) for expr in exprs))
     assert used - documented - recorded == set()
 
@@ -307,7 +327,12 @@ def test_dashboard_panels() -> None:
     assert dashboard["uid"] == "moeplace"
     panels = {panel["title"]: panel for panel in dashboard["panels"] if panel["type"] != "row"}
     assert panels["Token imbalance per layer"]["type"] == "heatmap"
-    for title in ("Max activated experts per GPU", "Cross-GPU and cross-node traffic", "Migration steps", "Solve time"):
+    for title in (
+        "Max activated experts per GPU",
+        "Cross-GPU and cross-node traffic",
+        "Migration steps",
+        "Solve time",
+    ):
         assert title in panels
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}
     assert variables == {"datasource", "namespace", "deployment"}
@@ -326,7 +351,11 @@ def test_every_value_is_documented() -> None:
         if path in documented:
             return []
         if isinstance(node, dict) and node:
-            return [p for key, value in node.items() for p in undocumented(value, f"{path}.{key}" if path else key)]
+            return [
+                p
+                for key, value in node.items()
+                for p in undocumented(value, f"{path}.{key}" if path else key)
+            ]
         return [path]
 
     assert undocumented(yaml.safe_load((CHART / "values.yaml").read_text()), "") == []
@@ -341,6 +370,8 @@ def test_every_value_is_documented() -> None:
         ({"operator": {"prometheusURL": "prometheus:9090"}}, "/operator/prometheusURL"),
     ],
 )
-def test_values_schema_rejects_misspelt_and_mistyped_values(render: Any, helm: Any, bad: dict[str, Any], where: str) -> None:
+def test_values_schema_rejects_misspelt_and_mistyped_values(
+    render: Any, helm: Any, bad: dict[str, Any], where: str
+) -> None:
     with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
         render(bad)

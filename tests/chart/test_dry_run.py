@@ -30,7 +30,12 @@ Manifest = dict[str, Any]
 
 
 def crd_manifests() -> list[Manifest]:
-    crds = [doc for path in sorted(CHART_CRDS.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    crds = [
+        doc
+        for path in sorted(CHART_CRDS.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
     return crds + yaml.safe_load(MONITORING_CRDS.read_text())["items"]
 
 
@@ -50,11 +55,17 @@ def dropped_fields(sent: Any, got: Any, path: str = "") -> list[str]:
     if isinstance(sent, dict):
         if not isinstance(got, dict):
             return [path or "."]
-        return [p for key, value in sent.items() for p in dropped_fields(value, got.get(key), f"{path}.{key}")]
+        return [
+            p for key, value in sent.items() for p in dropped_fields(value, got.get(key), f"{path}.{key}")
+        ]
     if isinstance(sent, list):
         if not isinstance(got, list) or len(got) != len(sent):
             return [path]
-        return [p for i, (s, g) in enumerate(zip(sent, got)) for p in dropped_fields(s, g, f"{path}[{i}]")]
+        return [
+            p
+            for i, (s, g) in enumerate(zip(sent, got, strict=True))
+            for p in dropped_fields(s, g, f"{path}[{i}]")
+        ]
     return [] if sent == got else [f"{path}: sent {sent!r}, got {got!r}"]
 
 
@@ -118,14 +129,19 @@ def test_every_rendered_object_passes_server_side_dry_run(
         assert not dropped, f"{where}: the API server dropped or changed {dropped}"
 
 
-def can(admin: client.ApiClient, user: str, verb: str, group: str, resource: str, namespace: str | None) -> bool:
+def can(
+    admin: client.ApiClient, user: str, verb: str, group: str, resource: str, namespace: str | None
+) -> bool:
     review = client.V1SubjectAccessReview(
         spec=client.V1SubjectAccessReviewSpec(
             user=user,
             groups=["system:serviceaccounts", f"system:serviceaccounts:{user.split(':')[2]}"],
             resource_attributes=client.V1ResourceAttributes(
-                verb=verb, group=group, resource=resource.split("/")[0],
-                subresource=resource.split("/")[1] if "/" in resource else None, namespace=namespace,
+                verb=verb,
+                group=group,
+                resource=resource.split("/")[0],
+                subresource=resource.split("/")[1] if "/" in resource else None,
+                namespace=namespace,
             ),
         )
     )
@@ -133,7 +149,13 @@ def can(admin: client.ApiClient, user: str, verb: str, group: str, resource: str
 
 
 def rule_triples(rules: list[Manifest]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 def apply_rbac(dynamic: DynamicClient, objects: list[Manifest]) -> None:
@@ -161,11 +183,13 @@ def test_cluster_scoped_rbac_grants_exactly_the_operator_rules(
 def test_namespaced_rbac_stays_inside_the_watched_namespaces(
     admin: client.ApiClient, dynamic: DynamicClient, namespaces: None, render: Any
 ) -> None:
-    objects = render({
-        "fullnameOverride": "moeplace-ns",
-        "rbac": {"clusterScoped": False},
-        "operator": {"watchNamespaces": ["team-a", "team-b"]},
-    })
+    objects = render(
+        {
+            "fullnameOverride": "moeplace-ns",
+            "rbac": {"clusterScoped": False},
+            "operator": {"watchNamespaces": ["team-a", "team-b"]},
+        }
+    )
     apply_rbac(dynamic, objects)
     user = "system:serviceaccount:moeplace-system:moeplace-ns"
     role_rules = rule_triples(next(o for o in objects if o["kind"] == "Role")["rules"])
