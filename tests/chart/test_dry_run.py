@@ -4,8 +4,8 @@ The chart's CRDs and stand-ins for the Prometheus Operator's CRDs are applied fo
 object of every values case is then applied with server-side apply and dryRun=All, so the API server
 validates it (schemas, CRD structural schemas, RBAC references), and the answer must keep every field
 the chart sent (1.20 silently drops unknown fields of built-in kinds and prunes unknown CR fields).
-Finally the RBAC is applied for real and SubjectAccessReviews check what the operator's service account
-may and may not do.
+The RBAC is applied for real and SubjectAccessReviews check what the operator's service account may and
+may not do. Last, a real `helm install` and `helm upgrade` (helm-python-sdk) of a release.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from kubernetes.dynamic import DynamicClient
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).resolve().parent
-CHART_CRDS = HERE.parents[1] / "charts" / "moeplace" / "crds"
+CHART = HERE.parents[1] / "charts" / "moeplace"
+CHART_CRDS = CHART / "crds"
 MONITORING_CRDS = HERE / "fixtures" / "monitoring-crds.yaml"
 FIELD_MANAGER = "moeplace-chart-test"
 Manifest = dict[str, Any]
@@ -214,3 +215,23 @@ def test_rbac_rules_name_only_namespaced_resources(dynamic: DynamicClient, rende
         assert all(r.namespaced for r in found), f"{resource}.{group} is cluster-scoped"
         checked += 1
     assert checked >= 5
+
+
+def test_helm_install_then_upgrade_keeps_the_agent_token(
+    helm: Any, control_plane: Any, admin: client.ApiClient, dynamic: DynamicClient
+) -> None:
+    """A real release (helm-python-sdk's install and upgrade, not a dry run): the generated agent token
+    survives the upgrade (the template's lookup), and the upgrade reaches the Deployment."""
+    namespace, release = "moeplace-release", "real"
+    values = {"monitoring": {"enabled": True, "agents": {"podMonitor": True}}}
+    core, apps = client.CoreV1Api(admin), client.AppsV1Api(admin)
+    with helm.Config(kubeconfig_path=str(control_plane.kubeconfig), namespace=namespace) as helm_config:
+        helm_config.install(
+            str(CHART), release, values, namespace=namespace, create_namespace=True, timeout=60
+        )
+        token = core.read_namespaced_secret("real-moeplace-agent-token", namespace).data["token"]
+        upgraded = {**values, "operator": {"logLevel": "debug"}}
+        helm_config.upgrade(str(CHART), release, upgraded, namespace=namespace, timeout=60)
+    assert core.read_namespaced_secret("real-moeplace-agent-token", namespace).data["token"] == token
+    container = apps.read_namespaced_deployment("real-moeplace", namespace).spec.template.spec.containers[0]
+    assert "--log-level=debug" in container.args
