@@ -30,6 +30,7 @@ import numpy as np
 from moe_placement.models import Phase, PlacementError, RoutingBatch, SparsePairs, WorkloadProfile
 
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
+# Model names of the OLMoE/Mixtral counts file -> the prefix of its keys.
 OLMOE_MODELS = {"olmoe": "olmoe", "mistral": "mistral", "mixtral": "mistral"}
 
 
@@ -57,8 +58,8 @@ class Trace:
         num_layers, num_tokens, top_k = expert_ids.shape
         if num_layers == 0 or num_tokens == 0 or top_k == 0:
             raise PlacementError(f"expert_ids: empty trace, shape {expert_ids.shape}")
-        if int(self.num_experts) <= 0:
-            raise PlacementError(f"num_experts: {self.num_experts} must be > 0")
+        if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts <= 0:
+            raise PlacementError(f"num_experts: {self.num_experts!r} must be an integer > 0")
         if top_k > self.num_experts:
             raise PlacementError(f"expert_ids: top_k {top_k} exceeds num_experts {self.num_experts}")
         if expert_ids.min() < 0 or expert_ids.max() >= self.num_experts:
@@ -76,9 +77,7 @@ class Trace:
             raise PlacementError("seq_offsets: not strictly increasing (every sequence needs a token)")
         domains = tuple(str(domain) for domain in self.domains)
         if len(domains) != len(offsets) - 1:
-            raise PlacementError(
-                f"domains: {len(domains)} names for {len(offsets) - 1} sequences"
-            )
+            raise PlacementError(f"domains: {len(domains)} names for {len(offsets) - 1} sequences")
         if self.phase not in PHASES:
             raise PlacementError(f"phase: {self.phase!r} is not prefill or decode")
         expert_ids.setflags(write=False)
@@ -451,10 +450,11 @@ def load_trace(path: str | Path, task: str | None = None) -> Trace:
 def load_profile(path: str | Path, task: str | None = None, model: str | None = None) -> WorkloadProfile:
     """The workload profile of any trace file.
 
-    Per-token files: ``load_trace(path, task).profile()``. Native profile npz: as ``save_profile``
-    wrote it (``task`` keeps one domain's load). OLMoE/Mixtral counts: ``model`` is ``olmoe`` or
-    ``mistral`` (alias ``mixtral``); ``task`` keeps one domain, else the five are summed and kept as
-    domain loads. Its profile layers 0, 1, 2 are the file's layers 0, 7, 15, and its transitions are
+    ``model`` picks the model of files that hold several (OLMoE/Mixtral counts: a name starting
+    with ``olmoe``, ``mistral`` or ``mixtral``, so a preset name such as ``mixtral-8x7b`` does); other
+    files ignore it. Per-token files: ``load_trace(path, task).profile()``. Native profile npz: as
+    ``save_profile`` wrote it (``task`` keeps one domain's load). OLMoE/Mixtral counts: ``task``
+    keeps one domain, else the five are summed and kept as domain loads. Its profile layers 0, 1, 2 are the file's layers 0, 7, 15, and its transitions are
     the file's joint counts between them (0 -> 7, 7 -> 15): those pair each of a token's k choices
     with one choice at the other layer (a layer pair sums to T*k, where ``Trace.profile``'s k x k
     pairs sum to T*k*k). Qwen3 heat JSON: load from ``layers[i].heat``, co-activation from
@@ -463,8 +463,6 @@ def load_profile(path: str | Path, task: str | None = None, model: str | None = 
     """
     path = Path(path)
     kind, content = _read(path)
-    if model is not None and kind != "olmoe":
-        raise PlacementError(f"model: only applies to OLMoE/Mixtral counts files, not {path}")
     if kind == "olmoe":
         return _olmoe_profile(path, content, task, model)
     if kind == "profile":
@@ -690,12 +688,13 @@ def _domain_index(path: Path, names: list[str], task: str) -> int:
 def _olmoe_profile(
     path: Path, arrays: dict[str, np.ndarray], task: str | None, model: str | None
 ) -> WorkloadProfile:
-    if model is None or model.lower() not in OLMOE_MODELS:
+    prefixes = [prefix for alias, prefix in OLMOE_MODELS.items() if (model or "").lower().startswith(alias)]
+    if not prefixes:
         raise PlacementError(
             f"model: {path} holds OLMoE and Mixtral counts; pass model='olmoe' or 'mistral' "
             f"(alias 'mixtral'), got {model!r}"
         )
-    prefix = OLMOE_MODELS[model.lower()]
+    prefix = prefixes[0]
     counts = _required(path, arrays, f"{prefix}_expert_counts").astype(np.float64)
     first_counts = _required(path, arrays, f"{prefix}_expert_counts_top1")
     joint = _required(path, arrays, f"{prefix}_expert_counts_crosslayer").astype(np.float64)

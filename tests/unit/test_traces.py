@@ -101,7 +101,9 @@ def test_flame_sequences_every_64_tokens() -> None:
 
 
 @needs_traces
-@pytest.mark.parametrize("model, experts, top_k", [("olmoe", 64, 8), ("mistral", 8, 2), ("mixtral", 8, 2)])
+@pytest.mark.parametrize(
+    "model, experts, top_k", [("olmoe", 64, 8), ("mistral", 8, 2), ("mixtral", 8, 2), ("mixtral-8x7b", 8, 2)]
+)
 def test_olmoe_mixtral_counts(model: str, experts: int, top_k: int) -> None:
     profile = load_profile(OLMOE, model=model)
     assert profile.load.shape == (3, experts) and profile.top_k == top_k
@@ -124,8 +126,9 @@ def test_olmoe_needs_a_known_model_and_task() -> None:
         load_profile(OLMOE, model="llama")
     with pytest.raises(PlacementError, match="^task: unknown domain 'law'.*arxiv"):
         load_profile(OLMOE, task="law", model="olmoe")
-    with pytest.raises(PlacementError, match="^model: only applies"):
-        load_profile(ESFT, model="olmoe")
+    with pytest.raises(PlacementError, match="^model: .*got 'deepseek-v2-lite'"):
+        load_profile(OLMOE, model="deepseek-v2-lite")
+    assert load_profile(QWEN, model="qwen3-30b-a3b").top_k == 8  # single-model files ignore it
 
 
 @needs_traces
