@@ -48,6 +48,9 @@ def controller() -> Controller:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
+    # No cluster-wide watch of CRDs and namespaces: deploy/rbac.yaml does not grant it. The CRD must
+    # exist before the operator starts (the chart installs crds/ first).
+    settings.scanning.disabled = True
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
