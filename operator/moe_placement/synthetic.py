@@ -6,16 +6,16 @@ The generator draws, for every layer, a log-popularity of the experts per sequen
                   + affinity * personal[l, s]
 
 with base, own, personal independent standard normal vectors over the E experts. Each token of
-sequence s picks its k experts by an exponential race (Gumbel top-k) on exp(logit[l, s]), so its first
-choice is the race's winner. With probability ``layer_follow`` a token's first choice at l+1 is
-instead the fixed successor of its first choice at l (the expert of the same popularity rank at l+1),
-which gives MoETuner's inter-layer predictability without changing the popularity ranks. A decode
-trace mixes the prefill logits with an independent draw of the same structure,
+sequence s picks its k experts by an exponential race (Gumbel top-k) on exp(logit[l, s]), so its
+first choice is the race's winner. With probability ``layer_follow`` a token's first choice at l+1
+is instead the fixed successor of its first choice at l (the expert of the same popularity rank at
+l+1), which gives MoETuner's inter-layer predictability without changing the popularity ranks.
+A decode trace mixes the prefill logits with an independent draw of the same structure,
 sqrt(c) * prefill + sqrt(1 - c) * fresh, so that prefill activations predict decode ones
 (Spearman 0.70-0.92 in the literature).
 
-``measure`` gives the figures these knobs control; ``SYNTHETIC_PRESETS`` hold per-model defaults tuned
-so that the synthetic figures land near those measured on ../shared/traces (docs/traces.md).
+``measure`` gives the figures these knobs control; ``SYNTHETIC_PRESETS`` hold per-model defaults
+tuned so that the synthetic figures land near those measured on ../shared/traces (docs/traces.md).
 
 Shapes: L layers, T tokens, k experts per token, E experts, S sequences, D domains.
 """
@@ -32,7 +32,8 @@ from moe_placement.traces import Trace, expert_load
 # Independent random streams of one seed: the prefill popularity, the decode phase's fresh part,
 # the domains of the sequences, and the tokens of each phase.
 _POPULARITY, _DECODE_POPULARITY, _DOMAINS, _TOKENS = 0, 1, 2, 3
-# Tokens of the batches whose activated experts measure() counts (decode32_active, prefill32_active).
+# Tokens of the batches whose activated experts measure() counts (decode32_active and
+# prefill32_active).
 BATCH_TOKENS = 32
 
 
@@ -78,11 +79,13 @@ class SyntheticConfig:
         skew = np.atleast_1d(np.asarray(self.popularity_skew, dtype=np.float64))
         if skew.ndim != 1 or len(skew) not in (1, self.num_layers) or np.any(skew < 0):
             raise PlacementError(
-                f"popularity_skew: one value >= 0 or {self.num_layers} (one per layer), got {skew.tolist()}"
+                f"popularity_skew: one value >= 0 or {self.num_layers} (one per layer), "
+                f"got {skew.tolist()}"
             )
         if not self.domains or len(self.domains) != len(self.domain_weights):
             raise PlacementError(
-                f"domain_weights: {len(self.domain_weights)} weights for {len(self.domains)} domains"
+                f"domain_weights: {len(self.domain_weights)} weights for "
+                f"{len(self.domains)} domains"
             )
         if len(set(self.domains)) != len(self.domains):
             raise PlacementError(f"domains: names repeat in {self.domains}")
@@ -123,7 +126,9 @@ def shifted(config: SyntheticConfig, before: str, after: str, seed: int = 0) -> 
     score on ``windows(2)[1]`` to see how a placement fares when the traffic changes domain."""
     for name in (before, after):
         if name not in config.domains:
-            raise PlacementError(f"domains: unknown domain {name!r}; known: {', '.join(config.domains)}")
+            raise PlacementError(
+                f"domains: unknown domain {name!r}; known: {', '.join(config.domains)}"
+            )
     first = config.num_sequences // 2
     domain_of_sequence = np.where(
         np.arange(config.num_sequences) < first,
@@ -141,17 +146,23 @@ def _domain_counts(weights: tuple[float, ...], total: int) -> np.ndarray:
     return counts
 
 
-def _sequence_logits(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray) -> np.ndarray:
-    """Log-popularity of the experts for every layer and sequence, [L, S, E], of the config's phase."""
+def _sequence_logits(
+    config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
+) -> np.ndarray:
+    """Log-popularity of the experts per layer and sequence, [L, S, E], of the config's phase."""
     logits = _draw_logits(config, np.random.default_rng([seed, _POPULARITY]), domain_of_sequence)
     if config.phase == "decode":
-        fresh = _draw_logits(config, np.random.default_rng([seed, _DECODE_POPULARITY]), domain_of_sequence)
+        fresh = _draw_logits(
+            config, np.random.default_rng([seed, _DECODE_POPULARITY]), domain_of_sequence
+        )
         similarity = config.decode_similarity
         logits = np.sqrt(similarity) * logits + np.sqrt(1.0 - similarity) * fresh
     return logits
 
 
-def _draw_logits(config: SyntheticConfig, rng: np.random.Generator, domain_of_sequence: np.ndarray) -> np.ndarray:
+def _draw_logits(
+    config: SyntheticConfig, rng: np.random.Generator, domain_of_sequence: np.ndarray
+) -> np.ndarray:
     """skew * (shared + domain's own part) + the sequence's own part, [L, S, E]."""
     shape = (config.num_layers, config.num_experts)
     base = rng.standard_normal(shape)
@@ -188,7 +199,9 @@ def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
     for layer in range(config.num_layers):
         # Exponential race: the k smallest Exp(1) / weight are a Plackett-Luce (Gumbel top-k) draw;
         # -log(1 - uniform) is the cheapest finite Exp(1) numpy has.
-        weights = np.exp(logits[layer] - logits[layer].max(axis=1, keepdims=True)).astype(np.float32)
+        weights = np.exp(logits[layer] - logits[layer].max(axis=1, keepdims=True)).astype(
+            np.float32
+        )
         keys = rng.random((num_sequences, length, config.num_experts), dtype=np.float32)
         np.log1p(np.negative(keys, out=keys), out=keys)
         keys /= -weights[:, None, :]
@@ -224,7 +237,9 @@ def measure(trace: Trace) -> dict[str, float]:
         decode32_active).
     """
     loads = WorkloadProfile(
-        load=expert_load(trace.expert_ids, trace.num_experts), top_k=trace.top_k, domain_loads=trace.domain_loads()
+        load=expert_load(trace.expert_ids, trace.num_experts),
+        top_k=trace.top_k,
+        domain_loads=trace.domain_loads(),
     )
     figures = measure_profile(loads)
     figures["top1_follow"] = _top1_follow(trace.expert_ids[:, :, 0], trace.num_experts)
@@ -249,7 +264,9 @@ def measure_profile(profile: WorkloadProfile) -> dict[str, float]:
     return {
         "load_max_over_mean": float(np.mean(load.max(axis=1) / load.mean(axis=1))),
         "load_gini": float(np.mean(gini(load))),
-        "top10_share": float(np.mean(np.sort(load, axis=1)[:, -top:].sum(axis=1) / load.sum(axis=1))),
+        "top10_share": float(
+            np.mean(np.sort(load, axis=1)[:, -top:].sum(axis=1) / load.sum(axis=1))
+        ),
         "domain_cosine": _domain_cosine(list(profile.domain_loads.values())),
         "decode32_active": float(np.mean(1.0 - (1.0 - token_share) ** BATCH_TOKENS)),
     }
@@ -316,7 +333,9 @@ def _domain_cosine(loads: list[np.ndarray]) -> float:
         return float("nan")
     unit = [load / np.linalg.norm(load, axis=1, keepdims=True) for load in loads]
     pairs = [
-        (unit[i] * unit[j]).sum(axis=1).mean() for i in range(len(unit)) for j in range(i + 1, len(unit))
+        (unit[i] * unit[j]).sum(axis=1).mean()
+        for i in range(len(unit))
+        for j in range(i + 1, len(unit))
     ]
     return float(np.mean(pairs))
 
@@ -337,33 +356,46 @@ SYNTHETIC_PRESETS: dict[str, SyntheticConfig] = {
     "deepseek-v3": SyntheticConfig(
         # No DeepSeek-V3 trace: ESFT's figures (the same family's router) at V3's shape, over the
         # four domains of the multi-node study.
-        name="deepseek-v3", num_layers=58, num_experts=256, top_k=8,
+        name="deepseek-v3",
+        num_layers=58,
+        num_experts=256,
+        top_k=8,
         popularity_skew=0.767,  # ESFT: load Gini 0.275; synthetic 0.276
-        domains=("code", "math", "chat", "general"), domain_weights=(1.0, 1.0, 1.0, 1.0),
+        domains=("code", "math", "chat", "general"),
+        domain_weights=(1.0, 1.0, 1.0, 1.0),
         domain_drift=0.773,  # ESFT: domain cosine 0.680; synthetic 0.680
         sequence_affinity=0.57,  # ESFT-calibrated (deepseek-v2-lite)
         layer_follow=0.412,  # ESFT: top-1 follow 0.415; synthetic 0.415
         decode_similarity=0.71,
     ),
     "mixtral-8x7b": SyntheticConfig(
-        name="mixtral-8x7b", num_layers=32, num_experts=8, top_k=2,
+        name="mixtral-8x7b",
+        num_layers=32,
+        num_experts=8,
+        top_k=2,
         popularity_skew=0.111,  # Mixtral counts (layers 0, 7, 15): load Gini 0.049; synthetic 0.053
-        domains=("arxiv", "book", "c4", "github", "wikipedia"), domain_weights=(1.0,) * 5,
+        domains=("arxiv", "book", "c4", "github", "wikipedia"),
+        domain_weights=(1.0,) * 5,
         domain_drift=0.0,  # Mixtral counts: domain cosine 0.992; synthetic 0.992
         sequence_affinity=0.57,  # ESFT-calibrated (the counts have no sequences)
-        # Mixtral counts: top-1 follow 0.212 over layers 0 -> 7 and 7 -> 15 (the file has no adjacent
-        # pair, so adjacent layers likely follow more); synthetic 0.213
+        # Mixtral counts: top-1 follow 0.212 over layers 0 -> 7 and 7 -> 15 (the file has no
+        # adjacent pair, so adjacent layers likely follow more); synthetic 0.213
         layer_follow=0.10,
         decode_similarity=0.71,
     ),
     "qwen3-30b-a3b": SyntheticConfig(
-        name="qwen3-30b-a3b", num_layers=48, num_experts=128, top_k=8,
+        name="qwen3-30b-a3b",
+        num_layers=48,
+        num_experts=128,
+        top_k=8,
         # Qwen3-30B-A3B decode heat: load Gini 0.556, max/mean 5.63, 32-token decode batch activates
         # 0.620; synthetic (decode) 0.547, 7.35, 0.644. A log-normal popularity cannot meet the Gini
         # and max/mean at once: Qwen3's hottest experts are less hot than its spread implies.
         popularity_skew=1.518,
-        domains=("code", "math", "chat", "general"), domain_weights=(1.0, 1.0, 1.0, 1.0),
-        # No domain figure for Qwen3: cosine 0.60, between ESFT's 0.680 and OLMoE's 0.571; synthetic 0.600
+        domains=("code", "math", "chat", "general"),
+        domain_weights=(1.0, 1.0, 1.0, 1.0),
+        # No domain figure for Qwen3: cosine 0.60, between ESFT's 0.680 and OLMoE's 0.571;
+        # synthetic 0.600
         domain_drift=0.471,
         sequence_affinity=0.57,  # ESFT-calibrated
         layer_follow=0.396,  # no per-token Qwen3 trace: ESFT's top-1 follow 0.415; synthetic 0.413

@@ -1,17 +1,18 @@
 """Routing traces: per-token expert choices, the files they come in, windows and batches of them.
 
-A trace is what the routers of a MoE model chose for every token at every layer. From it come the
-workload profile the placement policies fit on (``Trace.profile``) and the batches the cost model scores
-on (``sample_batches``). Files that hold counts only become a ``WorkloadProfile`` (``load_profile``),
-and ``sample_tokens`` turns one back into tokens that keep its per-layer loads.
+A trace is what the routers of a MoE model chose for every token at every layer. From it come
+the workload profile the placement policies fit on (``Trace.profile``) and the batches the cost
+model scores on (``sample_batches``). Files that hold counts only become a ``WorkloadProfile``
+(``load_profile``), and ``sample_tokens`` turns one back into tokens that keep its per-layer loads.
 
-File kinds (detected by their keys, never by their names; see docs/traces.md):
-    native trace npz      expert_ids [L, T, k], num_experts, optional seq_offsets, domains, phase, name
-    native profile npz    load [L, E], top_k, optional phase, batch_size, pairs, domain loads
-    ESFT npz              <task>_expert_ids [L, T, k], <task>_gate_weights, <task>_seq_offsets
-    FLAME-MoE npz         expert_ids [L, S, P, k], router_scores, token_ids
-    OLMoE/Mixtral npz     <model>_expert_counts [D, 3, E], <model>_expert_counts_crosslayer [D, 2, E, E]
-    Qwen3 heat JSON       k, layers[i].heat [E], layers[i].pairs [[i, j, count, lift], ...]
+File kinds (detected by their content, never by their names; see docs/traces.md):
+    native trace npz     expert_ids [L, T, k], num_experts; optional seq_offsets, domains, phase
+    native profile npz   load [L, E], top_k; optional phase, batch_size, pairs, domain loads
+    ESFT npz             <task>_expert_ids [L, T, k], <task>_gate_weights, <task>_seq_offsets
+    FLAME-MoE npz        expert_ids [L, S, P, k], router_scores, token_ids
+    OLMoE/Mixtral npz    <model>_expert_counts [D, 3, E], <model>_expert_counts_crosslayer
+                         [D, 2, E, E]
+    Qwen3 heat JSON      k, layers[i].heat [E], layers[i].pairs [[i, j, count, lift], ...]
 
 Shapes: L layers, T tokens, k experts per token, E experts, S sequences, D domains, G GPUs,
 B tokens per batch.
@@ -61,7 +62,9 @@ class Trace:
         if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts <= 0:
             raise PlacementError(f"num_experts: {self.num_experts!r} must be an integer > 0")
         if top_k > self.num_experts:
-            raise PlacementError(f"expert_ids: top_k {top_k} exceeds num_experts {self.num_experts}")
+            raise PlacementError(
+                f"expert_ids: top_k {top_k} exceeds num_experts {self.num_experts}"
+            )
         if expert_ids.min() < 0 or expert_ids.max() >= self.num_experts:
             raise PlacementError(
                 f"expert_ids: ids must be in 0..{self.num_experts - 1}, "
@@ -74,7 +77,9 @@ class Trace:
                 f"got {len(offsets)} offsets"
             )
         if np.any(np.diff(offsets) <= 0):
-            raise PlacementError("seq_offsets: not strictly increasing (every sequence needs a token)")
+            raise PlacementError(
+                "seq_offsets: not strictly increasing (every sequence needs a token)"
+            )
         domains = tuple(str(domain) for domain in self.domains)
         if len(domains) != len(offsets) - 1:
             raise PlacementError(f"domains: {len(domains)} names for {len(offsets) - 1} sequences")
@@ -144,7 +149,9 @@ class Trace:
                 f"task: unknown domain {domain!r} in trace {self.name!r}; "
                 f"known: {', '.join(repr(name) for name in self.domain_names)}"
             )
-        return self.select_sequences(np.array(indices), f"{self.name}:{domain}" if self.name else domain)
+        return self.select_sequences(
+            np.array(indices), f"{self.name}:{domain}" if self.name else domain
+        )
 
     def split(self, fraction: float = 0.5) -> tuple[Trace, Trace]:
         """Two traces by whole sequences: the first ``fraction`` of each domain's sequences, in
@@ -178,7 +185,9 @@ class Trace:
         # Nudge the cuts apart so that every window keeps at least one sequence.
         bounds = [0]
         for window, cut in enumerate(cuts, start=1):
-            bounds.append(min(max(int(cut), bounds[-1] + 1), self.num_sequences - num_windows + window))
+            bounds.append(
+                min(max(int(cut), bounds[-1] + 1), self.num_sequences - num_windows + window)
+            )
         bounds.append(self.num_sequences)
         return [
             self.select_sequences(np.arange(start, stop))
@@ -229,7 +238,9 @@ def expert_load(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
     return counts.reshape(num_layers, num_experts).astype(np.float64)
 
 
-def transition_pairs(expert_ids: np.ndarray, num_experts: int, max_pairs_per_layer: int) -> SparsePairs:
+def transition_pairs(
+    expert_ids: np.ndarray, num_experts: int, max_pairs_per_layer: int
+) -> SparsePairs:
     """Tokens choosing expert i at layer l and j at l+1, all k x k pairs, of ids [L, T, k]."""
     per_layer = [
         (expert_ids[layer][:, :, None] * num_experts + expert_ids[layer + 1][:, None, :]).ravel()
@@ -238,7 +249,9 @@ def transition_pairs(expert_ids: np.ndarray, num_experts: int, max_pairs_per_lay
     return _top_pairs(per_layer, num_experts, max_pairs_per_layer)
 
 
-def coactivation_pairs(expert_ids: np.ndarray, num_experts: int, max_pairs_per_layer: int) -> SparsePairs:
+def coactivation_pairs(
+    expert_ids: np.ndarray, num_experts: int, max_pairs_per_layer: int
+) -> SparsePairs:
     """Tokens choosing both experts i < j at one layer, of ids [L, T, k]."""
     first, second = np.triu_indices(expert_ids.shape[2], k=1)
     per_layer = []
@@ -263,7 +276,9 @@ def _top_pairs(per_layer_codes: list[np.ndarray], num_experts: int, keep: int) -
     if not codes:
         return SparsePairs.empty()
     code = np.concatenate(codes)
-    return SparsePairs(np.concatenate(layers), code // num_experts, code % num_experts, np.concatenate(counts))
+    return SparsePairs(
+        np.concatenate(layers), code // num_experts, code % num_experts, np.concatenate(counts)
+    )
 
 
 def concatenate(traces: Sequence[Trace]) -> Trace:
@@ -307,15 +322,19 @@ def sample_batches(
     """Forward steps of B = num_gpus * tokens_per_gpu tokens each, expert_ids [L, B, k].
 
     prefill: the trace read as one stream of whole sequences from a random sequence on, wrapping
-        around; batch b holds stream tokens b*B .. (b+1)*B-1 (a sequence cut at a batch's end goes on
-        in the next, as chunked prefill does). Each sequence of a batch runs on one GPU, its attention
-        DP rank, round robin in order of appearance.
+        around; batch b holds stream tokens b*B .. (b+1)*B-1 (a sequence cut at a batch's end goes
+        on in the next, as chunked prefill does). Each sequence of a batch runs on one GPU, its
+        attention DP rank, round robin in order of appearance.
     decode: a decode step sees one token of each of many sequences: B tokens from distinct random
         positions, each on GPU (its sequence index) % num_gpus.
     A trace of fewer than B tokens is sampled with replacement: the prefill stream wraps within a
     batch and decode positions repeat.
     """
-    for name, value in (("num_gpus", num_gpus), ("tokens_per_gpu", tokens_per_gpu), ("num_batches", num_batches)):
+    for name, value in (
+        ("num_gpus", num_gpus),
+        ("tokens_per_gpu", tokens_per_gpu),
+        ("num_batches", num_batches),
+    ):
         if value <= 0:
             raise PlacementError(f"{name}: {value} must be > 0")
     if phase not in PHASES:
@@ -329,14 +348,18 @@ def sample_batches(
             positions = (start + batch * batch_tokens + np.arange(batch_tokens)) % trace.num_tokens
             # A new run starts where the sequence changes or the stream wraps onto the same one.
             new_run = np.ones(batch_tokens, dtype=bool)
-            new_run[1:] = (sequence[positions[1:]] != sequence[positions[:-1]]) | (positions[1:] == 0)
+            new_run[1:] = (sequence[positions[1:]] != sequence[positions[:-1]]) | (
+                positions[1:] == 0
+            )
             source_gpu = (np.cumsum(new_run) - 1) % num_gpus
             batches.append(RoutingBatch(trace.expert_ids[:, positions], source_gpu))
     else:
         replace = trace.num_tokens < batch_tokens
         for _ in range(num_batches):
             positions = rng.choice(trace.num_tokens, batch_tokens, replace=replace)
-            batches.append(RoutingBatch(trace.expert_ids[:, positions], sequence[positions] % num_gpus))
+            batches.append(
+                RoutingBatch(trace.expert_ids[:, positions], sequence[positions] % num_gpus)
+            )
     return batches
 
 
@@ -363,7 +386,9 @@ def sample_tokens(
     weights = np.array([domain_loads[name][0].sum() for name in names])
     counts = _proportional_counts(weights, num_tokens)
     parts = [
-        _systematic_sample(np.asarray(domain_loads[name], np.float64), profile.top_k, int(count), rng)
+        _systematic_sample(
+            np.asarray(domain_loads[name], np.float64), profile.top_k, int(count), rng
+        )
         for name, count in zip(names, counts)
         if count
     ]
@@ -404,7 +429,9 @@ def _inclusion_probabilities(load: np.ndarray, top_k: int) -> np.ndarray:
         capped |= over
 
 
-def _systematic_sample(load: np.ndarray, top_k: int, num_tokens: int, rng: np.random.Generator) -> np.ndarray:
+def _systematic_sample(
+    load: np.ndarray, top_k: int, num_tokens: int, rng: np.random.Generator
+) -> np.ndarray:
     """k distinct experts per token, [L, T, k], with inclusion probabilities from load [L, E]."""
     num_orders = 64
     num_layers, num_experts = load.shape
@@ -412,8 +439,10 @@ def _systematic_sample(load: np.ndarray, top_k: int, num_tokens: int, rng: np.ra
     for layer in range(num_layers):
         probability = _inclusion_probabilities(load[layer], top_k)
         orders = np.argsort(rng.random((num_orders, num_experts)), axis=1)
-        # Order r's cumulative probabilities run from r*k to (r+1)*k, so one sorted array serves all.
-        edges = (np.cumsum(probability[orders], axis=1) + top_k * np.arange(num_orders)[:, None]).ravel()
+        # Order r's cumulative probabilities run from r*k to (r+1)*k: one sorted array serves all.
+        edges = (
+            np.cumsum(probability[orders], axis=1) + top_k * np.arange(num_orders)[:, None]
+        ).ravel()
         # Integer part: the token's order; fraction: its systematic start. Sorted, because
         # searchsorted is several times faster on sorted needles; a permutation undoes the sort.
         position = np.sort(rng.random(num_tokens) * num_orders)
@@ -443,23 +472,27 @@ def load_trace(path: str | Path, task: str | None = None) -> Trace:
     kind, content = _read(path)
     if kind in ("profile", "olmoe", "qwen-heat"):
         raise PlacementError(f"{path}: holds counts only, use load_profile")
-    trace = {"trace": _native_trace, "esft": _esft_trace, "flame": _flame_trace}[kind](path, content)
+    trace = {"trace": _native_trace, "esft": _esft_trace, "flame": _flame_trace}[kind](
+        path, content
+    )
     return trace.select_domain(task) if task is not None else trace
 
 
-def load_profile(path: str | Path, task: str | None = None, model: str | None = None) -> WorkloadProfile:
+def load_profile(
+    path: str | Path, task: str | None = None, model: str | None = None
+) -> WorkloadProfile:
     """The workload profile of any trace file.
 
     ``model`` picks the model of files that hold several (OLMoE/Mixtral counts: a name starting
-    with ``olmoe``, ``mistral`` or ``mixtral``, so a preset name such as ``mixtral-8x7b`` does); other
+    with ``olmoe``, ``mistral`` or ``mixtral``, so a preset name like ``mixtral-8x7b`` does); other
     files ignore it. Per-token files: ``load_trace(path, task).profile()``. Native profile npz: as
     ``save_profile`` wrote it (``task`` keeps one domain's load). OLMoE/Mixtral counts: ``task``
-    keeps one domain, else the five are summed and kept as domain loads. Its profile layers 0, 1, 2 are the file's layers 0, 7, 15, and its transitions are
-    the file's joint counts between them (0 -> 7, 7 -> 15): those pair each of a token's k choices
-    with one choice at the other layer (a layer pair sums to T*k, where ``Trace.profile``'s k x k
-    pairs sum to T*k*k). Qwen3 heat JSON: load from ``layers[i].heat``, co-activation from
-    ``layers[i].pairs`` (the file keeps pairs with count >= 5 and lift >= 1.5, at most 2000 a
-    layer), phase decode, k from ``k``.
+    keeps one domain, else the five are summed and kept as domain loads. Its profile layers 0, 1, 2
+    are the file's layers 0, 7, 15, and its transitions are the file's joint counts between them
+    (0 -> 7, 7 -> 15): those pair each of a token's k choices with one choice at the other layer (a
+    layer pair sums to T*k, where ``Trace.profile``'s k x k pairs sum to T*k*k). Qwen3 heat JSON:
+    load from ``layers[i].heat``, co-activation from ``layers[i].pairs`` (the file keeps pairs with
+    count >= 5 and lift >= 1.5, at most 2000 a layer), phase decode, k from ``k``.
     """
     path = Path(path)
     kind, content = _read(path)
@@ -495,7 +528,10 @@ def save_profile(profile: WorkloadProfile, path: str | Path) -> None:
         "phase": np.array(profile.phase),
         "batch_size": np.int64(profile.batch_size),
     }
-    for kind, pairs in (("transitions", profile.transitions), ("coactivation", profile.coactivation)):
+    for kind, pairs in (
+        ("transitions", profile.transitions),
+        ("coactivation", profile.coactivation),
+    ):
         if pairs is not None:
             for part in ("layer", "first", "second", "count"):
                 arrays[f"{kind}_{part}"] = np.asarray(getattr(pairs, part))
@@ -549,7 +585,9 @@ def _required(path: Path, arrays: dict[str, np.ndarray], key: str) -> np.ndarray
 def _scalar(path: Path, arrays: dict[str, np.ndarray], key: str) -> int:
     value = _required(path, arrays, key)
     if value.ndim != 0 or value.dtype.kind not in "iu":
-        raise PlacementError(f"{path}: {key} must be an integer scalar, got {value.dtype} {value.shape}")
+        raise PlacementError(
+            f"{path}: {key} must be an integer scalar, got {value.dtype} {value.shape}"
+        )
     return int(value)
 
 
@@ -574,11 +612,12 @@ def _native_trace(path: Path, arrays: dict[str, np.ndarray]) -> Trace:
 
 
 def _esft_tasks(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Tasks of an ESFT file: prefixes having both ``<task>_expert_ids`` and ``<task>_seq_offsets``."""
+    """Tasks of an ESFT file: prefixes with both ``<task>_expert_ids`` and ``_seq_offsets``."""
     return [
         key.removesuffix("_expert_ids")
         for key in arrays
-        if key.endswith("_expert_ids") and key.removesuffix("_expert_ids") + "_seq_offsets" in arrays
+        if key.endswith("_expert_ids")
+        and key.removesuffix("_expert_ids") + "_seq_offsets" in arrays
     ]
 
 
@@ -592,7 +631,8 @@ def _esft_trace(path: Path, arrays: dict[str, np.ndarray]) -> Trace:
         weights = _required(path, arrays, f"{task}_gate_weights")
         if weights.shape != expert_ids.shape:
             raise PlacementError(
-                f"{path}: {task}_gate_weights shape {weights.shape} != {task}_expert_ids {expert_ids.shape}"
+                f"{path}: {task}_gate_weights shape {weights.shape} != "
+                f"{task}_expert_ids {expert_ids.shape}"
             )
         offsets = arrays[f"{task}_seq_offsets"]
         traces.append(
@@ -620,7 +660,9 @@ def _flame_trace(path: Path, arrays: dict[str, np.ndarray]) -> Trace:
     num_layers, num_sequences, positions, top_k = expert_ids.shape
     return _trace_of_file(
         path,
-        expert_ids=_by_score(expert_ids, scores).reshape(num_layers, num_sequences * positions, top_k),
+        expert_ids=_by_score(expert_ids, scores).reshape(
+            num_layers, num_sequences * positions, top_k
+        ),
         num_experts=_scalar(path, arrays, "num_experts"),
         seq_offsets=np.arange(num_sequences + 1) * positions,
         domains=("",) * num_sequences,
@@ -674,21 +716,27 @@ def _pairs_of_file(path: Path, arrays: dict[str, np.ndarray], kind: str) -> Spar
         return None
     layer, first, second, count = (_required(path, arrays, part) for part in parts)
     try:
-        return SparsePairs(layer.astype(np.int64), first.astype(np.int64), second.astype(np.int64), count)
+        return SparsePairs(
+            layer.astype(np.int64), first.astype(np.int64), second.astype(np.int64), count
+        )
     except PlacementError as error:
         raise PlacementError(f"{path}: {kind}: {error}") from None
 
 
 def _domain_index(path: Path, names: list[str], task: str) -> int:
     if task not in names:
-        raise PlacementError(f"task: unknown domain {task!r} in {path}; known: {', '.join(names) or 'none'}")
+        raise PlacementError(
+            f"task: unknown domain {task!r} in {path}; known: {', '.join(names) or 'none'}"
+        )
     return names.index(task)
 
 
 def _olmoe_profile(
     path: Path, arrays: dict[str, np.ndarray], task: str | None, model: str | None
 ) -> WorkloadProfile:
-    prefixes = [prefix for alias, prefix in OLMOE_MODELS.items() if (model or "").lower().startswith(alias)]
+    prefixes = [
+        prefix for alias, prefix in OLMOE_MODELS.items() if (model or "").lower().startswith(alias)
+    ]
     if not prefixes:
         raise PlacementError(
             f"model: {path} holds OLMoE and Mixtral counts; pass model='olmoe' or 'mistral' "
@@ -701,7 +749,8 @@ def _olmoe_profile(
     names = [str(name) for name in _required(path, arrays, "domains")]
     if counts.ndim != 3 or len(counts) != len(names) or counts.shape[1] != 3:
         raise PlacementError(
-            f"{path}: {prefix}_expert_counts shape {counts.shape} is not [{len(names)} domains, 3, E]"
+            f"{path}: {prefix}_expert_counts shape {counts.shape} is not "
+            f"[{len(names)} domains, 3, E]"
         )
     if joint.shape != (len(names), 2, counts.shape[2], counts.shape[2]):
         raise PlacementError(
@@ -732,7 +781,9 @@ def _qwen_heat_profile(path: Path, document: dict) -> WorkloadProfile:
     try:
         load = np.array([layer["heat"] for layer in layers], dtype=np.float64)
         rows = [
-            (index, *pair[:3]) for index, layer in enumerate(layers) for pair in layer.get("pairs", [])
+            (index, *pair[:3])
+            for index, layer in enumerate(layers)
+            for pair in layer.get("pairs", [])
         ]
         top_k = int(document["k"])
     except KeyError as error:
@@ -763,4 +814,3 @@ def _integer_array(name: str, value: object, ndim: int) -> np.ndarray:
     if array.ndim != ndim:
         raise PlacementError(f"{name}: expected {ndim} dimensions, got shape {array.shape}")
     return array.astype(np.int64, copy=True)
-

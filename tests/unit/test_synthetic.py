@@ -29,8 +29,14 @@ SMALL = {"num_sequences": 8, "tokens_per_sequence": 32}
 # FLAME-MoE-290M's shape and trace size (no model preset), knobs tuned on its trace: the generator
 # also reaches a flatter, less predictable router.
 FLAME_LIKE = SyntheticConfig(
-    name="flame-moe-290m", num_layers=8, num_experts=64, top_k=6, num_sequences=32,
-    tokens_per_sequence=64, domains=("",), domain_weights=(1.0,),
+    name="flame-moe-290m",
+    num_layers=8,
+    num_experts=64,
+    top_k=6,
+    num_sequences=32,
+    tokens_per_sequence=64,
+    domains=("",),
+    domain_weights=(1.0,),
     popularity_skew=0.193,  # FLAME: load Gini 0.115; synthetic 0.112
     sequence_affinity=0.381,  # FLAME: first 32 tokens activate 0.923; synthetic 0.922
     layer_follow=0.229,  # FLAME: top-1 follow 0.242; synthetic 0.247
@@ -47,7 +53,9 @@ def test_presets_match_the_model_shapes(name: str) -> None:
     config = SYNTHETIC_PRESETS[name]
     model = MODEL_PRESETS[name]
     assert (config.num_layers, config.num_experts, config.top_k) == (
-        model.num_layers, model.num_experts, model.top_k
+        model.num_layers,
+        model.num_experts,
+        model.top_k,
     )
     trace = generate(replace(config, **SMALL))
     assert trace.expert_ids.shape == (model.num_layers, 8 * 32, model.top_k)
@@ -67,7 +75,9 @@ def test_same_seed_same_trace_other_seed_other_trace() -> None:
 
 
 def test_domains_follow_their_weights() -> None:
-    config = replace(SYNTHETIC_PRESETS["deepseek-v2-lite"], domains=("a", "b", "c"), domain_weights=(2, 1, 1))
+    config = replace(
+        SYNTHETIC_PRESETS["deepseek-v2-lite"], domains=("a", "b", "c"), domain_weights=(2, 1, 1)
+    )
     trace = generate(replace(config, **SMALL))
     assert [trace.domains.count(name) for name in "abc"] == [4, 2, 2]
 
@@ -80,7 +90,9 @@ def test_decode_is_close_to_prefill_of_the_same_seed(lite: Trace) -> None:
     prefill_load, decode_load, other_load = (
         expert_load(trace.expert_ids, 64) for trace in (lite, decode, other_seed)
     )
-    same, other = rank_correlation(prefill_load, decode_load), rank_correlation(prefill_load, other_load)
+    same, other = rank_correlation(prefill_load, decode_load), rank_correlation(
+        prefill_load, other_load
+    )
     assert 0.70 <= same <= 0.92  # prefill predicts decode (Spearman 0.70-0.92 in the literature)
     assert other < 0.3
 
@@ -108,7 +120,9 @@ def test_knobs_move_their_figures() -> None:
 
 
 def test_skew_per_layer() -> None:
-    config = replace(SYNTHETIC_PRESETS["deepseek-v2-lite"], num_layers=2, popularity_skew=(0.0, 2.0))
+    config = replace(
+        SYNTHETIC_PRESETS["deepseek-v2-lite"], num_layers=2, popularity_skew=(0.0, 2.0)
+    )
     trace = generate(replace(config, sequence_affinity=0.0))
     first, second = gini(expert_load(trace.expert_ids, 64))
     assert first < 0.1 < 0.5 < second
@@ -138,7 +152,9 @@ def test_bad_configs_name_the_knob(change: dict, message: str) -> None:
 def test_measures_of_known_loads() -> None:
     even = WorkloadProfile(load=np.full((2, 4), 8.0), top_k=1)
     figures = measure_profile(even)
-    assert figures["load_gini"] == pytest.approx(0.0) and figures["load_max_over_mean"] == pytest.approx(1.0)
+    assert figures["load_gini"] == pytest.approx(0.0) and figures[
+        "load_max_over_mean"
+    ] == pytest.approx(1.0)
     assert figures["decode32_active"] == pytest.approx(1 - 0.75**32)
     assert np.isnan(figures["domain_cosine"])
     assert gini(np.array([[0.0, 0.0, 0.0, 1.0]]))[0] == pytest.approx(0.75)
@@ -162,11 +178,13 @@ def test_deepseek_v3_size_is_quick() -> None:
 # --- calibration against the real traces (docs/traces.md has the table) -----------------------
 
 
-def assert_near(synthetic: dict[str, float], real: dict[str, float], tolerances: dict[str, float]) -> None:
+def assert_near(
+    synthetic: dict[str, float], real: dict[str, float], tolerances: dict[str, float]
+) -> None:
     for figure, tolerance in tolerances.items():
-        assert abs(synthetic[figure] - real[figure]) <= tolerance, (
-            f"{figure}: synthetic {synthetic[figure]:.3f}, real {real[figure]:.3f}"
-        )
+        assert (
+            abs(synthetic[figure] - real[figure]) <= tolerance
+        ), f"{figure}: synthetic {synthetic[figure]:.3f}, real {real[figure]:.3f}"
 
 
 @needs_traces
@@ -176,17 +194,26 @@ def test_deepseek_v2_lite_is_calibrated_on_esft(lite: Trace) -> None:
         measure(lite),
         real,
         {
-            "load_gini": 0.02, "load_max_over_mean": 0.3, "top10_share": 0.02, "domain_cosine": 0.03,
-            "decode32_active": 0.02, "prefill32_active": 0.02, "top1_follow": 0.02,
+            "load_gini": 0.02,
+            "load_max_over_mean": 0.3,
+            "top10_share": 0.02,
+            "domain_cosine": 0.03,
+            "decode32_active": 0.02,
+            "prefill32_active": 0.02,
+            "top1_follow": 0.02,
         },
     )
 
 
 @needs_traces
 def test_mixtral_is_calibrated_on_its_counts() -> None:
-    real = measure_profile(load_profile(TRACES / "olmoe_mixtral_routing_counts.npz", model="mixtral"))
+    real = measure_profile(
+        load_profile(TRACES / "olmoe_mixtral_routing_counts.npz", model="mixtral")
+    )
     synthetic = measure(generate(SYNTHETIC_PRESETS["mixtral-8x7b"]))
-    assert_near(synthetic, real, {"load_gini": 0.01, "domain_cosine": 0.005, "decode32_active": 0.01})
+    assert_near(
+        synthetic, real, {"load_gini": 0.01, "domain_cosine": 0.005, "decode32_active": 0.01}
+    )
 
 
 @needs_traces

@@ -102,7 +102,8 @@ def test_flame_sequences_every_64_tokens() -> None:
 
 @needs_traces
 @pytest.mark.parametrize(
-    "model, experts, top_k", [("olmoe", 64, 8), ("mistral", 8, 2), ("mixtral", 8, 2), ("mixtral-8x7b", 8, 2)]
+    "model, experts, top_k",
+    [("olmoe", 64, 8), ("mistral", 8, 2), ("mixtral", 8, 2), ("mixtral-8x7b", 8, 2)],
 )
 def test_olmoe_mixtral_counts(model: str, experts: int, top_k: int) -> None:
     profile = load_profile(OLMOE, model=model)
@@ -112,7 +113,9 @@ def test_olmoe_mixtral_counts(model: str, experts: int, top_k: int) -> None:
     np.testing.assert_allclose(profile.load.sum(axis=1), 5 * 208896 * top_k)
     assert set(profile.transitions.layer.tolist()) == {0, 1}
     for layer in (0, 1):
-        np.testing.assert_allclose(profile.transitions.dense(layer, experts).sum(axis=1), profile.load[layer])
+        np.testing.assert_allclose(
+            profile.transitions.dense(layer, experts).sum(axis=1), profile.load[layer]
+        )
     github = load_profile(OLMOE, task="github", model=model)
     assert github.domain_loads == {}
     np.testing.assert_allclose(github.load, profile.domain_loads["github"])
@@ -158,7 +161,9 @@ def test_profile_of_a_per_token_file(esft: Trace) -> None:
     np.testing.assert_allclose(sum(profile.domain_loads.values()), profile.load)
     # 64 x 64 pairs fit in the default 4096 kept per layer: rows sum to k * load.
     for layer in (0, 12, 24):
-        np.testing.assert_allclose(profile.transitions.dense(layer, 64).sum(axis=1), 6 * profile.load[layer])
+        np.testing.assert_allclose(
+            profile.transitions.dense(layer, 64).sum(axis=1), 6 * profile.load[layer]
+        )
     assert set(profile.transitions.layer.tolist()) == set(range(25))
     assert np.all(profile.coactivation.first < profile.coactivation.second)
     kept = esft.profile(max_pairs_per_layer=10).transitions
@@ -185,7 +190,13 @@ def test_sampled_tokens_of_counts_keep_the_load() -> None:
     share = expert_load(tokens.expert_ids, 128) / 10000
     np.testing.assert_allclose(share, heat.load / heat.num_tokens, atol=0.02)
     olmoe = sample_tokens(load_profile(OLMOE, model="olmoe"), 5000, np.random.default_rng(1))
-    assert olmoe.domain_names and set(olmoe.domains) == {"arxiv", "book", "c4", "github", "wikipedia"}
+    assert olmoe.domain_names and set(olmoe.domains) == {
+        "arxiv",
+        "book",
+        "c4",
+        "github",
+        "wikipedia",
+    }
     fit, score = olmoe.split(0.5)
     assert fit.num_tokens == score.num_tokens == 2500
 
@@ -219,7 +230,9 @@ def test_native_profile_round_trip(tmp_path: Path) -> None:
     assert (loaded.top_k, loaded.phase, loaded.batch_size) == (2, "decode", 64)
     for name in ("transitions", "coactivation"):
         for part in ("layer", "first", "second", "count"):
-            np.testing.assert_array_equal(getattr(getattr(loaded, name), part), getattr(getattr(profile, name), part))
+            np.testing.assert_array_equal(
+                getattr(getattr(loaded, name), part), getattr(getattr(profile, name), part)
+            )
     assert list(loaded.domain_loads) == ["a", "b"]
     np.testing.assert_array_equal(loaded.domain_loads["b"], profile.domain_loads["b"])
     only_a = load_profile(tmp_path / "p.npz", task="a")
@@ -245,7 +258,11 @@ def test_split_keeps_every_domain_share() -> None:
     trace = random_trace(lengths=tuple(range(1, 17)), domains=domains)
     first, second = trace.split(0.5)
     for half in (first, second):
-        assert half.domains.count("a") == 3 and half.domains.count("b") == 3 and half.domains.count("c") == 2
+        assert (
+            half.domains.count("a") == 3
+            and half.domains.count("b") == 3
+            and half.domains.count("c") == 2
+        )
     assert first.num_sequences + second.num_sequences == 16
     # In order: the first half holds the first sequences of every domain.
     np.testing.assert_array_equal(first.expert_ids[:, :1], trace.expert_ids[:, :1])
@@ -288,7 +305,10 @@ def test_profile_counts_pairs() -> None:
     np.testing.assert_array_equal(profile.transitions.dense(0, 4), expected)
     co = profile.coactivation
     assert list(zip(co.layer, co.first, co.second, co.count)) == [
-        (0, 0, 1, 1), (0, 0, 2, 1), (1, 1, 2, 1), (1, 2, 3, 1)
+        (0, 0, 1, 1),
+        (0, 0, 2, 1),
+        (1, 1, 2, 1),
+        (1, 2, 3, 1),
     ]
     assert profile.domain_loads == {}
 
@@ -299,7 +319,9 @@ def test_profile_counts_pairs() -> None:
     fraction=st.floats(0.05, 0.95),
     seed=st.integers(0, 1000),
 )
-def test_split_then_concatenate_gives_the_trace_back(lengths: list[int], fraction: float, seed: int) -> None:
+def test_split_then_concatenate_gives_the_trace_back(
+    lengths: list[int], fraction: float, seed: int
+) -> None:
     trace = random_trace(lengths=tuple(lengths), seed=seed)
     assert_same_trace(concatenate(trace.split(fraction)), trace)
     windows = trace.windows(min(3, len(lengths)))
@@ -314,7 +336,9 @@ def test_split_then_concatenate_gives_the_trace_back(lengths: list[int], fractio
 )
 def test_profile_load_sums_to_tokens_times_k(domains: list[str], top_k: int, seed: int) -> None:
     lengths = tuple(np.random.default_rng(seed).integers(1, 5, len(domains)))
-    trace = random_trace(num_experts=6, top_k=top_k, lengths=lengths, domains=tuple(domains), seed=seed)
+    trace = random_trace(
+        num_experts=6, top_k=top_k, lengths=lengths, domains=tuple(domains), seed=seed
+    )
     profile = trace.profile(max_pairs_per_layer=5)
     np.testing.assert_array_equal(profile.load.sum(axis=1), trace.num_tokens * top_k)
     if len(set(domains)) > 1:
@@ -330,14 +354,18 @@ def test_prefill_batches_put_each_sequence_on_one_gpu() -> None:
     batches = sample_batches(trace, 2, 4, 3, "prefill", np.random.default_rng(0))
     stream = np.concatenate([batch.expert_ids for batch in batches], axis=1)
     # Consecutive batches read the wrapped token stream.
-    start = int(np.nonzero((trace.expert_ids[:, :, None] == stream[:, None, :1]).all(axis=(0, 3)))[0][0])
+    start = int(
+        np.nonzero((trace.expert_ids[:, :, None] == stream[:, None, :1]).all(axis=(0, 3)))[0][0]
+    )
     positions = (start + np.arange(24)) % trace.num_tokens
     np.testing.assert_array_equal(stream, trace.expert_ids[:, positions])
     for batch, chunk in zip(batches, positions.reshape(3, 8)):
         sequence = trace.sequence_of_token()[chunk]
         for index in np.unique(sequence):
             runs = batch.source_gpu[sequence == index]
-            assert len(set(runs.tolist())) <= 2  # one GPU per run; a sequence may wrap into two runs
+            assert (
+                len(set(runs.tolist())) <= 2
+            )  # one GPU per run; a sequence may wrap into two runs
 
 
 def test_decode_batches_use_distinct_positions_and_dp_rank() -> None:
@@ -366,7 +394,9 @@ def test_sample_tokens_matches_expected_load() -> None:
     assert np.all(ids[0, :, 0] != ids[0, :, 1])
     assert np.mean(np.any(ids[0] == 0, axis=1)) == 1.0
     with pytest.raises(PlacementError, match="^load: 1 experts with load, top_k is 2"):
-        sample_tokens(WorkloadProfile(load=np.array([[4.0, 0, 0]]), top_k=2), 10, np.random.default_rng(0))
+        sample_tokens(
+            WorkloadProfile(load=np.array([[4.0, 0, 0]]), top_k=2), 10, np.random.default_rng(0)
+        )
     with pytest.raises(PlacementError, match="^num_tokens: "):
         sample_tokens(profile, 0, np.random.default_rng(0))
 
@@ -381,9 +411,15 @@ def test_sample_tokens_matches_expected_load() -> None:
         ({"expert_ids": np.full((1, 3, 1), 8)}, "^expert_ids: ids must be in 0..7"),
         ({"expert_ids": np.full((1, 3, 1), -1)}, "^expert_ids: ids must be in 0..7"),
         ({"expert_ids": np.zeros((1, 3, 1))}, "^expert_ids: dtype float64"),
-        ({"expert_ids": np.zeros((1, 0, 1), dtype=int), "seq_offsets": [0, 0]}, "^expert_ids: empty trace"),
+        (
+            {"expert_ids": np.zeros((1, 0, 1), dtype=int), "seq_offsets": [0, 0]},
+            "^expert_ids: empty trace",
+        ),
         ({"expert_ids": np.zeros((1, 3, 9), dtype=int)}, "^expert_ids: top_k 9 exceeds"),
-        ({"seq_offsets": [0, 2, 1, 3], "domains": ("", "", "")}, "^seq_offsets: not strictly increasing"),
+        (
+            {"seq_offsets": [0, 2, 1, 3], "domains": ("", "", "")},
+            "^seq_offsets: not strictly increasing",
+        ),
         ({"seq_offsets": [0, 2]}, "^seq_offsets: must run from 0 to T=3"),
         ({"seq_offsets": [[0, 3]]}, "^seq_offsets: expected 1 dimensions"),
         ({"domains": ("a", "b")}, "^domains: 2 names for 1 sequences"),
@@ -403,7 +439,9 @@ def test_bad_traces_name_the_field(change: dict, message: str) -> None:
 
 
 def test_unknown_domain_names_the_known_ones() -> None:
-    with pytest.raises(PlacementError, match="^task: unknown domain 'z' in trace 'random'; known: 'a', 'b'"):
+    with pytest.raises(
+        PlacementError, match="^task: unknown domain 'z' in trace 'random'; known: 'a', 'b'"
+    ):
         random_trace(domains=("a", "b", "a", "b")).select_domain("z")
 
 
@@ -419,8 +457,12 @@ def test_concatenate_mismatches() -> None:
 
 @pytest.mark.parametrize(
     "args, message",
-    [((0, 4, 1, "prefill"), "^num_gpus: "), ((2, 0, 1, "decode"), "^tokens_per_gpu: "),
-     ((2, 4, 0, "decode"), "^num_batches: "), ((2, 4, 1, "train"), "^phase: ")],
+    [
+        ((0, 4, 1, "prefill"), "^num_gpus: "),
+        ((2, 0, 1, "decode"), "^tokens_per_gpu: "),
+        ((2, 4, 0, "decode"), "^num_batches: "),
+        ((2, 4, 1, "train"), "^phase: "),
+    ],
 )
 def test_bad_batch_arguments(args: tuple, message: str) -> None:
     with pytest.raises(PlacementError, match=message):
@@ -445,7 +487,9 @@ def test_bad_files(tmp_path: Path) -> None:
     np.savez(tmp_path / "flat.npz", expert_ids=np.zeros((2, 1), dtype=np.uint8), num_experts=4)
     with pytest.raises(PlacementError, match="flat.npz: expert_ids: expected 3 dimensions"):
         load_trace(tmp_path / "flat.npz")
-    np.savez(tmp_path / "range.npz", expert_ids=np.full((1, 2, 1), 9, dtype=np.uint8), num_experts=4)
+    np.savez(
+        tmp_path / "range.npz", expert_ids=np.full((1, 2, 1), 9, dtype=np.uint8), num_experts=4
+    )
     with pytest.raises(PlacementError, match="range.npz: expert_ids: ids must be in 0..3"):
         load_trace(tmp_path / "range.npz")
     heat = {"k": 2, "layers": [{"heat": [1, 2, 3]}, {"heat": [1, 2]}]}
@@ -459,13 +503,17 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_esft_kind_with_a_missing_key(tmp_path: Path) -> None:
     ids = np.zeros((2, 3, 1), dtype=np.uint8)
-    np.savez(tmp_path / "esft.npz", law_expert_ids=ids, law_seq_offsets=np.array([0, 3]), num_experts=4)
+    np.savez(
+        tmp_path / "esft.npz", law_expert_ids=ids, law_seq_offsets=np.array([0, 3]), num_experts=4
+    )
     with pytest.raises(PlacementError, match="esft.npz: missing key 'law_gate_weights'"):
         load_trace(tmp_path / "esft.npz")
     np.savez(
-        tmp_path / "esft.npz", law_expert_ids=ids, law_seq_offsets=np.array([0, 2]),
-        law_gate_weights=np.ones((2, 3, 1)), num_experts=4,
+        tmp_path / "esft.npz",
+        law_expert_ids=ids,
+        law_seq_offsets=np.array([0, 2]),
+        law_gate_weights=np.ones((2, 3, 1)),
+        num_experts=4,
     )
     with pytest.raises(PlacementError, match="esft.npz: seq_offsets: must run from 0 to T=3"):
         load_trace(tmp_path / "esft.npz")
-
