@@ -16,12 +16,9 @@ import numpy as np
 
 from moe_placement.baselines import token_balance_lower_bound
 from moe_placement.cost import CostReport, evaluate
-from moe_placement.models import ModelShape, Phase, PlacementError, RoutingBatch, Topology
+from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
 from moe_placement.policies import PlanResult, PolicyOptions, plan
 from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
-
-PHASES: tuple[Phase, ...] = ("prefill", "decode")
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -42,7 +39,11 @@ class BenchOptions:
 
 
 def workloads_from_file(
-    path: str | Path, task: str | None = None, shift: str | None = None, seed: int = 0
+    path: str | Path,
+    task: str | None = None,
+    shift: str | None = None,
+    seed: int = 0,
+    model: str | None = None,
 ) -> list[Workload]:
     """Workloads of a trace file: one per domain (first half fits, second half scores), or one for
     ``task``; ``shift`` ``A:B`` adds fitting on domain A and scoring on domain B. Counts-only files
@@ -53,7 +54,7 @@ def workloads_from_file(
     except PlacementError as error:
         if "counts only" not in str(error):
             raise
-        profile = load_profile(path, task=task)
+        profile = load_profile(path, task=task, model=model)
         tokens = sample_tokens(profile, 16384, np.random.default_rng(seed))
         return [Workload(name, *tokens.split(0.5))]
     domains = sorted({domain for domain in trace.domains if domain})

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from moe_placement.bench import (
-    PHASES,
     BenchOptions,
     Workload,
     format_table,
@@ -22,7 +21,7 @@ from moe_placement.bench import (
 )
 from moe_placement.cost import evaluate
 from moe_placement.files import build_placement_file, write_placement, write_sglang
-from moe_placement.models import PlacementError
+from moe_placement.models import PHASES, PlacementError
 from moe_placement.policies import POLICIES, PolicyOptions, plan
 from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
 from moe_placement.routing import ROUTERS
@@ -89,7 +88,7 @@ def _synthetic_trace(args: argparse.Namespace) -> Trace:
 
 def _workloads(args: argparse.Namespace) -> list[Workload]:
     if args.trace is not None:
-        return workloads_from_file(args.trace, args.task, args.shift, args.seed)
+        return workloads_from_file(args.trace, args.task, args.shift, args.seed, args.model)
     return [Workload(f"synthetic:{args.model}", *_synthetic_trace(args).split(0.5))]
 
 
@@ -101,7 +100,7 @@ def _whole_trace(args: argparse.Namespace) -> Trace:
     except PlacementError as error:
         if "counts only" not in str(error):
             raise
-        profile = load_profile(args.trace, task=args.task)
+        profile = load_profile(args.trace, task=args.task, model=args.model)
         return sample_tokens(profile, 16384, np.random.default_rng(args.seed))
     return trace.select_domain(args.task) if args.task else trace
 

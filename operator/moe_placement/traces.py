@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_placement.models import Phase, PlacementError, RoutingBatch, SparsePairs, WorkloadProfile
+from moe_placement.models import PHASES, Phase, PlacementError, RoutingBatch, SparsePairs, WorkloadProfile
 
-PHASES: tuple[Phase, ...] = ("prefill", "decode")
 # Model names of the OLMoE/Mixtral counts file -> the prefix of its keys.
 OLMOE_MODELS = {"olmoe": "olmoe", "mistral": "mistral", "mixtral": "mistral"}
 
