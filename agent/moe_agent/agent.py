@@ -21,10 +21,21 @@ from moe_placement.models import ModelShape, Placement, PlacementError, Topology
 from moe_agent.metrics import AgentMetrics
 from moe_agent.recorder import RoutingRecorder
 from moe_agent.router import TorchLayout
-from moe_agent.store import ExpertStore, ExpertWeights, SlotBusy, WeightsError, sha256_hex
+from moe_agent.store import ExpertStore, ExpertWeights, Slot, SlotBusy, WeightsError
 
-# Fetches an expert's bytes and the sha256 its source vouches for.
-Fetch = Callable[[], Awaitable[tuple[bytes, str]]]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An expert's bytes as received, the sha256 its source vouches for, and the sha256 of what
+    arrived (computed while receiving, so verifying costs no second pass over the bytes)."""
+
+    data: bytes
+    expected_sha256: str
+    sha256: str
+
+
+Fetch = Callable[[], Awaitable[Fetched]]
 
 
 class AgentError(Exception):
@@ -147,14 +158,14 @@ class AgentCore:
                 404, f"slot: {slot} is not a slot of rank {self.rank} ({first}..{first + self.store.slots_per_gpu - 1})"
             )
 
-    def weights_of(self, layer: int, expert: int) -> ExpertWeights:
-        """The weights of an expert this rank holds live or staged; 404 otherwise."""
+    def slot_holding(self, layer: int, expert: int) -> Slot:
+        """A live (else staged) slot of this rank holding the expert; 404 when there is none."""
         self.check_layer(layer)
         self.check_expert(expert)
         entry = self.store.holding(layer, expert)
-        if entry is None or entry.weights is None:
+        if entry is None:
             raise AgentError(404, f"expert: {expert} of layer {layer} is not held by rank {self.rank}")
-        return entry.weights
+        return entry
 
     # -- migration steps -------------------------------------------------------------------------
 
@@ -173,17 +184,18 @@ class AgentCore:
             raise AgentError(409, str(error)) from None
         started = time.monotonic()
         try:
-            data, expected = await fetch()
-            actual = sha256_hex(data)
-            if actual != expected:
+            fetched = await fetch()
+            if fetched.sha256 != fetched.expected_sha256:
                 raise AgentError(
-                    502, f"sha256: mismatch (received {actual}, source says {expected}); slot {slot} stays empty"
+                    502,
+                    f"sha256: mismatch (received {fetched.sha256}, source says {fetched.expected_sha256}); "
+                    f"slot {slot} stays empty",
                 )
             try:
-                weights = self.store.parse_weights(data)
+                weights = self.store.parse_weights(fetched.data)
             except WeightsError as error:
                 raise AgentError(502, f"weights: {error}; slot {slot} stays empty") from None
-            self.store.stage(layer, slot, expert, weights, actual)
+            self.store.stage(layer, slot, expert, weights, fetched.sha256)
         finally:
             self.store.release(layer, slot)
         self._publish()
@@ -192,8 +204,8 @@ class AgentCore:
             "slot": slot,
             "expert": expert,
             "state": "staged",
-            "bytes": len(data),
-            "sha256": actual,
+            "bytes": len(fetched.data),
+            "sha256": fetched.sha256,
             "seconds": round(time.monotonic() - started, 6),
         }
 

@@ -29,14 +29,22 @@ class TorchLayout:
     """The replicas of every layer, on one device.
 
     replica_slots: [L, E, R] slots of each expert in slot order, -1 padded; replica_counts: [L, E];
-    gpu_of_slot: [N]; node_of_gpu: [G]; max_replicated: the most experts with more than one
-    replica in any layer (the number of greedy steps ``metro`` takes).
+    gpu_of_slot: [N]; node_of_gpu: [G];
+    local_slots: [L, E, G, R] for a token on GPU g, the expert's most local replicas (on g, else on
+        g's node, else all) in slot order, -1 padded; local_counts: [L, E, G] how many;
+    max_replicated: the most experts with more than one replica in any layer (the number of greedy
+        steps ``metro`` takes).
+
+    ``local_first``'s choice depends on a token only through (layer, expert, GPU), so its candidates
+    are tabulated once per placement instead of per token.
     """
 
     replica_slots: torch.Tensor
     replica_counts: torch.Tensor
     gpu_of_slot: torch.Tensor
     node_of_gpu: torch.Tensor
+    local_slots: torch.Tensor
+    local_counts: torch.Tensor
     max_replicated: int
 
     @staticmethod
@@ -48,12 +56,18 @@ class TorchLayout:
             raise PlacementError(
                 f"topology: {topology.num_gpus} GPUs, placement has {placement.num_gpus}"
             )
+        replica_slots = placement.logical_to_physical_map()
         counts = placement.replica_count()
+        gpu_of_slot = np.arange(placement.num_slots) // placement.slots_per_gpu
+        node_of_gpu = np.arange(placement.num_gpus) // topology.gpus_per_node
+        local_slots, local_counts = _most_local(replica_slots, gpu_of_slot, node_of_gpu)
         return TorchLayout(
-            replica_slots=torch.as_tensor(placement.logical_to_physical_map(), device=device),
+            replica_slots=torch.as_tensor(replica_slots, device=device),
             replica_counts=torch.as_tensor(counts, device=device),
-            gpu_of_slot=torch.arange(placement.num_slots, device=device) // placement.slots_per_gpu,
-            node_of_gpu=torch.arange(placement.num_gpus, device=device) // topology.gpus_per_node,
+            gpu_of_slot=torch.as_tensor(gpu_of_slot, device=device),
+            node_of_gpu=torch.as_tensor(node_of_gpu, device=device),
+            local_slots=torch.as_tensor(local_slots, device=device),
+            local_counts=torch.as_tensor(local_counts, device=device),
             max_replicated=int((counts > 1).sum(axis=1).max()),
         )
 
@@ -63,14 +77,37 @@ class TorchLayout:
 
     def layer(self, layer: int) -> TorchLayout:
         """The layout of one layer, as a one-layer layout."""
-        counts = self.replica_counts[layer : layer + 1]
+        one = slice(layer, layer + 1)
         return TorchLayout(
-            self.replica_slots[layer : layer + 1],
-            counts,
+            self.replica_slots[one],
+            self.replica_counts[one],
             self.gpu_of_slot,
             self.node_of_gpu,
+            self.local_slots[one],
+            self.local_counts[one],
             self.max_replicated,
         )
+
+
+def _most_local(
+    replica_slots: np.ndarray, gpu_of_slot: np.ndarray, node_of_gpu: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For replica_slots [L, E, R]: the most local replicas from each GPU, [L, E, G, R] in slot order
+    (-1 padded), and their counts [L, E, G]; the distances of ``moe_placement.routing.route_local_first``."""
+    valid = replica_slots >= 0
+    replica_gpu = gpu_of_slot[np.where(valid, replica_slots, 0)][:, :, None, :]  # [L, E, 1, R]
+    source = np.arange(len(node_of_gpu))[None, None, :, None]  # [1, 1, G, 1]
+    distance = np.where(
+        replica_gpu == source, 0, np.where(node_of_gpu[replica_gpu] == node_of_gpu[source], 1, 2)
+    )
+    distance = np.where(valid[:, :, None, :], distance, 3)
+    best = distance == distance.min(axis=-1, keepdims=True)
+    # Best replicas first, each group in slot order (a stable sort keeps replica_slots' order).
+    order = np.argsort(~best, axis=-1, kind="stable")
+    counts = best.sum(axis=-1)
+    slots = np.take_along_axis(np.broadcast_to(replica_slots[:, :, None, :], best.shape), order, axis=-1)
+    slots = np.where(np.arange(best.shape[-1]) < counts[..., None], slots, -1)
+    return slots, counts
 
 
 def _check(layout: TorchLayout, expert_ids: torch.Tensor) -> None:
@@ -80,9 +117,14 @@ def _check(layout: TorchLayout, expert_ids: torch.Tensor) -> None:
         )
 
 
-def _layer_rows(layout: TorchLayout, expert_ids: torch.Tensor) -> torch.Tensor:
-    """Layer index broadcast against expert_ids [L, B, k]."""
-    return torch.arange(layout.num_layers, device=expert_ids.device)[:, None, None]
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table.flatten()[index], shaped as index (index_select is torch's fastest gather on CPU)."""
+    return table.reshape(-1).index_select(0, index.reshape(-1)).reshape(index.shape)
+
+
+def _pick(uniform: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``floor(u * count)`` in float64 as numpy computes it, capped at count - 1."""
+    return torch.minimum((uniform.to(torch.float64) * count).to(torch.int64), count - 1)
 
 
 def route_random(
@@ -91,10 +133,11 @@ def route_random(
     """Replica ``floor(u * replicas)``. expert_ids, uniform: [L, B, k]; source_gpu: [L, B] (unused)
     -> slots [L, B, k]."""
     _check(layout, expert_ids)
-    layer = _layer_rows(layout, expert_ids)
-    counts = layout.replica_counts[layer, expert_ids]
-    choice = torch.minimum((uniform.to(torch.float64) * counts).to(torch.int64), counts - 1)
-    return layout.replica_slots[layer, expert_ids, choice]
+    num_layers, num_experts, max_replicas = layout.replica_slots.shape
+    layer = torch.arange(num_layers, device=expert_ids.device)[:, None, None]
+    key = layer * num_experts + expert_ids  # (layer, expert)
+    choice = _pick(uniform, _take(layout.replica_counts, key))
+    return _take(layout.replica_slots, key * max_replicas + choice)
 
 
 def route_local_first(
@@ -103,21 +146,11 @@ def route_local_first(
     """A replica on the token's GPU, else its node, else any; among the most local, the
     ``floor(u * n)``-th in slot order. Shapes as ``route_random``."""
     _check(layout, expert_ids)
-    layer = _layer_rows(layout, expert_ids)
-    candidates = layout.replica_slots[layer, expert_ids]  # [L, B, k, R]
-    valid = candidates >= 0
-    candidate_gpu = layout.gpu_of_slot[candidates.clamp(min=0)]
-    source = source_gpu[:, :, None, None]
-    same_node = layout.node_of_gpu[candidate_gpu] == layout.node_of_gpu[source]
-    distance = torch.where(candidate_gpu == source, 0, torch.where(same_node, 1, 2))
-    distance = torch.where(valid, distance, 3)
-    best = distance == distance.min(dim=-1, keepdim=True).values
-    best_count = best.sum(dim=-1)
-    rank_among_best = torch.cumsum(best, dim=-1) - 1
-    pick = torch.minimum((uniform.to(torch.float64) * best_count).to(torch.int64), best_count - 1)
-    chosen = best & (rank_among_best == pick[..., None])
-    # Exactly one candidate is chosen per (token, choice): the index of the largest True.
-    return candidates.gather(-1, chosen.to(torch.int8).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    num_layers, num_experts, num_gpus, max_replicas = layout.local_slots.shape
+    layer = torch.arange(num_layers, device=expert_ids.device)[:, None, None]
+    key = (layer * num_experts + expert_ids) * num_gpus + source_gpu[:, :, None]  # (layer, expert, GPU)
+    choice = _pick(uniform, _take(layout.local_counts, key))
+    return _take(layout.local_slots, key * max_replicas + choice)
 
 
 def route_metro(
@@ -135,42 +168,44 @@ def route_metro(
     num_slots = layout.gpu_of_slot.shape[0]
     device = expert_ids.device
     flat_ids = expert_ids.reshape(num_layers, -1)
+    most_tokens = flat_ids.shape[1]
     tokens = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
     tokens.scatter_add_(1, flat_ids, torch.ones_like(flat_ids))
-    present = tokens > 0
     counts = layout.replica_counts
     single = counts == 1
+    present = tokens > 0
 
+    # A GPU's state is one integer, activated * (most_tokens + 1) + tokens, so that comparing
+    # states compares (activated, tokens) and one scatter-add updates both.
     chosen = layout.replica_slots[:, :, 0].clone()  # [L, E]; single-replica experts are final
-    first_gpu = layout.gpu_of_slot[chosen]
-    activated = torch.zeros(num_layers, num_gpus, dtype=torch.int64, device=device)
-    activated.scatter_add_(1, first_gpu, (present & single).to(torch.int64))
-    gpu_tokens = torch.zeros(num_layers, num_gpus, dtype=torch.int64, device=device)
-    gpu_tokens.scatter_add_(1, first_gpu, torch.where(single, tokens, 0))
+    state = torch.zeros(num_layers, num_gpus, dtype=torch.int64, device=device)
+    state.scatter_add_(1, layout.gpu_of_slot[chosen], torch.where(single & present, tokens + most_tokens + 1, 0))
 
-    # One sort key orders each layer's replicated experts that have tokens, as numpy's lexsort
-    # does; the rest sort after them and their steps change nothing.
-    most_tokens = flat_ids.shape[1]
-    todo = present & ~single
-    expert_index = torch.arange(num_experts, device=device)
-    order_key = (counts * (most_tokens + 1) + (most_tokens - tokens)) * num_experts + expert_index
-    order_key = torch.where(todo, order_key, torch.iinfo(torch.int64).max - num_experts + expert_index)
-    order = torch.argsort(order_key, dim=1)
-    rows = torch.arange(num_layers, device=device)
-    replica_rank = torch.arange(max_replicas, device=device)
-    for step in range(layout.max_replicated):
-        expert = order[:, step]  # [L]
-        active = todo[rows, expert]
-        slots = layout.replica_slots[rows, expert]  # [L, R]
+    steps = layout.max_replicated
+    if steps:
+        # The replicated experts with tokens, in numpy's lexsort order; the rest sort after them
+        # and their steps change nothing.
+        todo = present & ~single
+        expert_index = torch.arange(num_experts, device=device)
+        order_key = (counts * (most_tokens + 1) + (most_tokens - tokens)) * num_experts + expert_index
+        order_key = torch.where(todo, order_key, torch.iinfo(torch.int64).max - num_experts + expert_index)
+        order = torch.argsort(order_key, dim=1)[:, :steps]  # [L, M]
+        active = todo.gather(1, order)
+        increment = torch.where(active, tokens.gather(1, order) + most_tokens + 1, 0)  # [L, M]
+        slots = layout.replica_slots[torch.arange(num_layers, device=device)[:, None], order]  # [L, M, R]
         gpus = layout.gpu_of_slot[slots.clamp(min=0)]
-        # (activated, tokens, slot) compared as one integer; padding replicas never win.
-        key = (activated.gather(1, gpus) * (most_tokens + 1) + gpu_tokens.gather(1, gpus)) * num_slots + slots
-        key = torch.where(replica_rank < counts[rows, expert][:, None], key, torch.iinfo(torch.int64).max)
-        best = key.argmin(dim=1, keepdim=True)
-        best_gpu = gpus.gather(1, best)
-        chosen[rows, expert] = torch.where(active, slots.gather(1, best).squeeze(1), chosen[rows, expert])
-        activated.scatter_add_(1, best_gpu, active.to(torch.int64)[:, None])
-        gpu_tokens.scatter_add_(1, best_gpu, torch.where(active, tokens[rows, expert], 0)[:, None])
+        # (state, slot) compared as one integer; padding replicas never win.
+        never = torch.iinfo(torch.int64).max // 2
+        slot_term = torch.where(slots >= 0, slots, never)
+        best = torch.empty(num_layers, steps, dtype=torch.int64, device=device)
+        for step in range(steps):
+            step_gpus = gpus[:, step]
+            key = state.gather(1, step_gpus) * num_slots + slot_term[:, step]
+            pick = key.argmin(dim=1, keepdim=True)
+            best[:, step : step + 1] = pick
+            state.scatter_add_(1, step_gpus.gather(1, pick), increment[:, step : step + 1])
+        picked = slots.gather(2, best[:, :, None]).squeeze(2)
+        chosen.scatter_(1, order, torch.where(active, picked, chosen.gather(1, order)))
     return chosen.gather(1, flat_ids).reshape(expert_ids.shape)
 
 

@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from moe_placement.models import format_validation_error
-from moe_agent.agent import AgentCore, AgentError
+from moe_agent.agent import AgentCore, AgentError, Fetch, Fetched
 from moe_agent.api import ActivateRequest, RetireRequest, StageRequest, StageSource
 from moe_agent.store import WeightsError, read_checkpoint, sha256_hex
 
@@ -260,9 +260,12 @@ class AgentServer:
     async def weights(self, request: web.Request) -> web.StreamResponse:
         layer = _path_int(request, "layer")
         expert = _path_int(request, "expert")
-        weights = self.core.weights_of(layer, expert)
-        data = await asyncio.to_thread(weights.to_bytes)
-        digest = sha256_hex(data)
+        entry = self.core.slot_holding(layer, expert)
+        data = await asyncio.to_thread(entry.weights.to_bytes)
+        if entry.sha256 is None:
+            # Serialisation is deterministic, so the digest of a slot's weights is computed once.
+            entry.sha256 = await asyncio.to_thread(sha256_hex, data)
+        digest = entry.sha256
         if self.options.corrupt_transfers:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0xFF
@@ -308,10 +311,10 @@ class AgentServer:
 
         return await self._mutation(request, "activate", ActivateRequest, action)
 
-    def _fetch_peer(self, body: StageRequest, source: StageSource) -> Callable[[], Awaitable[tuple[bytes, str]]]:
+    def _fetch_peer(self, body: StageRequest, source: StageSource) -> Fetch:
         url = f"{source.peer.rstrip('/')}/v1/experts/{body.layer}/{body.expert}/weights"
 
-        async def fetch() -> tuple[bytes, str]:
+        async def fetch() -> Fetched:
             headers = {"Authorization": f"Bearer {self.tokens.current()}"}
             try:
                 async with self._client().get(url, headers=headers) as response:
@@ -321,11 +324,12 @@ class AgentServer:
                     expected = response.headers.get(SHA256_HEADER)
                     if not expected:
                         raise AgentError(502, f"peer: {url} sent no {SHA256_HEADER} header")
-                    received = bytearray()
+                    chunks, digest = [], hashlib.sha256()
                     async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                        received.extend(chunk)
+                        chunks.append(chunk)
+                        digest.update(chunk)
                     # aiohttp raises when the body ends short of Content-Length (peer gone mid-way).
-                    return bytes(received), expected.lower()
+                    return Fetched(b"".join(chunks), expected.lower(), digest.hexdigest())
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 raise AgentError(
                     502, f"peer: transfer from {url} failed ({type(error).__name__}: {error}); slot {body.slot} stays empty"
@@ -333,10 +337,14 @@ class AgentServer:
 
         return fetch
 
-    def _fetch_checkpoint(self, body: StageRequest, source: StageSource) -> Callable[[], Awaitable[tuple[bytes, str]]]:
-        async def fetch() -> tuple[bytes, str]:
+    def _fetch_checkpoint(self, body: StageRequest, source: StageSource) -> Fetch:
+        def read() -> Fetched:
+            data, recorded = read_checkpoint(source.checkpoint, body.layer, body.expert)
+            return Fetched(data, recorded, sha256_hex(data))
+
+        async def fetch() -> Fetched:
             try:
-                return await asyncio.to_thread(read_checkpoint, source.checkpoint, body.layer, body.expert)
+                return await asyncio.to_thread(read)
             except FileNotFoundError as error:
                 raise AgentError(404, f"checkpoint: {error.filename} not found") from None
             except (OSError, WeightsError) as error:

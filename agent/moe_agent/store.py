@@ -72,7 +72,8 @@ def sha256_hex(data: bytes) -> str:
 
 @dataclass
 class Slot:
-    """A slot of this rank: its state, expert (-1 when empty), weights and their sha256."""
+    """A slot of this rank: its state, expert (-1 when empty), weights and the sha256 of their
+    safetensors bytes (known once verified or first served; None until then)."""
 
     state: SlotState = "empty"
     expert: int = -1
@@ -167,8 +168,7 @@ class ExpertStore:
 
     def load_live(self, layer: int, slot: int, expert: int) -> None:
         """Put the initial weights of ``expert`` in a slot, live (at start)."""
-        weights = self.initial_weights(layer, expert)
-        self._slots[layer][slot - self.first_slot] = Slot("live", expert, weights, sha256_hex(weights.to_bytes()))
+        self._slots[layer][slot - self.first_slot] = Slot("live", expert, self.initial_weights(layer, expert))
 
     def reserve(self, layer: int, slot: int) -> None:
         """Claim an empty slot for a transfer; SlotBusy unless it is empty and unclaimed."""
@@ -233,11 +233,11 @@ def write_checkpoint(directory: str | Path, layer: int, expert: int, weights: Ex
 
 
 def read_checkpoint(directory: str | Path, layer: int, expert: int) -> tuple[bytes, str]:
-    """(bytes, expected sha256) of one expert of a checkpoint directory; FileNotFoundError if either
-    file is missing."""
+    """(bytes, sha256 the checkpoint records) of one expert of a checkpoint directory;
+    FileNotFoundError if either file is missing."""
     path = checkpoint_path(directory, layer, expert)
     data = path.read_bytes()
-    expected = path.with_name(path.name + ".sha256").read_text().split()
-    if not expected:
+    recorded = path.with_name(path.name + ".sha256").read_text().split()
+    if not recorded:
         raise WeightsError(f"{path.name}.sha256 is empty")
-    return data, expected[0].lower()
+    return data, recorded[0].lower()

@@ -16,7 +16,7 @@ from moe_placement.routing import ROUTERS as NUMPY_ROUTERS
 from moe_placement.routing import replica_layouts
 from moe_placement.synthetic import SyntheticConfig, generate
 from moe_placement.traces import expert_load
-from moe_agent.agent import AgentCore, AgentError
+from moe_agent.agent import AgentCore, AgentError, Fetched
 from moe_agent.model import ReplayMoEModel
 from moe_agent.recorder import attach
 from moe_agent.replay import ReplayEngine, TokenStream
@@ -99,7 +99,7 @@ def _fetch_from(store: ExpertStore, layer: int, expert: int, corrupt: bool = Fal
         digest = sha256_hex(data)
         if corrupt:
             data = data[:-1] + bytes([data[-1] ^ 1])
-        return data, digest
+        return Fetched(data, digest, sha256_hex(data))
 
     return fetch
 

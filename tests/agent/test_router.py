@@ -47,7 +47,7 @@ def routing_cases(draw):
     return placement, topology, ids, source, uniform
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(routing_cases(), st.sampled_from(sorted(ROUTERS)))
 def test_torch_routers_equal_numpy_reference(case, name):
     placement, topology, ids, source, uniform = case
