@@ -32,7 +32,7 @@ from moe_placement.baselines import linear_placement
 from moe_placement.models import ModelShape, Placement, PlacementError, Topology, format_validation_error
 from moe_placement.presets import MODEL_PRESETS, parse_topology
 from moe_placement.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
-from moe_placement.traces import Trace, load_trace
+from moe_placement.traces import load_trace
 from moe_agent.agent import AgentCore
 from moe_agent.model import ReplayMoEModel
 from moe_agent.recorder import RoutingRecorder, attach
@@ -41,7 +41,6 @@ from moe_agent.router import ROUTERS
 from moe_agent.server import AgentServer, ServerOptions, TokenSource
 from moe_agent.store import DTYPES, ExpertStore
 
-log = logging.getLogger("moe_agent")
 MODEL_ENV = "MOEPLACE_MODEL"
 
 

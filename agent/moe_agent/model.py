@@ -68,8 +68,10 @@ class SlotExperts(nn.Module):
             if weights is None:
                 raise RuntimeError(f"slot {slot}: tokens routed to a slot without weights")
             rows = torch.nonzero(local_slot == slot).squeeze(1)
-            expert_out = weights.forward(hidden[rows].to(weights.w_gate.dtype))
-            output[rows] = (expert_out * route_weight[rows, None].to(expert_out.dtype)).to(output.dtype)
+            # The store may keep weights elsewhere (CPU) than the routing runs (--device).
+            expert_out = weights.forward(hidden[rows].to(weights.w_gate.device, weights.w_gate.dtype))
+            weighted = expert_out * route_weight[rows, None].to(expert_out.device, expert_out.dtype)
+            output[rows] = weighted.to(output.device, output.dtype)
         return output
 
 
