@@ -361,6 +361,9 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
     gpus = topology.gpus_per_node
     resources = json.loads(json.dumps(engine.resources)) if engine.resources else {}
     resources.setdefault("limits", {}).setdefault("nvidia.com/gpu", gpus)
+    for kind in ("limits", "requests"):  # quantities are strings in the API
+        if isinstance(resources.get(kind), dict):
+            resources[kind] = {name: str(value) for name, value in resources[kind].items()}
     placement_file = f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"
     token_env: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = [

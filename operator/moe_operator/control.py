@@ -434,8 +434,12 @@ class Controller:
         metrics.set(om.AGENTS_EXPECTED, len(agents))
         if not agents:
             metrics.set(om.AGENTS_REACHABLE, 0)
-            writer.condition("Degraded", False, "NoAgents", "no agents announced in the Endpoints yet")
-            await writer.patch(agentsExpected=0, agentsReachable=0, lastCycleTime=now_iso(), lastCycleResult="no agents")
+            degraded = next((c for c in writer.conditions if c.get("type") == "Degraded"), {})
+            if degraded.get("reason") != "NoAgents" or status.get("lastCycleResult") != "no agents":
+                writer.condition("Degraded", False, "NoAgents", "no agents announced in the Endpoints yet")
+                await writer.patch(
+                    agentsExpected=0, agentsReachable=0, lastCycleTime=now_iso(), lastCycleResult="no agents"
+                )
             return "no agents"
         try:
             client = await self._client(body, resolved)
@@ -770,6 +774,7 @@ class Controller:
         name = builders.migration_configmap_name(ctx.name)
         if outcome.state == "Stalled":
             metrics.error("agent")
+            metrics.migration_step("failed")
             metrics.migrating(True)
             ctx.writer.condition("Degraded", True, "MigrationStalled", outcome.message)
             await ctx.writer.patch(migration=dict(migration), message=outcome.message, lastCycleResult="migration stalled")

@@ -31,7 +31,9 @@ RUNTIME: dict[str, Any] = {}
 
 # While waiting for something (the initial placement, agents), cycles come this often at most.
 WAIT_INTERVAL_S = float(os.environ.get("MOEPLACE_WAIT_INTERVAL_S", "3"))
-_WAITING = ("pending", "no agents", "agents unavailable", "migration stalled", "agents diverged", "adopted")
+_WAITING = ("pending", "agents unavailable", "migration stalled", "agents diverged", "adopted")
+# With no agents announced at all (the workload is not up yet), look again less often.
+NO_AGENTS_INTERVAL_S = float(os.environ.get("MOEPLACE_NO_AGENTS_INTERVAL_S", "15"))
 
 
 def _event(body: Any, kind: str, reason: str, message: str) -> None:
@@ -118,6 +120,8 @@ async def rebalance(
         interval = float(((body.get("spec") or {}).get("placement") or {}).get("rebalanceIntervalSeconds", 300))
         if result in _WAITING or result == "error" or result.startswith("kubernetes"):
             interval = min(interval, WAIT_INTERVAL_S)
+        elif result == "no agents":
+            interval = min(interval, NO_AGENTS_INTERVAL_S)
         await stopped.wait(interval)
     if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
         ctl.forget(namespace, name)

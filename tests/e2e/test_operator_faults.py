@@ -164,3 +164,41 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
         assert checker.violations == [], checker.violations[:5]
     finally:
         agents.stop()
+
+
+def test_spec_change_and_pause_mid_migration(api, operator, prometheus_factory, tmp_path_factory):
+    """Pausing (a spec change) mid-migration stops it at a stage boundary with the intermediate map
+    published; nothing moves while paused; unpausing re-plans and finishes."""
+    namespace, name = "e2e-pause", "moe"
+    agents, prometheus = start_stack(api, prometheus_factory, tmp_path_factory, namespace, name)
+    try:
+        with ReplicaChecker(agents, L, E) as checker:
+            api.create(namespace, manifest(
+                name, namespace, prometheus.url,
+                migration={"maxStepsInFlight": 1, "maxConcurrentTransfers": 1, "stagePauseSeconds": 0.4},
+            ))
+            wait_for(
+                lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "Running"
+                and m.get("stage", 0) >= 1, 120, "a running migration",
+            )
+            api.patch_spec(namespace, name, {"placement": {"paused": True}})
+            stopped = wait_for(
+                lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "Interrupted" and m,
+                60, "the migration interrupted at a stage boundary",
+            )
+            assert 1 <= stopped["stage"] < stopped["stages"]
+            wait_for(lambda: all_serve_published(api, agents, namespace, name), 30, "agents on the intermediate map")
+            published = api.published(namespace, name)
+            wait_for(lambda: api.status(namespace, name).get("lastCycleResult") == "paused", 30, "a paused cycle")
+            first = api.status(namespace, name)["lastCycleTime"]
+            wait_for(lambda: api.status(namespace, name)["lastCycleTime"] > first, 30, "another paused cycle")
+            assert api.published(namespace, name)[1] == published[1], "nothing moves while paused"
+            api.patch_spec(namespace, name, {"placement": {"paused": False}, "migration": {"stagePauseSeconds": 0}})
+            wait_for(
+                lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "Completed"
+                and m.get("planId") != stopped["planId"], 120, "a new plan completed after unpausing",
+            )
+            wait_for(lambda: all_serve_published(api, agents, namespace, name), 60, "agents on the published map")
+        assert checker.violations == [], checker.violations[:5]
+    finally:
+        agents.stop()

@@ -42,6 +42,7 @@ L, E = TINY_SHAPE["numLayers"], TINY_SHAPE["numExperts"]
 @pytest.fixture(scope="module")
 def api(control_plane) -> Api:
     admin = Api(control_plane.kubeconfig)
+    admin.install_monitoring_crds()  # before the operator starts: it looks for them at reconcile
     admin.install_crd()
     admin.bind_operator_role("operator")
     return admin
@@ -110,6 +111,9 @@ def test_apply_rebalance_migrate(api, operator, stack):
         assert configmap["metadata"]["ownerReferences"][0]["uid"] == uid
         assert builders.SGLANG_KEY in configmap["data"] and builders.PLACEMENT_KEY in configmap["data"]
         wait_for(lambda: api.status(namespace, NAME).get("gpus") == 4, 30, "status.gpus")
+        for plural, object_name in (("podmonitors", f"{NAME}-agents"), ("prometheusrules", f"{NAME}-alerts")):
+            owned = api.custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, plural, object_name)
+            assert owned["metadata"]["ownerReferences"][0]["uid"] == uid
 
         # Metrics flow from the agents through Prometheus into the operator.
         wait_for(lambda: api.condition(namespace, NAME, "MetricsAvailable").get("status") == "True", 60,
@@ -263,3 +267,27 @@ def test_invalid_manifests_are_rejected_or_marked_invalid(api, operator):
         assert message.startswith(field), f"{what}: {message!r} does not start with {field}"
     print(f"{len(rejected)} rejected by the API server, {len(created)} marked Invalid by the operator")
     assert rejected and created
+
+
+def test_serving_workload_engine_and_reference(api, operator):
+    """spec.serving.engine: the operator deploys a StatefulSet with agent sidecars (no kubelet here:
+    what it writes is checked); spec.serving.workloadRef to a missing workload: Ready=False."""
+    namespace = api.namespace("e2e-serving")
+    body = manifest("engine", namespace, "http://127.0.0.1:9", serving={"engine": {"image": "sglang:test"}})
+    api.create(namespace, body)
+    apps = __import__("kubernetes").client.AppsV1Api(api.api_client)
+    sts = wait_for(lambda: apps.read_namespaced_stateful_set("engine-engine", namespace), 30, "the StatefulSet")
+    assert sts.metadata.owner_references[0].name == "engine" and sts.spec.replicas == 2
+    names = [c.name for c in sts.spec.template.spec.containers]
+    assert names == ["engine", "agent-0", "agent-1"]
+    service = api.core.read_namespaced_service("engine-agents", namespace)
+    assert service.spec.selector == builders.engine_selector("engine")
+    wait_for(lambda: api.status(namespace, "engine").get("phase") == "Ready", 30, "Ready")
+
+    api.create(namespace, manifest("ref", namespace, "http://127.0.0.1:9",
+                                   serving={"workloadRef": {"kind": "StatefulSet", "name": "missing"}}))
+    condition = wait_for(
+        lambda: (c := api.condition(namespace, "ref", "Ready")).get("reason") == "WorkloadMissing" and c, 30,
+        "Ready=False WorkloadMissing",
+    )
+    assert condition["status"] == "False" and "spec.serving.workloadRef" in condition["message"]

@@ -97,6 +97,25 @@ class Api:
         self.ext = client.ApiextensionsV1Api(self.api_client)
         self.rbac = client.RbacAuthorizationV1Api(self.api_client)
 
+    def install_monitoring_crds(self) -> None:
+        """Minimal stand-ins of prometheus-operator's PodMonitor and PrometheusRule CRDs."""
+        for kind, plural in (("PodMonitor", "podmonitors"), ("PrometheusRule", "prometheusrules")):
+            crd = {
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+                "spec": {
+                    "group": "monitoring.coreos.com", "scope": "Namespaced",
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
+                    "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                        "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+                },
+            }
+            try:
+                self.ext.create_custom_resource_definition(crd)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+
     def install_crd(self) -> None:
         crd = build_crd()
         try:
@@ -288,6 +307,7 @@ class Operator:
     kubeconfig: Path
     token_file: Path
     metrics_port: int = field(default_factory=free_port)
+    solver_workers: int = 0
     proc: subprocess.Popen | None = None
     starts: int = 0
 
@@ -297,7 +317,7 @@ class Operator:
         argv = [
             sys.executable, "-m", "moe_operator", "--kubeconfig", str(self.kubeconfig), "--all-namespaces",
             "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
-            "--agent-token-file", str(self.token_file), "--solver-workers", "0",
+            "--agent-token-file", str(self.token_file), "--solver-workers", str(self.solver_workers),
         ]
         run_env = env()
         run_env["MOEPLACE_WAIT_INTERVAL_S"] = "1"

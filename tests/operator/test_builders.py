@@ -87,7 +87,7 @@ def test_engine_statefulset():
     assert pod["metadata"]["labels"][builders.LABEL_DEPLOYMENT] == "demo"
     containers = pod["spec"]["containers"]
     assert [c["name"] for c in containers] == ["engine", "agent-0", "agent-1"]
-    assert containers[0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert containers[0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert {"name": "A", "value": "1"} in containers[0]["env"]
     assert containers[2]["ports"][0] == {"name": "rank-1", "containerPort": 9401, "protocol": "TCP"}
     assert "--rank $(( ${POD_NAME##*-} * 2 + 1 ))" in containers[2]["args"][0]
