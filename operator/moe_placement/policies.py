@@ -7,6 +7,7 @@ trouble: they return the best valid placement they have and say so in ``SolverIn
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,3 +155,25 @@ def plan(
     placement = Placement(mapping, model.num_experts, topology.slots_per_gpu)
     placement.check_topology(model, topology)
     return PlanResult(policy=policy, placement=placement, solver=solver, solve_seconds=elapsed)
+
+
+def _deferred(module: str, name: str) -> PolicyFn:
+    """The policy ``name`` of ``module``, imported on first call (those modules import this one)."""
+
+    def policy(
+        profile: WorkloadProfile, model: ModelShape, topology: Topology, options: PolicyOptions
+    ) -> tuple[np.ndarray, SolverInfo]:
+        return getattr(importlib.import_module(module), name)(profile, model, topology, options)
+
+    policy.__name__ = name
+    return policy
+
+
+# Solver-backed and workload-aware policies (issue 3).
+POLICIES.update(
+    ilp=_deferred("moe_placement.ilp", "policy_ilp"),
+    metro_aware=_deferred("moe_placement.metro", "policy_metro_aware"),
+    locality=_deferred("moe_placement.locality", "policy_locality"),
+    auto=_deferred("moe_placement.auto", "policy_auto"),
+    migration_aware=_deferred("moe_placement.migration", "policy_migration_aware"),
+)

@@ -9,6 +9,8 @@ torch routers must give the same slots on the same input, so tie-breaking is par
 - ``metro`` (METRO greedy): all tokens of an expert go to one replica. Experts are taken in order of
   (fewest replicas, most tokens, lowest id); each picks, among the GPUs holding it, the one with the
   fewest activated experts so far, then the fewest tokens, then the lowest slot.
+- ``exact`` (evaluation only, ``moe_placement.metro``): the fewest activated experts on the busiest
+  GPU, by augmenting paths; each expert's tokens to its lowest slot on the GPU it is matched to.
 
 Shapes: B tokens, k choices, E experts, R most replicas of an expert, N slots, G GPUs.
 """
@@ -106,12 +108,22 @@ def route_metro(
     return chosen_slot[inverse].reshape(expert_ids.shape)
 
 
+def route_exact(
+    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
+    """Exact METRO (``moe_placement.metro.route_exact``, which imports this module), for evaluation."""
+    from moe_placement.metro import route_exact as exact
+
+    return exact(layout, expert_ids, source_gpu, uniform)
+
+
 Router = Callable[[ReplicaLayout, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 ROUTERS: dict[str, Router] = {
     "random": route_random,
     "local_first": route_local_first,
     "metro": route_metro,
+    "exact": route_exact,
 }
 
 
