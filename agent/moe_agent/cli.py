@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="divide each expert's FFN width by this, to fit memory (default 1)")
     shape.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="expert weight dtype")
     shape.add_argument("--router", choices=sorted(ROUTERS), default="metro", help="token -> replica router")
-    shape.add_argument("--forward-budget", type=int, default=32,
+    shape.add_argument("--forward-budget", type=int, default=8,
                        help="(token, choice) pairs per layer per step the expert FFNs run on (CPU budget)")
     shape.add_argument("--window-seconds", type=float, default=60.0, help="recorder window (default 60)")
     shape.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

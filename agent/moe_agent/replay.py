@@ -108,7 +108,7 @@ class ReplayEngine:
         router: str = "metro",
         seed: int = 0,
         start_time: float | None = None,
-        forward_budget: int = 32,
+        forward_budget: int = 8,
     ) -> None:
         if tokens_per_second <= 0 or batch_tokens <= 0:
             raise ValueError("tokens_per_second and batch_tokens must be > 0")
