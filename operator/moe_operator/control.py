@@ -25,6 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor
 from concurrent.futures import Executor as PoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -199,8 +200,10 @@ class Controller:
         agent_token: str | None = None,
         agent_timeout_s: float = 10.0,
         prometheus_url: str | None = None,
+        pool_factory: Callable[[], PoolExecutor] | None = None,
     ) -> None:
         self.kube = kube
+        self.pool_factory = pool_factory
         self.prometheus_url = prometheus_url or os.environ.get(
             "MOEPLACE_PROMETHEUS_URL", "http://prometheus-operated.monitoring.svc:9090"
         )
@@ -630,10 +633,26 @@ class Controller:
         )
 
     async def _solve(self, request: SolveRequest) -> SolveResult:
+        """Solve in the worker pool; a worker that dies or overruns its time limit by far is replaced."""
         loop = asyncio.get_running_loop()
         if self.pool is None:
             return await asyncio.to_thread(solve_and_gate, request)
-        return await loop.run_in_executor(self.pool, solve_and_gate, request)
+        deadline = request.time_limit_s * 4 + 120
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.pool, solve_and_gate, request), deadline)
+        except (BrokenExecutor, TimeoutError) as error:
+            self._replace_pool()
+            what = f"no answer in {deadline:.0f}s" if isinstance(error, TimeoutError) else "the worker died"
+            raise RuntimeError(f"solver: {what}; worker replaced") from None
+
+    def _replace_pool(self) -> None:
+        old = self.pool
+        if self.pool_factory is None or old is None:
+            return
+        self.pool = self.pool_factory()
+        for process in list(getattr(old, "_processes", {}).values()):
+            process.kill()
+        old.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------
     # Migrations

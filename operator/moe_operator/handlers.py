@@ -64,13 +64,16 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="moeplace-io"))
     workers = int(os.environ.get("MOEPLACE_SOLVER_WORKERS", "1"))
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
     pool = None
     if workers > 0:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = new_pool()
         await loop.run_in_executor(pool, warm_up)
     kube = Kube(await asyncio.to_thread(load_config, os.environ.get("KUBECONFIG") or None))
-    RUNTIME["pool"] = pool
-    RUNTIME["controller"] = Controller(kube, pool=pool, event=_event)
+    RUNTIME["controller"] = Controller(kube, pool=pool, event=_event, pool_factory=new_pool if pool else None)
 
 
 @kopf.on.cleanup()
@@ -78,9 +81,8 @@ async def cleanup(**_: Any) -> None:
     ctl = RUNTIME.pop("controller", None)
     if ctl is not None:
         await ctl.close()
-    pool = RUNTIME.pop("pool", None)
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if ctl.pool is not None:
+            ctl.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

@@ -101,12 +101,31 @@ class Snapshot:
 
     answers: dict[int, dict[str, Any]]
     errors: dict[int, AgentError] = field(default_factory=dict)
+    _slots: dict[int, dict[tuple[int, int], tuple[int, str]]] = field(default_factory=dict, repr=False)
+
+    def _index(self, rank: int) -> dict[tuple[int, int], tuple[int, str]]:
+        if rank not in self._slots:
+            self._slots[rank] = {
+                (int(entry["layer"]), int(entry["slot"])): (int(entry["expert"]), str(entry["state"]))
+                for entry in self.answers.get(rank, {}).get("slots") or []
+            }
+        return self._slots[rank]
 
     def slot_state(self, rank: int, layer: int, slot: int) -> tuple[int, str] | None:
-        for entry in self.answers.get(rank, {}).get("slots") or []:
-            if int(entry.get("layer", -1)) == layer and int(entry.get("slot", -1)) == slot:
-                return int(entry["expert"]), str(entry["state"])
-        return None
+        return self._index(rank).get((layer, slot))
+
+    def set_slot(self, rank: int, layer: int, slot: int, expert: int, state: str) -> None:
+        """Record what a successful stage or retire call did (``state`` ``empty`` removes)."""
+        index = self._index(rank)
+        if state == "empty":
+            index.pop((layer, slot), None)
+        else:
+            index[(layer, slot)] = (expert, state)
+
+    def update(self, rank: int, answer: Mapping[str, Any]) -> None:
+        """An agent's fresh /v1/placement answer (activation answers are one)."""
+        self.answers[rank] = dict(answer)
+        self._slots.pop(rank, None)
 
     @property
     def max_generation(self) -> int:
@@ -166,19 +185,27 @@ class Executor:
     on_step: Callable[[str, float], None] = lambda result, bytes_moved: None
     prefix: str = RUN_ID
 
+    view: Snapshot | None = None
+
     def _owner(self, slot: int) -> int:
         return int(slot) // self.slots_per_gpu
 
     async def _snapshot(self, need_all: bool = True) -> Snapshot:
+        """A fresh view of every agent (at the start and after a failure; steps that succeed keep the
+        view current from their answers, so a run reads full placements only then)."""
         last: Snapshot | None = None
         for attempt in range(self.options.retries + 1):
             last = await snapshot(self.client, self.agents)
             if not last.errors or not need_all:
+                self.view = last
                 return last
             await asyncio.sleep(self.options.backoff_s * 2**attempt)
         assert last is not None
         ranks = ", ".join(f"{rank} ({error.message})" for rank, error in sorted(last.errors.items()))
         raise StepFailed(f"agents unreachable: {ranks}")
+
+    async def _current(self) -> Snapshot:
+        return self.view if self.view is not None else await self._snapshot()
 
     async def run(self, source_map: np.ndarray, plan: PlanLike, progress: Progress) -> Outcome:
         stages = list(plan.stages)
@@ -204,7 +231,7 @@ class Executor:
                     )
         final = maps[-1]
         if generation == 0:
-            generation = (await self._snapshot()).max_generation
+            generation = (await self._current()).max_generation
         return Outcome("Completed", final, generation, progress, f"{len(stages)} stages")
 
     async def _run_stage(
@@ -238,7 +265,7 @@ class Executor:
     async def _stage_copies(self, index: int, copies: Sequence[Any], prev: np.ndarray) -> float:
         if not copies:
             return 0.0
-        view = await self._snapshot()
+        view = await self._current()
         semaphore = asyncio.Semaphore(self.options.max_concurrent_transfers)
         moved = 0.0
 
@@ -250,6 +277,8 @@ class Executor:
 
         results = await asyncio.gather(*(one(n, c) for n, c in enumerate(copies)), return_exceptions=True)
         failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            self.view = None  # something went wrong: read the agents again before the next step
         for failure in failures:
             if not isinstance(failure, StepFailed):
                 raise failure
@@ -281,6 +310,7 @@ class Executor:
             return 0.0  # done before (a resumed stage)
         if held is not None and held[1] == "staged":
             await self.client.retire(url, f"{self.prefix}-clean-s{index}-c{number}", copy.layer, copy.target_slot)
+            view.set_slot(target, copy.layer, copy.target_slot, -1, "empty")
         sources = self._sources(copy, prev, view)
         errors = []
         for attempt in range(self.options.retries + 1):
@@ -293,6 +323,7 @@ class Executor:
                     timeout_s=self.options.step_timeout_s,
                 )
                 bytes_moved = float(answer.get("bytes", getattr(copy, "bytes", 0.0)) or 0.0)
+                view.set_slot(target, copy.layer, copy.target_slot, copy.expert, "staged")
                 self.on_step("ok", bytes_moved)
                 return bytes_moved
             except AgentError as error:
@@ -322,7 +353,7 @@ class Executor:
         """Activate ``mapping`` on every agent not already serving one of ``skip_hashes``; ranks in
         ``last`` after all others. Returns the generation used (or the live one when nothing ran)."""
         for attempt in range(self.options.retries + 1):
-            view = await self._snapshot()
+            view = await self._current() if attempt == 0 else await self._snapshot()
             pending = [
                 rank for rank in sorted(self.agents)
                 if view.answers[rank].get("hash") not in skip_hashes
@@ -343,12 +374,19 @@ class Executor:
                     ),
                     return_exceptions=True,
                 )
-                failed += [str(result) for result in results if isinstance(result, BaseException)]
+                for rank, result in zip(group, results):
+                    if isinstance(result, BaseException):
+                        failed.append(str(result))
+                    elif isinstance(result, Mapping) and "hash" in result:
+                        view.update(rank, result)
+                    else:
+                        self.view = None
                 if failed:
                     break  # never retire on owners while a router elsewhere may still use the slot
             if not failed:
                 self.on_step("ok", 0.0)
                 return generation
+            self.view = None
             self.on_step("retried", 0.0)
             logger.warning("activation %s failed (attempt %s): %s", name, attempt, failed[:2])
             await asyncio.sleep(self.options.backoff_s * 2**attempt)

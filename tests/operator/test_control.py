@@ -299,3 +299,38 @@ def test_kube_errors_become_retries(stack):
     kube.ensure_service = broken
     with pytest.raises(control.Retry):
         asyncio.run(ctl.reconcile(kube.body))
+
+
+def _crash(_request):
+    import os
+
+    os._exit(3)
+
+
+def test_a_dead_solver_worker_is_replaced(stack, monkeypatch):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    kube, cluster, _ = stack()
+
+    def factory():
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+
+    ctl = control.Controller(kube, pool=factory(), agent_token=TOKEN, pool_factory=factory)
+    monkeypatch.setattr(control, "solve_and_gate", _crash)
+    first = ctl.pool
+
+    async def main():
+        await cluster.start()
+        try:
+            announce(kube, cluster)
+            await ctl.reconcile(kube.body)
+            assert await ctl.cycle("ns", "demo") == "solver failed"
+            assert "worker replaced" in kube.body["status"]["message"]
+            assert ctl.pool is not first
+        finally:
+            await ctl.close()
+            await cluster.stop()
+            ctl.pool.shutdown()
+
+    asyncio.run(main())
