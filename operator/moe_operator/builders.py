@@ -283,7 +283,19 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
         "spec": {
             "selector": {"matchLabels": {LABEL_DEPLOYMENT: name}},
             "podMetricsEndpoints": [
-                {"port": port["name"], "path": "/metrics", "interval": "15s"}
+                {
+                    "port": port["name"],
+                    "path": "/metrics",
+                    "interval": "15s",
+                    # the agents' series carry the MoEDeployment's name as `deployment` (and
+                    # prometheus-operator adds `namespace`): spec.metrics.matchLabels can select them
+                    "relabelings": [
+                        {
+                            "sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"],
+                            "targetLabel": "deployment",
+                        }
+                    ],
+                }
                 for port in agent_ports(resolved)
             ],
         },
@@ -291,7 +303,9 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
 
 
 def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
-    """Alerts on imbalance, a stalled migration and missing metrics (operator's own series)."""
+    """Per-deployment alerts with this resource's thresholds (``spec.alerts``) on the operator's own
+    series: imbalance, a stalled migration, missing metrics. The chart's PrometheusRule holds the
+    fleet-wide defaults (``MoEPlace*``); these are named ``MoEDeployment*``."""
     meta = owner["metadata"]
     alerts = resolved.spec.alerts
     match = f'namespace="{meta["namespace"]}",deployment="{meta["name"]}"'
@@ -306,7 +320,7 @@ def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> di
                     "name": f"moeplace-{meta['namespace']}-{meta['name']}",
                     "rules": [
                         {
-                            "alert": "MoEPlacementImbalanced",
+                            "alert": "MoEDeploymentImbalanced",
                             "expr": f"moeplace_operator_imbalance{{{match}}} > {alerts.imbalance_threshold}",
                             "for": "10m",
                             "labels": labels,
@@ -316,7 +330,7 @@ def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> di
                             },
                         },
                         {
-                            "alert": "MoEMigrationStalled",
+                            "alert": "MoEDeploymentMigrationStalled",
                             "expr": (
                                 f"moeplace_operator_migration_in_progress{{{match}}} == 1 and on(namespace, deployment) "
                                 f"(time() - moeplace_operator_migration_last_progress_timestamp_seconds{{{match}}}) "
@@ -326,7 +340,7 @@ def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> di
                             "annotations": {"summary": "An expert migration made no progress"},
                         },
                         {
-                            "alert": "MoEMetricsMissing",
+                            "alert": "MoEDeploymentMetricsMissing",
                             "expr": f"moeplace_operator_metrics_available{{{match}}} == 0",
                             "for": f"{alerts.metrics_missing_seconds}s",
                             "labels": labels,

@@ -101,9 +101,11 @@ def test_monitoring_objects():
     monitor = builders.build_podmonitor(OWNER, resolved())
     assert monitor["kind"] == "PodMonitor"
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["rank-0", "rank-1"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"] == "deployment"
     rule = builders.build_prometheusrule(OWNER, resolved(alerts={"imbalanceThreshold": 1.7}))
     rules = rule["spec"]["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"MoEPlacementImbalanced", "MoEMigrationStalled", "MoEMetricsMissing"}
+    assert {r["alert"] for r in rules} == {"MoEDeploymentImbalanced", "MoEDeploymentMigrationStalled",
+                                            "MoEDeploymentMetricsMissing"}
     assert "> 1.7" in rules[0]["expr"] and 'deployment="demo"' in rules[0]["expr"]
 
 
