@@ -414,6 +414,11 @@ class Controller:
         writer = StatusWriter(self.kube, body)
         configmap = await self.kube.get_configmap(namespace, builders.placement_configmap_name(name))
         if configmap is None:
+            # Deleted behind our back: reconcile again (adopts what the agents serve, if they agree).
+            try:
+                await self._reconcile(body, resolved, writer, metrics)
+            except Retry as error:
+                logger.info("%s/%s: placement ConfigMap missing, reconcile: %s", namespace, name, error)
             return "pending"
         try:
             published, generation, policy = builders.parse_placement_configmap(

@@ -334,3 +334,26 @@ def test_a_dead_solver_worker_is_replaced(stack, monkeypatch):
             ctl.pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_deleted_placement_configmap_is_recreated_from_the_agents(stack):
+    kube, cluster, ctl = stack()
+
+    async def main():
+        await cluster.start()
+        try:
+            announce(kube, cluster)
+            await ctl.reconcile(kube.body)
+            assert await ctl.cycle("ns", "demo") == "applied"
+            live = cluster.maps()
+            generation = cluster.agents[0].generation
+            del kube.configmaps["demo-placement"]
+            assert await ctl.cycle("ns", "demo") == "pending"
+            cm = kube.configmaps["demo-placement"]
+            assert cm["data"]["hash"] in live and int(cm["data"]["generation"]) == generation
+            assert cm["data"]["policy"] == "adopted"
+        finally:
+            await ctl.close()
+            await cluster.stop()
+
+    asyncio.run(main())
