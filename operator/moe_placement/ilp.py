@@ -24,6 +24,7 @@ Shapes: L layers, E experts, G GPUs, N nodes, S slots per GPU, n items of one pa
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import highspy
@@ -88,11 +89,12 @@ def solve_milp(problem: pulp.LpProblem, time_limit_s: float, gap_rel: float = MI
     except Exception:  # noqa: BLE001 - any solver trouble means: try the next solver
         pass
     try:
-        problem.solve(
-            pulp.PULP_CBC_CMD(
+        with warnings.catch_warnings():  # PuLP 3.3 marks its bundled CBC deprecated; it still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cbc = pulp.PULP_CBC_CMD(
                 msg=False, timeLimit=max(time_limit_s, 1.0), threads=1, gapRel=gap_rel, warmStart=True
             )
-        )
+        problem.solve(cbc)
         if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             label = "feasible" if problem.sol_status == pulp.LpSolutionOptimal else "time_limit"
             return MilpResult(label, pulp.value(problem.objective), None, "cbc")
@@ -113,13 +115,15 @@ def worst_status(statuses: list[str]) -> str:
 def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
     """Replicas of each expert, [L, E] from load [L, E]: one each, then every extra slot to the
     expert with the largest load per replica (which minimises the heaviest replica), at most
-    ``max_replicas`` each."""
+    ``max_replicas`` each (slots that no expert may take stay empty)."""
     num_layers, num_experts = load.shape
     counts = np.ones((num_layers, num_experts), dtype=np.int64)
     rows = np.arange(num_layers)
     for _ in range(num_slots - num_experts):
         per_replica = np.where(counts < max_replicas, load / counts, -np.inf)
-        counts[rows, np.argmax(per_replica, axis=1)] += 1
+        hottest = np.argmax(per_replica, axis=1)
+        room = np.isfinite(per_replica[rows, hottest])
+        counts[rows[room], hottest[room]] += 1
     return counts
 
 
@@ -129,7 +133,7 @@ def greedy_packing(
     """Heaviest replica first to the lightest group with a free slot that holds fewer than ``cap``
     copies of its expert (LPT). weight, copies, cap: [n] -> copies per group [n, num_groups].
 
-    Needs sum(copies) == num_groups * group_slots and copies <= cap * num_groups."""
+    Needs sum(copies) <= num_groups * group_slots and copies <= cap * num_groups."""
     count = np.zeros((len(weight), num_groups), dtype=np.int64)
     free = np.full(num_groups, group_slots)
     items = np.repeat(np.arange(len(weight)), copies)
@@ -181,9 +185,9 @@ def pack_ilp(
     scale = max(float(weight.sum()) / num_groups, 1e-12)  # the ILP sees loads relative to the mean
     items, groups = range(len(weight)), range(num_groups)
     problem = pulp.LpProblem("stage1_packing", pulp.LpMinimize)
-    busiest = pulp.LpVariable("busiest", lowBound=0)
+    busiest = problem.add_variable("busiest", lowBound=0)
     x = {
-        (i, g): pulp.LpVariable(f"x_{i}_{g}", 0, int(cap[i]), cat=pulp.LpInteger)
+        (i, g): problem.add_variable(f"x_{i}_{g}", 0, int(cap[i]), cat=pulp.LpInteger)
         for i in items
         for g in groups
     }
@@ -191,7 +195,7 @@ def pack_ilp(
     for i in items:
         problem += pulp.lpSum(x[i, g] for g in groups) == int(copies[i])
     for g in groups:
-        problem += pulp.lpSum(x[i, g] for i in items) == group_slots
+        problem += pulp.lpSum(x[i, g] for i in items) <= group_slots
         problem += pulp.LpAffineExpression([(x[i, g], weight[i] / scale) for i in items]) <= busiest
     for (i, g), var in x.items():
         var.setInitialValue(int(greedy[i, g]))
@@ -202,7 +206,7 @@ def pack_ilp(
     solution = np.array([[round(x[i, g].value() or 0) for g in groups] for i in items], dtype=np.int64)
     valid = (
         np.array_equal(solution.sum(1), copies)
-        and np.all(solution.sum(0) == group_slots)
+        and np.all(solution.sum(0) <= group_slots)
         and np.all(solution >= 0)
         and np.all(solution <= cap[:, None])
     )
