@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,9 +126,9 @@ def bench_many(count: int, workdir: Path) -> dict:
 
 
 class Exporter:
-    """64 ranks' expert-token counters on one endpoint (a fake exporter process stand-in, in a thread
-    of its own HTTP server): rank r hosts the experts of its slots in the linear placement; the
-    counters grow with a Zipf-skewed rate so that the linear placement is imbalanced."""
+    """A fake exporter process: 64 ranks' expert-token counters on one endpoint. Rank r hosts the
+    experts of its slots in the linear placement; the counters grow with a Zipf-skewed rate so that
+    the linear placement is imbalanced."""
 
     def __init__(self, num_layers: int, num_experts: int, num_gpus: int, slots: int, seed: int = 0) -> None:
         from moe_placement.baselines import linear_placement
@@ -156,8 +155,12 @@ class Exporter:
             def log_message(self, *_args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.handler = Handler
+        self.process = multiprocessing.get_context("fork").Process(target=self._serve, daemon=True)
+        self.process.start()
+
+    def _serve(self) -> None:
+        ThreadingHTTPServer(("127.0.0.1", self.port), self.handler).serve_forever()
 
     @property
     def series(self) -> int:
@@ -177,7 +180,8 @@ class Exporter:
         return "\n".join(lines) + "\n"
 
     def stop(self) -> None:
-        self.server.shutdown()
+        self.process.terminate()
+        self.process.join(10)
 
 
 def bench_cycle(workdir: Path, policy: str, redundant: int, scrapes: int = 5) -> dict:
