@@ -22,25 +22,25 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from aiohttp import web
-from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
 from moe_placement.baselines import linear_placement
 from moe_placement.models import ModelShape, Placement, PlacementError, Topology, format_validation_error
 from moe_placement.presets import MODEL_PRESETS, parse_topology
+from moe_placement.routing import ROUTERS as REFERENCE_ROUTERS
 from moe_placement.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 from moe_placement.traces import load_trace
-from moe_agent.agent import AgentCore
-from moe_agent.model import ReplayMoEModel
-from moe_agent.recorder import RoutingRecorder, attach
-from moe_agent.replay import ReplayEngine, TokenStream
-from moe_agent.router import ROUTERS
-from moe_agent.server import AgentServer, ServerOptions, TokenSource
-from moe_agent.store import DTYPES, ExpertStore
 
+if TYPE_CHECKING:
+    from moe_agent.replay import ReplayEngine, TokenStream
+    from moe_agent.server import AgentServer
+
+# torch and the modules built on it are imported by `run` only: every `moeplace` command builds this
+# parser, and importing torch costs seconds.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+ROUTER_NAMES = tuple(name for name in REFERENCE_ROUTERS if name != "exact")
 MODEL_ENV = "MOEPLACE_MODEL"
 
 
@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="initial placement (moeplace or SGLang JSON; default: linear)")
     shape.add_argument("--expert-scale", type=int, default=1,
                        help="divide each expert's FFN width by this, to fit memory (default 1)")
-    shape.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="expert weight dtype")
-    shape.add_argument("--router", choices=sorted(ROUTERS), default="metro", help="token -> replica router")
+    shape.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="expert weight dtype")
+    shape.add_argument("--router", choices=ROUTER_NAMES, default="metro", help="token -> replica router")
     shape.add_argument("--forward-budget", type=int, default=8,
                        help="(token, choice) pairs per layer per step the expert FFNs run on (CPU budget)")
     shape.add_argument("--window-seconds", type=float, default=60.0, help="recorder window (default 60)")
@@ -136,6 +136,8 @@ def load_initial_placement(path: Path | None, shape: ModelShape, topology: Topol
 
 def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
     """The token stream the flags describe, checked against the model's shape."""
+    from moe_agent.replay import TokenStream
+
     if args.replay == "synthetic":
         base = SYNTHETIC_PRESETS.get(shape.name, SyntheticConfig())
         config = replace(
@@ -169,6 +171,16 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
 
 def run(args: argparse.Namespace) -> int:
     """Build the agent from the flags and serve until SIGINT / SIGTERM."""
+    import torch
+    from prometheus_client import disable_created_metrics
+
+    from moe_agent.agent import AgentCore
+    from moe_agent.model import ReplayMoEModel
+    from moe_agent.recorder import RoutingRecorder, attach
+    from moe_agent.replay import ReplayEngine
+    from moe_agent.server import AgentServer, ServerOptions, TokenSource
+    from moe_agent.store import DTYPES, ExpertStore
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(max(args.threads, 1))
     disable_created_metrics()  # *_created series would double the agent's series for no use
@@ -219,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(server: AgentServer, engine: ReplayEngine | None, host: str, port: int) -> None:
+    from aiohttp import web
+
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
