@@ -17,13 +17,20 @@ import time
 import numpy as np
 
 from moe_placement.ilp import replica_counts
-from moe_placement.locality import coplace_nodes, greedy_nodes, locality_score, pair_matrices
+from moe_placement.locality import (
+    BALANCE_TOLERANCE,
+    coplace_nodes,
+    greedy_nodes,
+    locality_score,
+    pair_matrices,
+)
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
 from moe_placement.policies import PolicyOptions, SolverInfo
 from moe_placement.routing import ReplicaLayout, replica_layouts, route_metro
 from moe_placement.traces import sample_tokens
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
+MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
 
 
 def min_max_assignment(candidates: list[np.ndarray], num_gpus: int) -> tuple[np.ndarray, int]:
@@ -217,7 +224,16 @@ def policy_metro_aware(
     node_slots = capacity.reshape(topology.num_nodes, topology.gpus_per_node).sum(1)
     ones = np.ones((num_layers, num_experts), dtype=np.int64)
     start = np.stack([greedy_nodes(load[l], ones[l], node_slots) for l in range(num_layers)])
-    presence = coplace_nodes(profile, ones, node_slots, initial=start, deadline=started + 0.5 * options.time_limit_s)
+    # Where streaming the experts takes longer than computing the tokens (decode), a node may take
+    # more tokens until compute catches up: locality then buys more than token balance.
+    tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
+    compute = tokens_per_gpu * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
+    memory = capacity.max() * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
+    tolerance = float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
+    presence = coplace_nodes(
+        profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
+        deadline=started + 0.5 * options.time_limit_s,
+    )
     transitions, _ = pair_matrices(profile)
 
     rng = np.random.default_rng(options.seed)
@@ -256,7 +272,8 @@ def policy_metro_aware(
         objective_name="expected activated experts per GPU per layer (mean; the busiest is at most "
         f"{activated_cap} with METRO routing when only primaries are used)",
         notes=[
-            f"primaries: at most {activated_cap} per GPU; replicas added per layer: "
+            f"primaries: at most {activated_cap} per GPU, nodes within {tolerance:.0%} of the mean tokens; "
+            "replicas added per layer: "
             f"{np.mean(chosen_levels):.1f} of {extra_slots} redundant slots on average",
             f"tokens kept on their node between layers: {locality_score(on_node, counts, transitions):.1%}",
             f"batch of {profile.batch_size} tokens activates {chance.sum(1).mean():.1f} of {num_experts} experts per layer (expected)",

@@ -21,7 +21,7 @@ from moe_placement.locality import COACTIVATION_WEIGHT, node_affinity, pair_matr
 from moe_placement.models import ModelShape, Placement, PlacementError, Topology, WorkloadProfile
 from moe_placement.policies import PolicyOptions, SolverInfo
 
-LOCALITY_WEIGHT = 2.0  # one point of flow kept on its node is worth two points of max/mean tokens
+LOCALITY_WEIGHT = 4.0  # one point of flow kept on its node is worth four points of max/mean tokens
 MOVE_PENALTY = 0.01  # objective points one moved replica must buy (per layer's objective)
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +276,7 @@ def check_migration(old: Placement, plan: MigrationPlan) -> None:
 # Migration-aware re-solve
 
 RETARGET_EXPERTS = 32  # experts considered for a freed slot: the most tokens per replica
+CANDIDATES_PER_LAYER = 8  # best moves kept per layer, tried in order until one is confirmed
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ class Move:
     moved: int
 
 
-def best_move(
+def best_moves(
     layer: int,
     mapping: np.ndarray,
     previous: np.ndarray,
@@ -305,13 +306,14 @@ def best_move(
     penalty: float,
     room: float,
     tabu: set[tuple[int, int, int]],
-) -> Move | None:
-    """The best swap or retarget at ``layer`` by max/mean GPU tokens (plus a tenth of their spread)
+    flow: float,
+) -> list[Move]:
+    """The best swaps and retargets at ``layer``, best first, by max/mean GPU tokens (plus a tenth of their spread)
     minus LOCALITY_WEIGHT x the share of the layer's token flow kept on its node, plus ``penalty``
     per replica moved away from ``previous``, moving at most ``room`` more; ``tabu`` moves
     (slot, other, expert) are skipped. The locality gain is an estimate (``window_objective`` is
     exact). mapping, previous [L, N]; load [L, E]; presence [L, E, M] replicas per node; pairs:
-    ``pair_matrices``. None when nothing is legal."""
+    ``pair_matrices``; flow: ``_mean_flow(pairs)``. At most CANDIDATES_PER_LAYER moves."""
     transitions, coactivation = pairs
     row, num_experts = mapping[layer], load.shape[1]
     num_gpus, gpus_per_node = topology.num_gpus, topology.gpus_per_node
@@ -332,7 +334,6 @@ def best_move(
         layer, np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions, coactivation,
         COACTIVATION_WEIGHT,
     )
-    flow = _mean_flow(pairs)
 
     def balance(new_max: np.ndarray, square_change: np.ndarray) -> np.ndarray:
         return (new_max - busiest) / mean + 0.1 * square_change / (num_gpus * mean * mean)
@@ -357,9 +358,10 @@ def best_move(
     for slot, other, _ in tabu:
         if other >= 0:
             score[slot, other] = score[other, slot] = np.inf
-    i, j = np.unravel_index(int(np.argmin(score)), score.shape)
-    if np.isfinite(score[i, j]):
-        candidates.append(Move(float(score[i, j]), layer, int(i), int(j), -1, int(moved[i, j])))
+    for flat in _smallest(score, CANDIDATES_PER_LAYER):
+        i, j = np.unravel_index(flat, score.shape)
+        if i < j:  # a swap appears twice, (i, j) and (j, i)
+            candidates.append(Move(float(score[i, j]), layer, int(i), int(j), -1, int(moved[i, j])))
 
     # Retargets: a redundant replica's (or an empty) slot to one of the experts with the most
     # tokens per replica.
@@ -398,10 +400,19 @@ def best_move(
         for slot, other, new_expert in tabu:
             if other < 0 and slot in position and new_expert in column:
                 score_r[position[slot], column[new_expert]] = np.inf
-        a, b = np.unravel_index(int(np.argmin(score_r)), score_r.shape)
-        if np.isfinite(score_r[a, b]):
+        for flat in _smallest(score_r, CANDIDATES_PER_LAYER):
+            a, b = np.unravel_index(flat, score_r.shape)
             candidates.append(Move(float(score_r[a, b]), layer, int(slots[a]), -1, int(experts[b]), int(moved_r[a, b])))
-    return min(candidates, key=lambda move: move.score) if candidates else None
+    return sorted(candidates, key=lambda move: move.score)[:CANDIDATES_PER_LAYER]
+
+
+def _smallest(values: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the ``2 * count`` smallest finite values, [<= 2 * count]."""
+    flat = values.ravel()
+    keep = min(2 * count, flat.size)
+    index = np.argpartition(flat, keep - 1)[:keep] if keep < flat.size else np.arange(flat.size)
+    index = index[np.isfinite(flat[index])]
+    return index[np.argsort(flat[index], kind="stable")]
 
 
 def _mean_flow(pairs: tuple[np.ndarray, np.ndarray]) -> float:
@@ -411,11 +422,17 @@ def _mean_flow(pairs: tuple[np.ndarray, np.ndarray]) -> float:
 
 
 def window_objective(
-    layer: int, mapping: np.ndarray, load: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], topology: Topology
+    layer: int,
+    mapping: np.ndarray,
+    load: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
+    topology: Topology,
+    flow: float,
 ) -> float:
     """The re-solve's objective over what a change at ``layer`` touches: that layer's max/mean GPU
     tokens (plus a tenth of their spread) minus LOCALITY_WEIGHT x the flow kept on its node
-    between layer-1, layer and layer+1 and within the layer, per mean layer flow. mapping [L, N]."""
+    between layer-1, layer and layer+1 and within the layer, per mean layer flow ``flow``
+    (``_mean_flow``). mapping [L, N]."""
     transitions, coactivation = pairs
     num_layers, num_experts = load.shape
     low, high = max(layer - 1, 0), min(layer + 2, num_layers)
@@ -432,7 +449,7 @@ def window_objective(
     tokens = np.where(row >= 0, weight[np.maximum(row, 0)], 0.0).reshape(topology.num_gpus, -1).sum(1)
     mean = max(float(load[layer].sum()) / topology.num_gpus, 1e-12)
     balance = tokens.max() / mean + 0.1 * float((tokens**2).sum()) / (topology.num_gpus * mean * mean)
-    return float(balance) - LOCALITY_WEIGHT * kept / _mean_flow(pairs)
+    return float(balance) - LOCALITY_WEIGHT * kept / flow
 
 
 def _holders(row: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
@@ -492,46 +509,52 @@ def policy_migration_aware(
         return int(np.clip(holder - _holders(previous[layer], topology.num_gpus, num_experts), 0, None).sum())
 
     tabu: list[set[tuple[int, int, int]]] = [set() for _ in range(num_layers)]
+    flow = _mean_flow(pairs)
 
-    def search(layer: int, room: float) -> Move | None:
-        return best_move(layer, mapping, previous, profile.load, presence, pairs, topology, penalty, room, tabu[layer])
+    def search(layer: int, room: float) -> list[Move]:
+        return best_moves(
+            layer, mapping, previous, profile.load, presence, pairs, topology, penalty, room, tabu[layer], flow
+        )
 
     moved_per_layer = np.zeros(num_layers, dtype=np.int64)
     applied = 0
     room = np.inf if budget is None else float(budget)
-    best = [search(layer, room) for layer in range(num_layers)]
+    candidates = [search(layer, room) for layer in range(num_layers)]
     stop = "no move gains more than its penalty" if budget is None else "no move gains within the budget"
     while True:
         if time.perf_counter() > deadline:
             stop = "time limit"
             break
-        found = [move for move in best if move is not None]
-        move = min(found, key=lambda m: m.score) if found else None
-        if move is None or move.score >= -1e-9:
+        for layer, moves in enumerate(candidates):
+            if moves and any(move.moved > room for move in moves):
+                candidates[layer] = [move for move in moves if move.moved <= room] or search(layer, room)
+        heads = [(moves[0].score, layer) for layer, moves in enumerate(candidates) if moves]
+        if not heads or min(heads)[0] >= -1e-9:
             break
-        layer, row = move.layer, mapping[move.layer]
-        before, kept_row = window_objective(layer, mapping, profile.load, pairs, topology), row.copy()
+        layer = min(heads)[1]
+        move = candidates[layer].pop(0)
+        row = mapping[layer]
+        before, kept_row = window_objective(layer, mapping, profile.load, pairs, topology, flow), row.copy()
         if move.other >= 0:
             row[move.slot], row[move.other] = row[move.other], row[move.slot]
         else:
             row[move.slot] = move.expert
         moved_here = moved_at(layer)
-        change = window_objective(layer, mapping, profile.load, pairs, topology) - before
+        change = window_objective(layer, mapping, profile.load, pairs, topology, flow) - before
         if change + penalty * (moved_here - moved_per_layer[layer]) >= -1e-9:
             row[:] = kept_row  # the estimate was wrong: undo, and never try this move here again
             tabu[layer].add((move.slot, move.other, move.expert))
-            best[layer] = search(layer, room)
+            if not candidates[layer]:
+                candidates[layer] = search(layer, room)
             continue
         moved_per_layer[layer] = moved_here
         presence[layer] = node_presence(mapping[layer : layer + 1], topology, num_experts)[0]
         applied += 1
-        new_room = np.inf if budget is None else float(budget - moved_per_layer.sum())
-        # A change alters its layer and its neighbours' affinities; a smaller room limits all layers.
-        touched = range(num_layers) if new_room != room else range(max(layer - 1, 0), min(layer + 2, num_layers))
-        room = new_room
-        for other_layer in touched:
-            tabu[other_layer].clear()
-            best[other_layer] = search(other_layer, room)
+        room = np.inf if budget is None else float(budget - moved_per_layer.sum())
+        # A change alters its layer's and its neighbours' affinities (a smaller room is handled above).
+        for other in range(max(layer - 1, 0), min(layer + 2, num_layers)):
+            tabu[other].clear()
+            candidates[other] = search(other, room)
     moved = int(moved_per_layer.sum())
     return mapping, SolverInfo(
         status="heuristic" if stop != "time limit" else "time_limit",
