@@ -23,9 +23,8 @@ setup: $(STAMP)
 system-deps:
 	scripts/system-deps.sh
 
-demo: setup
-	$(VENV)/bin/moeplace bench --model deepseek-v2-lite --topology 2x4 --redundant-slots 16 \
-		--policies linear,round_robin,eplb --json out/bench-demo.json --plot out/plots
+demo: setup system-deps
+	$(VENV)/bin/moeplace demo --out out/demo
 
 bench: setup
 	$(VENV)/bin/moeplace bench --trace ../shared/traces/esft_lite_intent_law_top6.npz \

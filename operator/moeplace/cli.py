@@ -1,8 +1,8 @@
 """``moeplace``: subcommands registered by each package.
 
 Each package's ``cli.register(subparsers)`` adds its subcommands with ``set_defaults(func=...)``;
-``func(args) -> int`` is the exit status. Packages whose optional dependencies are missing (the agent
-without torch) are left out, and their subcommands say how to install them.
+``func(args) -> int`` is the exit status. Registration imports no optional dependency (torch is
+imported by the agent's command when it runs), so a missing one is reported when its command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 
 from moe_placement.models import PlacementError
 
-COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli")
+COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli", "moeplace.demo")
+OPTIONAL_DEPENDENCIES = {"torch": "agent", "safetensors": "agent"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,25 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and error.name.startswith(module_name.split(".")[0]):
-                continue
-            missing = error.name
-            stub = subparsers.add_parser(
-                module_name.split(".")[0].removeprefix("moe_"),
-                help=f"(unavailable: {missing} is not installed)",
-            )
-            stub.set_defaults(func=lambda _args, missing=missing: _unavailable(missing))
-            continue
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
-
-
-def _unavailable(missing: str) -> int:
-    print(f"moeplace: this command needs {missing}: pip install 'moeplace[agent]'", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as error:
         print(f"moeplace: error: {error.filename}: no such file", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if error.name not in OPTIONAL_DEPENDENCIES:
+            raise
+        extra = OPTIONAL_DEPENDENCIES[error.name]
+        print(f"moeplace: error: this command needs {error.name}: pip install 'moeplace[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
