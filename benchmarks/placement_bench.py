@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 from moe_placement.cost import evaluate
 from moe_placement.locality import (
+    cross_node_share,
     decode_step_activated,
     domain_signatures,
     group_requests,
@@ -33,7 +33,6 @@ from moe_placement.locality import (
     predict_decode,
     predictor_accuracy,
     prefill_decode_split,
-    cross_node_share,
 )
 from moe_placement.metro import greedy_vs_exact
 from moe_placement.migration import check_migration, plan_migration
@@ -57,13 +56,20 @@ def log(message: str) -> None:
 def score_batches(trace: Trace, topology: Topology, num_batches: int, seed: int) -> dict[str, list]:
     rng = np.random.default_rng(seed)
     return {
-        phase: sample_batches(trace, topology.num_gpus, TOKENS_PER_GPU[phase], num_batches, phase, rng)
+        phase: sample_batches(
+            trace, topology.num_gpus, TOKENS_PER_GPU[phase], num_batches, phase, rng
+        )
         for phase in PHASES
     }
 
 
 def side_by_side(
-    name: str, fit: Trace, score: Trace, model: ModelShape, topology: Topology, args: argparse.Namespace
+    name: str,
+    fit: Trace,
+    score: Trace,
+    model: ModelShape,
+    topology: Topology,
+    args: argparse.Namespace,
 ) -> tuple[list[dict], dict[str, dict[str, Placement]]]:
     """Rows (policy x router, both phases) and the placements, per phase and policy."""
     batches = score_batches(score, topology, args.batches, args.seed)
@@ -72,18 +78,31 @@ def side_by_side(
         solved = {}
         for phase in PHASES:
             profile = fit.profile(batch_size=topology.num_gpus * TOKENS_PER_GPU[phase], phase=phase)
-            solved[phase] = plan(policy, profile, model, topology, PolicyOptions(time_limit_s=args.time_limit, seed=args.seed))
+            solved[phase] = plan(
+                policy,
+                profile,
+                model,
+                topology,
+                PolicyOptions(time_limit_s=args.time_limit, seed=args.seed),
+            )
             placements[phase][policy] = solved[phase].placement
-        log(f"{name} {topology_name(topology)}: {policy} solved in {sum(r.solve_seconds for r in solved.values()):.1f} s")
+        log(
+            f"{name} {topology_name(topology)}: {policy} solved in {sum(r.solve_seconds for r in solved.values()):.1f} s"
+        )
         for router in ROUTERS:
             row = {
-                "workload": name, "topology": topology_name(topology), "policy": policy, "router": router,
+                "workload": name,
+                "topology": topology_name(topology),
+                "policy": policy,
+                "router": router,
                 "solve_s": sum(r.solve_seconds for r in solved.values()),
                 "status": {phase: solved[phase].solver.status for phase in PHASES},
                 "notes": {phase: solved[phase].solver.notes for phase in PHASES},
             }
             for phase in PHASES:
-                report = evaluate(solved[phase].placement, model, topology, batches[phase], router, args.seed)
+                report = evaluate(
+                    solved[phase].placement, model, topology, batches[phase], router, args.seed
+                )
                 row[phase] = report.summary()
             rows.append(row)
     base = next(r for r in rows if r["policy"] == "eplb" and r["router"] == "random")
@@ -102,19 +121,42 @@ def topology_name(topology: Topology) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ("workload", "topo", "policy", "router", "prefill ms", "x eplb", "decode ms", "x eplb",
-              "x-node MB", "x eplb", "dec x-node", "tok max/mean", "max act dec", "solve s")
+    header = (
+        "workload",
+        "topo",
+        "policy",
+        "router",
+        "prefill ms",
+        "x eplb",
+        "decode ms",
+        "x eplb",
+        "x-node MB",
+        "x eplb",
+        "dec x-node",
+        "tok max/mean",
+        "max act dec",
+        "solve s",
+    )
     lines = [header]
     for r in rows:
-        lines.append((
-            r["workload"], r["topology"], r["policy"], r["router"],
-            f"{r['prefill']['moe_ms']:.3f}", f"{r['ratio']['prefill_ms']:.3f}",
-            f"{r['decode']['moe_ms']:.3f}", f"{r['ratio']['decode_ms']:.3f}",
-            f"{r['prefill']['cross_node_mb']:.0f}", f"{r['ratio']['cross_node']:.3f}",
-            f"{r['ratio']['cross_node_decode']:.3f}",
-            f"{r['prefill']['token_imbalance']:.3f}", f"{r['decode']['max_activated_experts']:.2f}",
-            f"{r['solve_s']:.1f}",
-        ))
+        lines.append(
+            (
+                r["workload"],
+                r["topology"],
+                r["policy"],
+                r["router"],
+                f"{r['prefill']['moe_ms']:.3f}",
+                f"{r['ratio']['prefill_ms']:.3f}",
+                f"{r['decode']['moe_ms']:.3f}",
+                f"{r['ratio']['decode_ms']:.3f}",
+                f"{r['prefill']['cross_node_mb']:.0f}",
+                f"{r['ratio']['cross_node']:.3f}",
+                f"{r['ratio']['cross_node_decode']:.3f}",
+                f"{r['prefill']['token_imbalance']:.3f}",
+                f"{r['decode']['max_activated_experts']:.2f}",
+                f"{r['solve_s']:.1f}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -125,20 +167,42 @@ def targets(rows: list[dict]) -> list[dict]:
     """Per workload and topology, the best (policy, router) for each target metric."""
     summary = []
     for key in sorted({(r["workload"], r["topology"]) for r in rows}):
-        mine = [r for r in rows if (r["workload"], r["topology"]) == key and r["policy"] not in ("linear", "eplb")]
+        mine = [
+            r
+            for r in rows
+            if (r["workload"], r["topology"]) == key and r["policy"] not in ("linear", "eplb")
+        ]
         for metric, goal in TARGETS.items():
             best = min(mine, key=lambda r: r["ratio"][metric])
             auto = min((r for r in mine if r["policy"] == "auto"), key=lambda r: r["ratio"][metric])
-            summary.append({
-                "workload": key[0], "topology": key[1], "metric": metric, "target": goal,
-                "best": best["ratio"][metric], "best_by": f"{best['policy']}+{best['router']}",
-                "auto": auto["ratio"][metric], "auto_router": auto["router"],
-                "met": best["ratio"][metric] <= goal,
-            })
+            summary.append(
+                {
+                    "workload": key[0],
+                    "topology": key[1],
+                    "metric": metric,
+                    "target": goal,
+                    "best": best["ratio"][metric],
+                    "best_by": f"{best['policy']}+{best['router']}",
+                    "auto": auto["ratio"][metric],
+                    "auto_router": auto["router"],
+                    "met": best["ratio"][metric] <= goal,
+                }
+            )
     return summary
 
 
-def domain_shift(trace: Trace, model: ModelShape, topology: Topology, args: argparse.Namespace) -> dict:
+def best_time(
+    placement: Placement, model: ModelShape, topology: Topology, batches: list, seed: int
+) -> tuple[float, str]:
+    """The lowest predicted MoE seconds over the routers, and that router."""
+    times = {r: evaluate(placement, model, topology, batches, r, seed).moe_time_s for r in ROUTERS}
+    router = min(times, key=times.get)
+    return times[router], router
+
+
+def domain_shift(
+    trace: Trace, model: ModelShape, topology: Topology, args: argparse.Namespace
+) -> dict:
     """Placements fit on intent, traffic turns to law: re-solve near them vs from scratch."""
     intent = trace.select_domain("intent")
     law_fit, law_score = trace.select_domain("law").split(0.5)
@@ -150,63 +214,103 @@ def domain_shift(trace: Trace, model: ModelShape, topology: Topology, args: argp
         old_profile = intent.profile(batch_size=size, phase=phase)
         new_profile = law_fit.profile(batch_size=size, phase=phase)
 
-        def best_time(placement: Placement) -> tuple[float, str]:
-            times = {r: evaluate(placement, model, topology, batches[phase], r, args.seed).moe_time_s for r in ROUTERS}
-            router = min(times, key=times.get)
-            return times[router], router
-
-        scratch = {p: plan(p, new_profile, model, topology, options).placement for p in ("eplb", "ilp", "metro_aware", "locality")}
-        scratch_times = {p: best_time(pl) for p, pl in scratch.items()}
+        scratch = {
+            p: plan(p, new_profile, model, topology, options).placement
+            for p in ("eplb", "ilp", "metro_aware", "locality")
+        }
+        scratch_times = {
+            p: best_time(pl, model, topology, batches[phase], args.seed)
+            for p, pl in scratch.items()
+        }
         best_scratch = min(scratch_times, key=lambda p: scratch_times[p][0])
-        eplb_random = evaluate(scratch["eplb"], model, topology, batches[phase], "random", args.seed).moe_time_s
+        eplb_random = evaluate(
+            scratch["eplb"], model, topology, batches[phase], "random", args.seed
+        ).moe_time_s
         entries = []
         for previous_policy in ("eplb", "locality"):
             previous = plan(previous_policy, old_profile, model, topology, options).placement
             eplb_moves = previous.moved_experts(scratch["eplb"])
-            stale, stale_router = best_time(previous)
+            stale, stale_router = best_time(previous, model, topology, batches[phase], args.seed)
             for label, budget in (("penalty", None), ("budget 1/5 of eplb", eplb_moves // 5)):
                 started = time.perf_counter()
-                result_plan = plan("migration_aware", new_profile, model, topology,
-                                   PolicyOptions(time_limit_s=args.time_limit, previous=previous, move_budget=budget, seed=args.seed))
+                result_plan = plan(
+                    "migration_aware",
+                    new_profile,
+                    model,
+                    topology,
+                    PolicyOptions(
+                        time_limit_s=args.time_limit,
+                        previous=previous,
+                        move_budget=budget,
+                        seed=args.seed,
+                    ),
+                )
                 new = result_plan.placement
-                seconds, router = best_time(new)
+                seconds, router = best_time(new, model, topology, batches[phase], args.seed)
                 migration = plan_migration(previous, new, model, topology)
                 check_migration(previous, migration)
                 same_family = scratch_times[previous_policy][0]
-                entries.append({
-                    "previous": previous_policy, "mode": label, "move_budget": budget,
-                    "eplb_from_scratch_moves": eplb_moves,
-                    "same_policy_from_scratch_moves": previous.moved_experts(scratch[previous_policy]),
-                    "moves": previous.moved_experts(new), "moves_vs_eplb": previous.moved_experts(new) / max(eplb_moves, 1),
-                    "ms": seconds * 1e3, "router": router, "stale_ms": stale * 1e3, "stale_router": stale_router,
-                    "vs_best_from_scratch": seconds / scratch_times[best_scratch][0],
-                    "best_from_scratch": f"{best_scratch}+{scratch_times[best_scratch][1]}",
-                    "vs_same_policy_from_scratch": seconds / same_family,
-                    "vs_eplb_random_from_scratch": seconds / eplb_random,
-                    "solve_s": time.perf_counter() - started,
-                    "plan": {"stages": len(migration.stages), "copies": sum(len(s.copies) for s in migration.stages),
-                             "gb_moved": migration.bytes_moved / 1e9,
-                             "gb_per_link": {k: v / 1e9 for k, v in sorted(migration.bytes_per_link.items())}},
-                })
-                log(f"shift {topology_name(topology)} {phase}: from {previous_policy} ({label}) moved {entries[-1]['moves']}")
+                entries.append(
+                    {
+                        "previous": previous_policy,
+                        "mode": label,
+                        "move_budget": budget,
+                        "eplb_from_scratch_moves": eplb_moves,
+                        "same_policy_from_scratch_moves": previous.moved_experts(
+                            scratch[previous_policy]
+                        ),
+                        "moves": previous.moved_experts(new),
+                        "moves_vs_eplb": previous.moved_experts(new) / max(eplb_moves, 1),
+                        "ms": seconds * 1e3,
+                        "router": router,
+                        "stale_ms": stale * 1e3,
+                        "stale_router": stale_router,
+                        "vs_best_from_scratch": seconds / scratch_times[best_scratch][0],
+                        "best_from_scratch": f"{best_scratch}+{scratch_times[best_scratch][1]}",
+                        "vs_same_policy_from_scratch": seconds / same_family,
+                        "vs_eplb_random_from_scratch": seconds / eplb_random,
+                        "solve_s": time.perf_counter() - started,
+                        "plan": {
+                            "stages": len(migration.stages),
+                            "copies": sum(len(s.copies) for s in migration.stages),
+                            "gb_moved": migration.bytes_moved / 1e9,
+                            "gb_per_link": {
+                                k: v / 1e9 for k, v in sorted(migration.bytes_per_link.items())
+                            },
+                        },
+                    }
+                )
+                log(
+                    f"shift {topology_name(topology)} {phase}: from {previous_policy} ({label}) moved {entries[-1]['moves']}"
+                )
         result["phases"][phase] = {
             "from_scratch_ms": {p: (t * 1e3, r) for p, (t, r) in scratch_times.items()},
-            "eplb_random_ms": eplb_random * 1e3, "re_solves": entries,
+            "eplb_random_ms": eplb_random * 1e3,
+            "re_solves": entries,
         }
     return result
 
 
-def metro_exact(placements: dict[str, dict[str, Placement]], score: Trace, topology: Topology, args: argparse.Namespace) -> dict:
+def metro_exact(
+    placements: dict[str, dict[str, Placement]],
+    score: Trace,
+    topology: Topology,
+    args: argparse.Namespace,
+) -> dict:
     """Busiest GPU's activated experts, METRO greedy / exact, on decode batches."""
     batches = score_batches(score, topology, args.batches, args.seed)["decode"]
     out = {}
     for policy in ("eplb", "ilp", "locality", "metro_aware"):
-        ratios = np.concatenate([greedy_vs_exact(placements["decode"][policy], topology, b.expert_ids) for b in batches])
+        ratios = np.concatenate(
+            [greedy_vs_exact(placements["decode"][policy], topology, b.expert_ids) for b in batches]
+        )
         out[policy] = {"mean": float(ratios.mean()), "max": float(ratios.max())}
     return out
 
 
-def predictor_and_grouping(trace: Trace, model: ModelShape, topology: Topology, args: argparse.Namespace) -> dict:
+def predictor_and_grouping(
+    trace: Trace, model: ModelShape, topology: Topology, args: argparse.Namespace
+) -> dict:
     fit, test = trace.split(0.5)
     accuracy = predictor_accuracy(fit, test)
     signatures = domain_signatures(fit)
@@ -217,10 +321,14 @@ def predictor_and_grouping(trace: Trace, model: ModelShape, topology: Topology, 
     greedy = group_requests(predicted, group_size)
     shuffled = rng.permutation(len(predicted))
     random_groups = [shuffled[i : i + group_size] for i in range(0, len(shuffled), group_size)]
-    placement = plan("locality", fit.profile(), model, topology, PolicyOptions(time_limit_s=args.time_limit)).placement
+    placement = plan(
+        "locality", fit.profile(), model, topology, PolicyOptions(time_limit_s=args.time_limit)
+    ).placement
     homes = home_nodes(predicted, placement, topology)
     by_node = group_requests(predicted, group_size, homes, topology.num_nodes)
-    node_of_group = np.array([np.bincount(homes[g], minlength=topology.num_nodes).argmax() for g in by_node])
+    node_of_group = np.array(
+        [np.bincount(homes[g], minlength=topology.num_nodes).argmax() for g in by_node]
+    )
     random_nodes = rng.integers(topology.num_nodes, size=len(random_groups))
     return {
         "predictor": accuracy,
@@ -233,7 +341,9 @@ def predictor_and_grouping(trace: Trace, model: ModelShape, topology: Topology, 
             },
             "cross_node_share": {
                 "random": cross_node_share(test, random_groups, random_nodes, placement, topology),
-                "greedy_by_node": cross_node_share(test, by_node, node_of_group, placement, topology),
+                "greedy_by_node": cross_node_share(
+                    test, by_node, node_of_group, placement, topology
+                ),
             },
         },
     }
@@ -241,7 +351,10 @@ def predictor_and_grouping(trace: Trace, model: ModelShape, topology: Topology, 
 
 def scale(args: argparse.Namespace) -> list[dict]:
     """Solve times on synthetic traces at Mixtral-8x7B and DeepSeek-V3 shapes."""
-    cases = [("mixtral-8x7b", "1x8", 8, args.time_limit), ("deepseek-v3", "8x8", 64, args.v3_time_limit)]
+    cases = [
+        ("mixtral-8x7b", "1x8", 8, args.time_limit),
+        ("deepseek-v3", "8x8", 64, args.v3_time_limit),
+    ]
     rows = []
     for name, spec, redundant, limit in cases:
         model = model_preset(name)
@@ -250,23 +363,42 @@ def scale(args: argparse.Namespace) -> list[dict]:
             config = replace(config, num_sequences=64, tokens_per_sequence=128)
         profile = generate(config, args.seed).profile()
         topology = parse_topology(spec, model.num_experts, redundant)
-        for policy in (("eplb", "ilp", "locality", "metro_aware") if not args.quick else ("eplb", "ilp")):
-            result = plan(policy, profile, model, topology, PolicyOptions(time_limit_s=limit, seed=args.seed))
-            rows.append({
-                "model": name, "topology": spec, "redundant": redundant, "policy": policy, "time_limit_s": limit,
-                "solve_s": result.solve_seconds, "status": result.solver.status, "gap": result.solver.gap,
-                "objective": result.solver.objective, "lower_bound": result.solver.lower_bound,
-                "notes": result.solver.notes,
-            })
-            log(f"scale {name} {spec}: {policy} {result.solve_seconds:.1f} s {result.solver.status} gap {result.solver.gap}")
+        for policy in (
+            ("eplb", "ilp", "locality", "metro_aware") if not args.quick else ("eplb", "ilp")
+        ):
+            result = plan(
+                policy, profile, model, topology, PolicyOptions(time_limit_s=limit, seed=args.seed)
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "topology": spec,
+                    "redundant": redundant,
+                    "policy": policy,
+                    "time_limit_s": limit,
+                    "solve_s": result.solve_seconds,
+                    "status": result.solver.status,
+                    "gap": result.solver.gap,
+                    "objective": result.solver.objective,
+                    "lower_bound": result.solver.lower_bound,
+                    "notes": result.solver.notes,
+                }
+            )
+            log(
+                f"scale {name} {spec}: {policy} {result.solve_seconds:.1f} s {result.solver.status} gap {result.solver.gap}"
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", type=Path, default=Path("../shared/traces/esft_lite_intent_law_top6.npz"))
+    parser.add_argument(
+        "--trace", type=Path, default=Path("../shared/traces/esft_lite_intent_law_top6.npz")
+    )
     parser.add_argument("--json", type=Path, default=Path("out/placement-bench.json"))
-    parser.add_argument("--quick", action="store_true", help="2x4 only, fewer batches, shorter limits")
+    parser.add_argument(
+        "--quick", action="store_true", help="2x4 only, fewer batches, shorter limits"
+    )
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=20.0, help="per policy solve, s")
     parser.add_argument("--v3-time-limit", type=float, default=60.0)
@@ -296,48 +428,74 @@ def main(argv: list[str] | None = None) -> int:
     scale_rows = scale(args)
     summary = targets(rows)
     document = {
-        "meta": {"trace": str(args.trace), "model": model.name, "redundant_slots": args.redundant_slots,
-                 "batches": args.batches, "time_limit_s": args.time_limit, "quick": args.quick,
-                 "wall_s": time.perf_counter() - started},
-        "rows": rows, "targets": summary, "domain_shift": shift, "metro_greedy_vs_exact": exact,
-        **extras, "scale": scale_rows,
+        "meta": {
+            "trace": str(args.trace),
+            "model": model.name,
+            "redundant_slots": args.redundant_slots,
+            "batches": args.batches,
+            "time_limit_s": args.time_limit,
+            "quick": args.quick,
+            "wall_s": time.perf_counter() - started,
+        },
+        "rows": rows,
+        "targets": summary,
+        "domain_shift": shift,
+        "metro_greedy_vs_exact": exact,
+        **extras,
+        "scale": scale_rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=1, default=float) + "\n")
     print(format_rows(rows))
     print("\nTargets (best of ilp/metro_aware/locality/auto x routers; ratio to eplb + random):")
     for t in summary:
-        print(f"  {t['workload']:12s} {t['topology']} {t['metric']:10s} target <= {t['target']:.2f}: "
-              f"best {t['best']:.3f} ({t['best_by']}), auto {t['auto']:.3f} ({t['auto_router']}) "
-              f"{'MET' if t['met'] else 'MISSED'}")
+        print(
+            f"  {t['workload']:12s} {t['topology']} {t['metric']:10s} target <= {t['target']:.2f}: "
+            f"best {t['best']:.3f} ({t['best_by']}), auto {t['auto']:.3f} ({t['auto_router']}) "
+            f"{'MET' if t['met'] else 'MISSED'}"
+        )
     print("\nDomain shift intent -> law (migration_aware re-solve):")
     for entry in shift:
         for phase, data in entry["phases"].items():
             for e in data["re_solves"]:
-                print(f"  {entry['topology']} {phase:7s} from {e['previous']:8s} {e['mode']:18s} moves {e['moves']:4d} "
-                      f"({e['moves_vs_eplb']:.2f} of eplb's {e['eplb_from_scratch_moves']}), {e['ms']:.3f} ms ({e['router']}): "
-                      f"x{e['vs_best_from_scratch']:.3f} best from scratch ({e['best_from_scratch']}), "
-                      f"x{e['vs_same_policy_from_scratch']:.3f} {e['previous']} from scratch, "
-                      f"x{e['vs_eplb_random_from_scratch']:.3f} eplb+random; stale {e['stale_ms']:.3f} ms; "
-                      f"plan {e['plan']['stages']} stages {e['plan']['gb_moved']:.2f} GB")
+                print(
+                    f"  {entry['topology']} {phase:7s} from {e['previous']:8s} {e['mode']:18s} moves {e['moves']:4d} "
+                    f"({e['moves_vs_eplb']:.2f} of eplb's {e['eplb_from_scratch_moves']}), {e['ms']:.3f} ms ({e['router']}): "
+                    f"x{e['vs_best_from_scratch']:.3f} best from scratch ({e['best_from_scratch']}), "
+                    f"x{e['vs_same_policy_from_scratch']:.3f} {e['previous']} from scratch, "
+                    f"x{e['vs_eplb_random_from_scratch']:.3f} eplb+random; stale {e['stale_ms']:.3f} ms; "
+                    f"plan {e['plan']['stages']} stages {e['plan']['gb_moved']:.2f} GB"
+                )
     print("\nMETRO greedy / exact (busiest GPU's activated experts, decode):")
     for spec, data in exact.items():
-        print("  " + spec + ": " + ", ".join(f"{p} mean {v['mean']:.3f} max {v['max']:.3f}" for p, v in data.items()))
+        print(
+            "  "
+            + spec
+            + ": "
+            + ", ".join(f"{p} mean {v['mean']:.3f} max {v['max']:.3f}" for p, v in data.items())
+        )
     if extras:
         p = extras["predictor"]
-        print(f"\nPredictor (test half, {int(p['requests'])} requests): precision@k {p['precision_at_k']:.3f} "
-              f"(global {p['global_precision_at_k']:.3f}, prefill only {p['prefill_only_precision_at_k']:.3f}), "
-              f"recall {p['recall']:.3f} (global {p['global_recall']:.3f}), spearman {p['spearman']:.3f} "
-              f"(global {p['global_spearman']:.3f}), domain accuracy {p['domain_accuracy']:.3f}")
+        print(
+            f"\nPredictor (test half, {int(p['requests'])} requests): precision@k {p['precision_at_k']:.3f} "
+            f"(global {p['global_precision_at_k']:.3f}, prefill only {p['prefill_only_precision_at_k']:.3f}), "
+            f"recall {p['recall']:.3f} (global {p['global_recall']:.3f}), spearman {p['spearman']:.3f} "
+            f"(global {p['global_spearman']:.3f}), domain accuracy {p['domain_accuracy']:.3f}"
+        )
         g = extras["grouping"]
-        print(f"Grouping ({g['group_size']} requests per micro-batch): activated experts per layer per decode step "
-              + ", ".join(f"{k} {v:.2f}" for k, v in g["activated_per_layer"].items())
-              + "; cross-node share " + ", ".join(f"{k} {v:.3f}" for k, v in g["cross_node_share"].items()))
+        print(
+            f"Grouping ({g['group_size']} requests per micro-batch): activated experts per layer per decode step "
+            + ", ".join(f"{k} {v:.2f}" for k, v in g["activated_per_layer"].items())
+            + "; cross-node share "
+            + ", ".join(f"{k} {v:.3f}" for k, v in g["cross_node_share"].items())
+        )
     print("\nSolve times:")
     for r in scale_rows:
         gap = "-" if r["gap"] is None else f"{r['gap']:.4f}"
-        print(f"  {r['model']:13s} {r['topology']} +{r['redundant']:<3d} {r['policy']:12s} {r['solve_s']:7.1f} s "
-              f"(limit {r['time_limit_s']:.0f}) {r['status']:10s} gap {gap}")
+        print(
+            f"  {r['model']:13s} {r['topology']} +{r['redundant']:<3d} {r['policy']:12s} {r['solve_s']:7.1f} s "
+            f"(limit {r['time_limit_s']:.0f}) {r['status']:10s} gap {gap}"
+        )
     print(f"\nwrote {args.json} in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -79,8 +79,15 @@ def policy_auto(
     parts: dict[tuple[str, str], tuple[float, float]] = {}
     for name, policy in CANDIDATES.items():
         mapping, _ = policy(
-            profile, model, topology,
-            PolicyOptions(time_limit_s=share, previous=options.previous, move_budget=options.move_budget, seed=options.seed),
+            profile,
+            model,
+            topology,
+            PolicyOptions(
+                time_limit_s=share,
+                previous=options.previous,
+                move_budget=options.move_budget,
+                seed=options.seed,
+            ),
         )
         mappings[name] = mapping
         placement = Placement(mapping.copy(), model.num_experts, topology.slots_per_gpu)
@@ -101,7 +108,8 @@ def policy_auto(
         f"all-to-all {base_comm * 1e3:.3f} -> {comm * 1e3:.3f} ms"
     )
     table = ", ".join(
-        f"{name}: " + "/".join(f"{results[name, r] * 1e3:.3f}" for r in routers) for name in CANDIDATES
+        f"{name}: " + "/".join(f"{results[name, r] * 1e3:.3f}" for r in routers)
+        for name in CANDIDATES
     )
     return mappings[best], SolverInfo(
         status="heuristic",

@@ -69,12 +69,16 @@ class WarmStartedHiGHS(pulp.HiGHS):
         lp.solverModel.run()
 
 
-def solve_milp(problem: pulp.LpProblem, time_limit_s: float, gap_rel: float = MIP_GAP) -> MilpResult:
+def solve_milp(
+    problem: pulp.LpProblem, time_limit_s: float, gap_rel: float = MIP_GAP
+) -> MilpResult:
     """Solve ``problem`` (variables' initial values are the warm start) with HiGHS on one thread,
     then CBC if HiGHS fails. Never raises: a failure of both is ``fallback``."""
     time_limit_s = max(time_limit_s, 0.01)
     try:
-        problem.solve(WarmStartedHiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=gap_rel))
+        problem.solve(
+            WarmStartedHiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=gap_rel)
+        )
         highs = problem.solverModel
         info = highs.getInfo()
         if info.primal_solution_status == 2:  # HiGHS holds a feasible integer solution
@@ -92,7 +96,11 @@ def solve_milp(problem: pulp.LpProblem, time_limit_s: float, gap_rel: float = MI
         with warnings.catch_warnings():  # PuLP 3.3 marks its bundled CBC deprecated; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
             cbc = pulp.PULP_CBC_CMD(
-                msg=False, timeLimit=max(time_limit_s, 1.0), threads=1, gapRel=gap_rel, warmStart=True
+                msg=False,
+                timeLimit=max(time_limit_s, 1.0),
+                threads=1,
+                gapRel=gap_rel,
+                warmStart=True,
             )
         problem.solve(cbc)
         if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -203,7 +211,9 @@ def pack_ilp(
     result = solve_milp(problem, time_limit_s)
     if result.status == "fallback":
         return greedy, result, greedy_max
-    solution = np.array([[round(x[i, g].value() or 0) for g in groups] for i in items], dtype=np.int64)
+    solution = np.array(
+        [[round(x[i, g].value() or 0) for g in groups] for i in items], dtype=np.int64
+    )
     valid = (
         np.array_equal(solution.sum(1), copies)
         and np.all(solution.sum(0) <= group_slots)
@@ -213,7 +223,11 @@ def pack_ilp(
     bound = None if result.lower_bound is None else result.lower_bound * scale
     if not valid or float((weight @ solution).max()) > greedy_max:
         return greedy, MilpResult(result.status, greedy_max, bound, result.solver), greedy_max
-    return solution, MilpResult(result.status, float((weight @ solution).max()), bound, result.solver), greedy_max
+    return (
+        solution,
+        MilpResult(result.status, float((weight @ solution).max()), bound, result.solver),
+        greedy_max,
+    )
 
 
 @dataclass(frozen=True)
@@ -239,7 +253,11 @@ def pack_layer(
     """Stage 1 for one layer: load [E], counts [E] replicas -> a LayerPacking, monolithic when small
     enough, else nodes first and then each node's GPUs."""
     weight = load / counts
-    num_gpus, num_nodes, gpus_per_node = topology.num_gpus, topology.num_nodes, topology.gpus_per_node
+    num_gpus, num_nodes, gpus_per_node = (
+        topology.num_gpus,
+        topology.num_nodes,
+        topology.gpus_per_node,
+    )
     # Valid for any packing with these replica counts: the mean, and the heaviest replica.
     simple_bound = max(float(load.sum()) / num_gpus, float(weight.max()))
     ones = np.ones(len(load), dtype=np.int64)
@@ -249,12 +267,19 @@ def pack_layer(
         )
         bound = max(simple_bound, result.lower_bound or 0.0)
         busiest = float((weight @ packing).max())
-        return LayerPacking(packing, busiest, greedy_max, min(bound, busiest), result.status, result.solver)
+        return LayerPacking(
+            packing, busiest, greedy_max, min(bound, busiest), result.status, result.solver
+        )
 
     started = time.perf_counter()
     node_cap = np.minimum(counts, gpus_per_node)
     on_node, node_result, _ = pack_ilp(
-        weight, counts, node_cap, num_nodes, gpus_per_node * topology.slots_per_gpu, time_limit_s / 2
+        weight,
+        counts,
+        node_cap,
+        num_nodes,
+        gpus_per_node * topology.slots_per_gpu,
+        time_limit_s / 2,
     )
     # A GPU carries at least 1/gpus_per_node of its node's tokens, so the node bound bounds it too.
     node_bound = (node_result.lower_bound or 0.0) / gpus_per_node
@@ -264,8 +289,12 @@ def pack_layer(
         members = np.nonzero(on_node[:, node])[0]
         left = time_limit_s - (time.perf_counter() - started)
         sub, result, sub_greedy = pack_ilp(
-            weight[members], on_node[members, node], ones[members], gpus_per_node,
-            topology.slots_per_gpu, left / (num_nodes - node),
+            weight[members],
+            on_node[members, node],
+            ones[members],
+            gpus_per_node,
+            topology.slots_per_gpu,
+            left / (num_nodes - node),
         )
         packing[np.ix_(members, np.arange(node * gpus_per_node, (node + 1) * gpus_per_node))] = sub
         greedy_max = max(greedy_max, sub_greedy)
@@ -332,7 +361,9 @@ def link_cost(topology: Topology, token_bytes: float) -> np.ndarray:
     """Seconds to send one token's activation (there and back) from GPU g to h, [G, G]."""
     node = topology.node_of_gpu()
     same_node = node[:, None] == node[None, :]
-    per_byte = np.where(same_node, 1.0 / (topology.intra_node_gb_s * 1e9), 1.0 / (topology.inter_node_gb_s * 1e9))
+    per_byte = np.where(
+        same_node, 1.0 / (topology.intra_node_gb_s * 1e9), 1.0 / (topology.inter_node_gb_s * 1e9)
+    )
     np.fill_diagonal(per_byte, 0.0)
     return 2.0 * token_bytes * per_byte
 
@@ -363,7 +394,12 @@ def align_layers(
     gpu = np.tile(np.arange(num_groups), (num_layers, 1))
 
     def chain_cost() -> float:
-        return float(sum((flows[l] * cost[np.ix_(gpu[l], gpu[l + 1])]).sum() for l in range(num_layers - 1)))
+        return float(
+            sum(
+                (flows[layer] * cost[np.ix_(gpu[layer], gpu[layer + 1])]).sum()
+                for layer in range(num_layers - 1)
+            )
+        )
 
     def best_for(layer: int) -> np.ndarray:
         assign = np.zeros((num_groups, num_groups))  # [group of this layer, GPU]
@@ -395,7 +431,9 @@ def align_layers(
     bound = 0.0
     for layer in range(num_layers - 1):
         kept = linear_assignment(-flows[layer])
-        bound += cheapest * float(flows[layer].sum() - flows[layer][np.arange(num_groups), kept].sum())
+        bound += cheapest * float(
+            flows[layer].sum() - flows[layer][np.arange(num_groups), kept].sum()
+        )
     return gpu, best, min(bound, best)
 
 
@@ -411,11 +449,15 @@ def layer_busiest(mapping: np.ndarray, load: np.ndarray, slots_per_gpu: int) -> 
     for layer in range(num_layers):
         np.add.at(counts[layer], mapping[layer][mapping[layer] >= 0], 1)
     per_replica = np.where(counts > 0, load / np.maximum(counts, 1), 0.0)
-    slot_tokens = np.where(mapping >= 0, np.take_along_axis(per_replica, np.maximum(mapping, 0), 1), 0.0)
+    slot_tokens = np.where(
+        mapping >= 0, np.take_along_axis(per_replica, np.maximum(mapping, 0), 1), 0.0
+    )
     return slot_tokens.reshape(num_layers, -1, slots_per_gpu).sum(-1).max(-1)
 
 
-def mapping_from_groups(replicas_on_gpu: np.ndarray, gpu_of_group: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+def mapping_from_groups(
+    replicas_on_gpu: np.ndarray, gpu_of_group: np.ndarray, slots_per_gpu: int
+) -> np.ndarray:
     """Slots of one layer, [G*S], from replicas per group [E, G] and the GPU of each group [G]."""
     num_gpus = replicas_on_gpu.shape[1]
     row = np.full(num_gpus * slots_per_gpu, -1, dtype=np.int64)
@@ -442,8 +484,12 @@ def policy_ilp(
     packings: list[LayerPacking] = []
     for layer in range(num_layers):
         left = 0.85 * budget - (time.perf_counter() - started)
-        packings.append(pack_layer(load[layer], counts[layer], topology, left / (num_layers - layer)))
-    shares = np.stack([p.replicas_on_gpu / counts[l][:, None] for l, p in enumerate(packings)])
+        packings.append(
+            pack_layer(load[layer], counts[layer], topology, left / (num_layers - layer))
+        )
+    shares = np.stack(
+        [p.replicas_on_gpu / counts[layer][:, None] for layer, p in enumerate(packings)]
+    )
     flows = group_flows(profile, shares)
     cost = link_cost(topology, model.token_bytes)
     if num_layers > 1 and topology.num_gpus > 1:
@@ -451,9 +497,12 @@ def policy_ilp(
     else:
         gpu_of_group = np.tile(np.arange(topology.num_gpus), (num_layers, 1))
         chain = chain_bound = 0.0
-    unaligned = float(sum((flows[l] * cost).sum() for l in range(num_layers - 1)))
+    unaligned = float(sum((flows[layer] * cost).sum() for layer in range(num_layers - 1)))
     mapping = np.stack(
-        [mapping_from_groups(p.replicas_on_gpu, gpu_of_group[l], topology.slots_per_gpu) for l, p in enumerate(packings)]
+        [
+            mapping_from_groups(p.replicas_on_gpu, gpu_of_group[layer], topology.slots_per_gpu)
+            for layer, p in enumerate(packings)
+        ]
     )
     statuses = [p.status for p in packings]
     objective = float(sum(p.busiest for p in packings))

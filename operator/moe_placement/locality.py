@@ -48,7 +48,9 @@ def domain_signatures(trace: Trace) -> dict[str, np.ndarray]:
     }
 
 
-def prefill_decode_split(trace: Trace, prefill_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def prefill_decode_split(
+    trace: Trace, prefill_fraction: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence, its first ``prefill_fraction`` of tokens (the prompt) and the rest (what decode
     generates): signatures [S, L, E] each. ESFT rows are aligned by sequence, so a sequence's later
     tokens stand for its decode steps. Sequences need two tokens."""
@@ -56,12 +58,16 @@ def prefill_decode_split(trace: Trace, prefill_fraction: float = 0.5) -> tuple[n
         raise PlacementError(f"prefill_fraction: {prefill_fraction} not strictly between 0 and 1")
     lengths = np.diff(trace.seq_offsets)
     if lengths.min() < 2:
-        raise PlacementError("seq_offsets: every sequence needs two tokens to split prefill from decode")
+        raise PlacementError(
+            "seq_offsets: every sequence needs two tokens to split prefill from decode"
+        )
     prefill, decode = [], []
     for start, length in zip(trace.seq_offsets[:-1], lengths):
         cut = start + min(max(int(round(length * prefill_fraction)), 1), length - 1)
         prefill.append(expert_signature(trace.expert_ids[:, start:cut], trace.num_experts))
-        decode.append(expert_signature(trace.expert_ids[:, cut : start + length], trace.num_experts))
+        decode.append(
+            expert_signature(trace.expert_ids[:, cut : start + length], trace.num_experts)
+        )
     return np.stack(prefill), np.stack(decode)
 
 
@@ -77,7 +83,8 @@ def predict_decode(
     flat_requests = prefill.reshape(len(prefill), -1)
     flat_domains = domains.reshape(len(domains), -1)
     similarity = (flat_requests @ flat_domains.T) / (
-        np.linalg.norm(flat_requests, axis=1, keepdims=True) * np.linalg.norm(flat_domains, axis=1) + 1e-12
+        np.linalg.norm(flat_requests, axis=1, keepdims=True) * np.linalg.norm(flat_domains, axis=1)
+        + 1e-12
     )
     nearest = similarity.argmax(axis=1)
     return own_weight * prefill + (1.0 - own_weight) * domains[nearest], nearest
@@ -96,11 +103,15 @@ def predictor_accuracy(
     signatures = domain_signatures(fit)
     names = list(signatures)
     prefill, decode = prefill_decode_split(test, prefill_fraction)
-    predicted, nearest = predict_decode(prefill, np.stack([signatures[n] for n in names]), own_weight)
+    predicted, nearest = predict_decode(
+        prefill, np.stack([signatures[n] for n in names]), own_weight
+    )
     overall = np.broadcast_to(expert_signature(fit.expert_ids, fit.num_experts), predicted.shape)
     result = {"requests": float(len(prefill))}
     for name, guess in (("", predicted), ("global_", overall), ("prefill_only_", prefill)):
-        result.update({f"{name}{key}": value for key, value in _agreement(guess, decode, test.top_k).items()})
+        result.update(
+            {f"{name}{key}": value for key, value in _agreement(guess, decode, test.top_k).items()}
+        )
     own_domain = np.array([names.index(d) if d in names else -1 for d in test.domains])
     result["domain_accuracy"] = float(np.mean(nearest == own_domain))
     return result
@@ -111,7 +122,9 @@ def _agreement(predicted: np.ndarray, actual: np.ndarray, top: int) -> dict[str,
     predicted_top = np.argsort(-predicted, axis=-1, kind="stable")[..., :top]
     actual_top = np.argsort(-actual, axis=-1, kind="stable")[..., :top]
     hits = (predicted_top[..., :, None] == actual_top[..., None, :]).any(-1).mean(-1)
-    covered = np.take_along_axis(actual, predicted_top, -1).sum(-1) / np.maximum(actual.sum(-1), 1e-12)
+    covered = np.take_along_axis(actual, predicted_top, -1).sum(-1) / np.maximum(
+        actual.sum(-1), 1e-12
+    )
     return {
         "precision_at_k": float(hits.mean()),
         "recall": float(covered.mean()),
@@ -143,9 +156,14 @@ def expected_activated(signatures: np.ndarray) -> float:
 def home_nodes(signatures: np.ndarray, placement: Placement, topology: Topology) -> np.ndarray:
     """The node holding most of each request's expected expert choices, [R], of signatures [R, L, E]
     (an expert with replicas on several nodes counts on each)."""
-    on_node = placement.gpu_expert_matrix().reshape(
-        placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
-    ).sum(2) > 0  # [L, N, E]
+    on_node = (
+        placement.gpu_expert_matrix()
+        .reshape(
+            placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
+        )
+        .sum(2)
+        > 0
+    )  # [L, N, E]
     return np.einsum("rle,lne->rn", signatures, on_node.astype(np.float64)).argmax(axis=1)
 
 
@@ -180,7 +198,9 @@ def group_requests(
     return groups
 
 
-def _greedy_groups(chance: np.ndarray, pool: np.ndarray, group_size: int, count: int) -> tuple[list[np.ndarray], list[int]]:
+def _greedy_groups(
+    chance: np.ndarray, pool: np.ndarray, group_size: int, count: int
+) -> tuple[list[np.ndarray], list[int]]:
     """Group ``count`` requests of ``pool`` greedily; the rest are returned ungrouped.
     chance: [R, L*E]."""
     remaining = list(pool)
@@ -202,7 +222,9 @@ def _greedy_groups(chance: np.ndarray, pool: np.ndarray, group_size: int, count:
     return groups, remaining
 
 
-def decode_step_activated(trace: Trace, groups: list[np.ndarray], prefill_fraction: float = 0.5, steps: int = 16) -> float:
+def decode_step_activated(
+    trace: Trace, groups: list[np.ndarray], prefill_fraction: float = 0.5, steps: int = 16
+) -> float:
     """Mean distinct experts per layer that a micro-batch's decode steps activate, measured on the
     trace: at step t each request of the batch emits its t-th token after its prompt."""
     total, count = 0.0, 0
@@ -218,12 +240,24 @@ def decode_step_activated(trace: Trace, groups: list[np.ndarray], prefill_fracti
     return total / max(count, 1)
 
 
-def cross_node_share(trace: Trace, groups: list[np.ndarray], node_of_group: np.ndarray, placement: Placement, topology: Topology, prefill_fraction: float = 0.5) -> float:
+def cross_node_share(
+    trace: Trace,
+    groups: list[np.ndarray],
+    node_of_group: np.ndarray,
+    placement: Placement,
+    topology: Topology,
+    prefill_fraction: float = 0.5,
+) -> float:
     """Share of the decode (token, expert) choices of each micro-batch that have no replica on the
     node the micro-batch runs on (node_of_group [len(groups)])."""
-    on_node = placement.gpu_expert_matrix().reshape(
-        placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
-    ).sum(2) > 0
+    on_node = (
+        placement.gpu_expert_matrix()
+        .reshape(
+            placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
+        )
+        .sum(2)
+        > 0
+    )
     starts, lengths = trace.seq_offsets[:-1], np.diff(trace.seq_offsets)
     cuts = starts + np.clip(np.round(lengths * prefill_fraction).astype(np.int64), 1, lengths - 1)
     remote, total = 0, 0
@@ -271,7 +305,9 @@ def node_affinity(
     use a co-activated expert on m."""
     num_layers = presence.shape[0]
     share = presence / counts[..., None]
-    affinity = coactivation_weight * (coactivation[layer] @ presence[layer]) / counts[layer][:, None]
+    affinity = (
+        coactivation_weight * (coactivation[layer] @ presence[layer]) / counts[layer][:, None]
+    )
     if layer > 0:
         affinity += transitions[layer - 1].T @ share[layer - 1]
     if layer < num_layers - 1:
@@ -285,7 +321,10 @@ def locality_score(presence: np.ndarray, counts: np.ndarray, transitions: np.nda
     if len(transitions) == 0 or transitions.sum() <= 0:
         return 1.0
     share = presence / counts[..., None]
-    kept = sum(float((share[l].T @ transitions[l] @ presence[l + 1]).trace()) for l in range(len(transitions)))
+    kept = sum(
+        float((share[layer].T @ transitions[layer] @ presence[layer + 1]).trace())
+        for layer in range(len(transitions))
+    )
     return kept / float(transitions.sum())
 
 
@@ -337,7 +376,9 @@ def coplace_nodes(
     num_nodes = len(node_slots)
     transitions, coactivation = pair_matrices(profile)
     presence = (
-        np.stack([greedy_nodes(load[l], counts[l], node_slots) for l in range(num_layers)])
+        np.stack(
+            [greedy_nodes(load[layer], counts[layer], node_slots) for layer in range(num_layers)]
+        )
         if initial is None
         else initial.astype(np.int64).copy()
     )
@@ -350,8 +391,15 @@ def coplace_nodes(
             if time.perf_counter() > deadline:
                 return presence
             improved |= _improve_layer(
-                layer, presence, counts, transitions, coactivation, bonus[layer], load[layer],
-                coactivation_weight, balance_tolerance,
+                layer,
+                presence,
+                counts,
+                transitions,
+                coactivation,
+                bonus[layer],
+                load[layer],
+                coactivation_weight,
+                balance_tolerance,
             )
         if not improved:
             break
@@ -376,7 +424,10 @@ def _improve_layer(
     improved = False
     for _ in range(4 * presence.shape[1]):
         here = presence[layer]
-        affinity = node_affinity(layer, presence, counts, transitions, coactivation, coactivation_weight) + bonus
+        affinity = (
+            node_affinity(layer, presence, counts, transitions, coactivation, coactivation_weight)
+            + bonus
+        )
         expert, node = np.nonzero(here)
         # gain of moving replica i to node b (-inf where its expert is already there)
         move = affinity[expert] - affinity[expert, node][:, None]
@@ -388,7 +439,11 @@ def _improve_layer(
         load_b = node_load[node][None, :] - weight[expert][None, :] + weight[expert][:, None]
         limit_a = np.maximum(cap, node_load[node])[:, None]
         limit_b = np.maximum(cap, node_load[node])[None, :]
-        allowed = (node[:, None] != node[None, :]) & (load_a <= limit_a + 1e-9) & (load_b <= limit_b + 1e-9)
+        allowed = (
+            (node[:, None] != node[None, :])
+            & (load_a <= limit_a + 1e-9)
+            & (load_b <= limit_b + 1e-9)
+        )
         swap = np.where(allowed, swap, -np.inf)
         i, j = np.unravel_index(int(np.argmax(swap)), swap.shape)
         if not swap[i, j] > 1e-9 * max(float(load.sum()), 1.0):
@@ -414,7 +469,11 @@ def gpus_within_nodes(presence: np.ndarray, load: np.ndarray, topology: Topology
         for node in range(num_nodes):
             members = np.nonzero(presence[layer, :, node])[0]
             packing = greedy_packing(
-                weight[members], presence[layer, members, node], ones[members], gpus_per_node, slots_per_gpu
+                weight[members],
+                presence[layer, members, node],
+                ones[members],
+                gpus_per_node,
+                slots_per_gpu,
             )
             for local_gpu in range(gpus_per_node):
                 experts = members[np.nonzero(packing[:, local_gpu])[0]]
@@ -442,11 +501,19 @@ def policy_locality(
     counts = spread_counts(profile.load, topology)
     node_slots = np.full(topology.num_nodes, topology.gpus_per_node * topology.slots_per_gpu)
     transitions, _ = pair_matrices(profile)
-    start = np.stack([greedy_nodes(profile.load[l], counts[l], node_slots) for l in range(profile.num_layers)])
+    start = np.stack(
+        [
+            greedy_nodes(profile.load[layer], counts[layer], node_slots)
+            for layer in range(profile.num_layers)
+        ]
+    )
     presence = coplace_nodes(
         profile, counts, node_slots, initial=start, deadline=started + options.time_limit_s
     )
-    before, after = locality_score(start, counts, transitions), locality_score(presence, counts, transitions)
+    before, after = (
+        locality_score(start, counts, transitions),
+        locality_score(presence, counts, transitions),
+    )
     mapping = gpus_within_nodes(presence, profile.load, topology)
     return mapping, SolverInfo(
         status="heuristic",

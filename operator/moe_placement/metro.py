@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from moe_placement.ilp import replica_counts
 from moe_placement.locality import (
     BALANCE_TOLERANCE,
     coplace_nodes,
@@ -130,7 +129,11 @@ def primary_capacity(num_experts: int, topology: Topology) -> np.ndarray:
 
 
 def place_primaries(
-    presence: np.ndarray, chance: np.ndarray, load: np.ndarray, capacity: np.ndarray, topology: Topology
+    presence: np.ndarray,
+    chance: np.ndarray,
+    load: np.ndarray,
+    capacity: np.ndarray,
+    topology: Topology,
 ) -> np.ndarray:
     """One replica of each expert onto its node's GPUs, balancing expected activated experts and
     tokens alike (each relative to its mean per expert), heaviest first to the lightest GPU with
@@ -223,7 +226,9 @@ def policy_metro_aware(
     capacity = primary_capacity(num_experts, topology)
     node_slots = capacity.reshape(topology.num_nodes, topology.gpus_per_node).sum(1)
     ones = np.ones((num_layers, num_experts), dtype=np.int64)
-    start = np.stack([greedy_nodes(load[l], ones[l], node_slots) for l in range(num_layers)])
+    start = np.stack(
+        [greedy_nodes(load[layer], ones[layer], node_slots) for layer in range(num_layers)]
+    )
     # Where streaming the experts takes longer than computing the tokens (decode), a node may take
     # more tokens until compute catches up: locality then buys more than token balance.
     tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
@@ -231,7 +236,11 @@ def policy_metro_aware(
     memory = capacity.max() * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
     tolerance = float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
     presence = coplace_nodes(
-        profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
+        profile,
+        ones,
+        node_slots,
+        initial=start,
+        balance_tolerance=tolerance,
         deadline=started + 0.5 * options.time_limit_s,
     )
     transitions, _ = pair_matrices(profile)
@@ -245,11 +254,15 @@ def policy_metro_aware(
     mapping = np.full((num_layers, topology.num_slots), -1, dtype=np.int64)
     chosen_levels = []
     for layer in range(num_layers):
-        gpu_of_expert = place_primaries(presence[layer], chance[layer], load[layer], capacity, topology)
+        gpu_of_expert = place_primaries(
+            presence[layer], chance[layer], load[layer], capacity, topology
+        )
         row = np.full(topology.num_slots, -1, dtype=np.int64)
         for gpu in range(topology.num_gpus):
             experts = np.sort(np.nonzero(gpu_of_expert == gpu)[0])
-            row[gpu * topology.slots_per_gpu : gpu * topology.slots_per_gpu + len(experts)] = experts
+            row[gpu * topology.slots_per_gpu : gpu * topology.slots_per_gpu + len(experts)] = (
+                experts
+            )
         best_row, best_time, best_level = row, np.inf, 0
         for level in levels if time.perf_counter() < deadline else [0]:
             candidate = add_replicas(row, chance[layer], load[layer], topology, level)
@@ -261,7 +274,13 @@ def policy_metro_aware(
     counts = np.stack([np.bincount(r[r >= 0], minlength=num_experts) for r in mapping])
     on_node = np.stack(
         [
-            np.stack([np.isin(np.arange(num_experts), r.reshape(topology.num_nodes, -1)[n]) for n in range(topology.num_nodes)], axis=1)
+            np.stack(
+                [
+                    np.isin(np.arange(num_experts), r.reshape(topology.num_nodes, -1)[n])
+                    for n in range(topology.num_nodes)
+                ],
+                axis=1,
+            )
             for r in mapping
         ]
     ).astype(np.float64)

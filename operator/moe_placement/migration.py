@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_placement.locality import COACTIVATION_WEIGHT, node_affinity, pair_matrices, policy_locality
+from moe_placement.locality import (
+    COACTIVATION_WEIGHT,
+    node_affinity,
+    pair_matrices,
+    policy_locality,
+)
 from moe_placement.models import ModelShape, Placement, PlacementError, Topology, WorkloadProfile
 from moe_placement.policies import PolicyOptions, SolverInfo
 
@@ -65,10 +70,16 @@ class MigrationPlan:
 
 def link_name(source_slot: int, target_slot: int, topology: Topology) -> str:
     """The link a copy crosses: "intra-gpu", "intra-node" or "nodeA->nodeB"."""
-    source_gpu, target_gpu = source_slot // topology.slots_per_gpu, target_slot // topology.slots_per_gpu
+    source_gpu, target_gpu = (
+        source_slot // topology.slots_per_gpu,
+        target_slot // topology.slots_per_gpu,
+    )
     if source_gpu == target_gpu:
         return "intra-gpu"
-    source_node, target_node = source_gpu // topology.gpus_per_node, target_gpu // topology.gpus_per_node
+    source_node, target_node = (
+        source_gpu // topology.gpus_per_node,
+        target_gpu // topology.gpus_per_node,
+    )
     return "intra-node" if source_node == target_node else f"node{source_node}->node{target_node}"
 
 
@@ -128,8 +139,12 @@ def plan_migration(
                 expert = reserved[layer, slot] if reserved[layer, slot] >= 0 else target[slot]
                 if expert < 0 or len(copies) >= max_copies_per_stage:
                     continue
-                source = _best_source(row, expert, slot, gpu_of_slot, node_of_slot, source_use[layer])
-                copies.append(ExpertCopy(layer, int(expert), int(source), int(slot), model.expert_bytes))
+                source = _best_source(
+                    row, expert, slot, gpu_of_slot, node_of_slot, source_use[layer]
+                )
+                copies.append(
+                    ExpertCopy(layer, int(expert), int(source), int(slot), model.expert_bytes)
+                )
                 staged[layer, slot] = expert
                 source_use[layer, source] += 1
                 temporary[layer, slot] = reserved[layer, slot] >= 0
@@ -141,8 +156,17 @@ def plan_migration(
         for layer in np.nonzero(~progress & np.any(live != final, axis=1))[0]:
             if len(copies) < max_copies_per_stage:
                 _break_cycle(
-                    layer, live[layer], after[layer], staged[layer], final[layer], reserved[layer],
-                    temporary[layer], copies, model, gpu_of_slot, node_of_slot,
+                    layer,
+                    live[layer],
+                    after[layer],
+                    staged[layer],
+                    final[layer],
+                    reserved[layer],
+                    temporary[layer],
+                    copies,
+                    model,
+                    gpu_of_slot,
+                    node_of_slot,
                 )
         for copy in copies:
             bytes_per_link[link_name(copy.source_slot, copy.target_slot, topology)] += copy.bytes
@@ -159,16 +183,27 @@ def plan_migration(
 
 
 def _best_source(
-    row: np.ndarray, expert: int, target: int, gpu_of_slot: np.ndarray, node_of_slot: np.ndarray, use: np.ndarray
+    row: np.ndarray,
+    expert: int,
+    target: int,
+    gpu_of_slot: np.ndarray,
+    node_of_slot: np.ndarray,
+    use: np.ndarray,
 ) -> int:
     """Live slot of ``expert`` closest to ``target`` (same GPU, then node), then least used as a
     source in this stage, then lowest. row, gpu_of_slot, node_of_slot, use: [N]."""
     slots = np.nonzero(row == expert)[0]
-    distance = np.where(gpu_of_slot[slots] == gpu_of_slot[target], 0, np.where(node_of_slot[slots] == node_of_slot[target], 1, 2))
+    distance = np.where(
+        gpu_of_slot[slots] == gpu_of_slot[target],
+        0,
+        np.where(node_of_slot[slots] == node_of_slot[target], 1, 2),
+    )
     return int(slots[np.lexsort((slots, use[slots], distance))[0]])
 
 
-def _retire(after: np.ndarray, staged: np.ndarray, target: np.ndarray, temporary: np.ndarray) -> bool:
+def _retire(
+    after: np.ndarray, staged: np.ndarray, target: np.ndarray, temporary: np.ndarray
+) -> bool:
     """Retire (set to -1 in ``after``) slots whose content is not final, while their expert keeps
     another replica in ``after``: first slots a final expert must go into, then slots that end
     empty, and temporary copies last (so that they outlive the slot they stand in for). Rows [N];
@@ -202,13 +237,19 @@ def _break_cycle(
     into a temporary slot, or retire a redundant replica to make one (its slot is reserved for the
     stuck expert and gets its own expert back later). The temporary slot is the closest to the
     stuck one (same GPU, then node)."""
-    stuck = [s for s in np.nonzero((live >= 0) & (live != target))[0] if np.count_nonzero(live == live[s]) == 1]
+    stuck = [
+        s
+        for s in np.nonzero((live >= 0) & (live != target))[0]
+        if np.count_nonzero(live == live[s]) == 1
+    ]
     if not stuck:
         return
     slot = stuck[0]
     expert = live[slot]
     slots = np.arange(len(live))
-    distance = np.where(gpu_of_slot == gpu_of_slot[slot], 0, np.where(node_of_slot == node_of_slot[slot], 1, 2))
+    distance = np.where(
+        gpu_of_slot == gpu_of_slot[slot], 0, np.where(node_of_slot == node_of_slot[slot], 1, 2)
+    )
     by_distance = np.lexsort((slots, distance))
     spare = by_distance[((staged < 0) & (target < 0) & (reserved < 0))[by_distance]]
     if len(spare):
@@ -219,7 +260,9 @@ def _break_cycle(
         after[slot] = -1  # the stuck expert lives on in the temporary slot
         return
     counts = np.bincount(after[after >= 0], minlength=model.num_experts)
-    redundant = by_distance[((after >= 0) & (counts[np.maximum(after, 0)] > 1) & (reserved < 0))[by_distance]]
+    redundant = by_distance[
+        ((after >= 0) & (counts[np.maximum(after, 0)] > 1) & (reserved < 0))[by_distance]
+    ]
     if not len(redundant):
         raise PlacementError(
             f"migration: layer {layer} needs experts to trade places, but it has no slack: no empty "
@@ -245,9 +288,16 @@ def check_migration(old: Placement, plan: MigrationPlan) -> None:
         targets = set()
         for copy in stage.copies:
             where = f"stage {index}: copy of expert {copy.expert} (layer {copy.layer})"
-            if not (0 <= copy.layer < live.shape[0] and 0 <= copy.source_slot < live.shape[1] and 0 <= copy.target_slot < live.shape[1]):
+            if not (
+                0 <= copy.layer < live.shape[0]
+                and 0 <= copy.source_slot < live.shape[1]
+                and 0 <= copy.target_slot < live.shape[1]
+            ):
                 raise PlacementError(f"{where}: layer or slot out of range")
-            if live[copy.layer, copy.target_slot] != -1 or (copy.layer, copy.target_slot) in targets:
+            if (
+                live[copy.layer, copy.target_slot] != -1
+                or (copy.layer, copy.target_slot) in targets
+            ):
                 raise PlacementError(f"{where}: target slot {copy.target_slot} is not empty")
             if live[copy.layer, copy.source_slot] != copy.expert:
                 raise PlacementError(f"{where}: source slot {copy.source_slot} does not hold it")
@@ -259,7 +309,9 @@ def check_migration(old: Placement, plan: MigrationPlan) -> None:
             raise PlacementError(f"stage {index}: map shape {stage_map.shape} != {live.shape}")
         changed = stage_map != union
         if np.any(stage_map[changed] != -1):
-            raise PlacementError(f"stage {index}: the map changes slots other than by copies and retirements")
+            raise PlacementError(
+                f"stage {index}: the map changes slots other than by copies and retirements"
+            )
         try:
             Placement(stage_map, old.num_experts, old.slots_per_gpu)
         except PlacementError as error:
@@ -269,7 +321,6 @@ def check_migration(old: Placement, plan: MigrationPlan) -> None:
         raise PlacementError(f"plan: bytes_moved {plan.bytes_moved} != copies' {total}")
     if not np.array_equal(live, plan.final_map()):
         raise PlacementError("plan: final_map is not the last stage's map")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +370,10 @@ def best_moves(
     num_gpus, gpus_per_node = topology.num_gpus, topology.gpus_per_node
     gpu = np.arange(len(row)) // topology.slots_per_gpu
     node = gpu // gpus_per_node
-    holder, previous_holder = _holders(row, num_gpus, num_experts), _holders(previous[layer], num_gpus, num_experts)
+    holder, previous_holder = (
+        _holders(row, num_gpus, num_experts),
+        _holders(previous[layer], num_gpus, num_experts),
+    )
     excess = holder - previous_holder
     node_count = holder.reshape(topology.num_nodes, gpus_per_node, num_experts).sum(1)
     counts = holder.sum(0)
@@ -331,7 +385,11 @@ def best_moves(
     mean = max(float(load[layer].sum()) / num_gpus, 1e-12)
     busiest = float(tokens.max())
     affinity = node_affinity(
-        layer, np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions, coactivation,
+        layer,
+        np.minimum(presence, 1),
+        np.maximum(presence.sum(-1), 1),
+        transitions,
+        coactivation,
         COACTIVATION_WEIGHT,
     )
 
@@ -340,7 +398,9 @@ def best_moves(
 
     candidates: list[Move] = []
     # Swaps of two slots on different GPUs.
-    fits = ~valid[:, None] | (holder[gpu[None, :], expert[:, None]] == 0)  # slot i's expert into j's GPU
+    fits = ~valid[:, None] | (
+        holder[gpu[None, :], expert[:, None]] == 0
+    )  # slot i's expert into j's GPU
     legal = fits & fits.T & (gpu[:, None] != gpu[None, :]) & (row[:, None] != row[None, :])
     legal &= valid[:, None] | valid[None, :]
     new_i = tokens[gpu][:, None] - slot_tokens[:, None] + slot_tokens[None, :]
@@ -348,12 +408,22 @@ def best_moves(
     other_max = _max_excluding(tokens, gpu[:, None], gpu[None, :])
     square = new_i**2 + new_j**2 - tokens[gpu][:, None] ** 2 - tokens[gpu][None, :] ** 2
     leave = np.where(valid & (node_count[node, expert] == 1), affinity[expert, node], 0.0)
-    arrive = np.where(valid[:, None] & (node_count[node[None, :], expert[:, None]] == 0), affinity[expert[:, None], node[None, :]], 0.0)
-    kept = np.where(node[:, None] == node[None, :], 0.0, arrive + arrive.T - leave[:, None] - leave[None, :])
+    arrive = np.where(
+        valid[:, None] & (node_count[node[None, :], expert[:, None]] == 0),
+        affinity[expert[:, None], node[None, :]],
+        0.0,
+    )
+    kept = np.where(
+        node[:, None] == node[None, :], 0.0, arrive + arrive.T - leave[:, None] - leave[None, :]
+    )
     left = np.where(valid & (excess[gpu, expert] > 0), 1, 0)
     came = np.where(valid[:, None] & (excess[gpu[None, :], expert[:, None]] >= 0), 1, 0)
     moved = came + came.T - left[:, None] - left[None, :]
-    score = balance(np.maximum(other_max, np.maximum(new_i, new_j)), square) - LOCALITY_WEIGHT * kept / flow + penalty * moved
+    score = (
+        balance(np.maximum(other_max, np.maximum(new_i, new_j)), square)
+        - LOCALITY_WEIGHT * kept / flow
+        + penalty * moved
+    )
     score = np.where(legal & (moved <= room), score, np.inf)
     for slot, other, _ in tabu:
         if other >= 0:
@@ -375,7 +445,8 @@ def best_moves(
         old_part = np.where(has_old[:, None], holder[:, old_e].T * weight[old_e][:, None], 0.0)
         old_after = np.where(
             has_old[:, None],
-            (holder[:, old_e].T - on_gpu) * (load[layer, old_e] / np.maximum(counts[old_e] - 1, 1))[:, None],
+            (holder[:, old_e].T - on_gpu)
+            * (load[layer, old_e] / np.maximum(counts[old_e] - 1, 1))[:, None],
             0.0,
         )
         base = tokens[None, :] - old_part + old_after  # [s, G]
@@ -386,14 +457,26 @@ def best_moves(
         after = base[:, None, :] - new_part[None, :, :] + new_after  # [s, y, G]
         square_change = (after**2).sum(-1) - (tokens**2).sum()
         slot_node = node[slots]
-        lost = np.where(has_old & (node_count[slot_node, old_e] == 1), affinity[old_e, slot_node], 0.0)
-        gained = np.where(node_count[slot_node[:, None], experts[None, :]] == 0, affinity[experts[None, :], slot_node[:, None]], 0.0)
+        lost = np.where(
+            has_old & (node_count[slot_node, old_e] == 1), affinity[old_e, slot_node], 0.0
+        )
+        gained = np.where(
+            node_count[slot_node[:, None], experts[None, :]] == 0,
+            affinity[experts[None, :], slot_node[:, None]],
+            0.0,
+        )
         kept_r = gained - lost[:, None]
         moved_r = (excess[gpu[slots][:, None], experts[None, :]] >= 0).astype(int) - np.where(
             has_old & (excess[gpu[slots], old_e] > 0), 1, 0
         )[:, None]
-        score_r = balance(after.max(-1), square_change) - LOCALITY_WEIGHT * kept_r / flow + penalty * moved_r
-        legal_r = (holder[gpu[slots][:, None], experts[None, :]] == 0) & (old[:, None] != experts[None, :])
+        score_r = (
+            balance(after.max(-1), square_change)
+            - LOCALITY_WEIGHT * kept_r / flow
+            + penalty * moved_r
+        )
+        legal_r = (holder[gpu[slots][:, None], experts[None, :]] == 0) & (
+            old[:, None] != experts[None, :]
+        )
         score_r = np.where(legal_r & (moved_r <= room), score_r, np.inf)
         position = {int(slot): index for index, slot in enumerate(slots)}
         column = {int(e): index for index, e in enumerate(experts)}
@@ -402,7 +485,16 @@ def best_moves(
                 score_r[position[slot], column[new_expert]] = np.inf
         for flat in _smallest(score_r, CANDIDATES_PER_LAYER):
             a, b = np.unravel_index(flat, score_r.shape)
-            candidates.append(Move(float(score_r[a, b]), layer, int(slots[a]), -1, int(experts[b]), int(moved_r[a, b])))
+            candidates.append(
+                Move(
+                    float(score_r[a, b]),
+                    layer,
+                    int(slots[a]),
+                    -1,
+                    int(experts[b]),
+                    int(moved_r[a, b]),
+                )
+            )
     return sorted(candidates, key=lambda move: move.score)[:CANDIDATES_PER_LAYER]
 
 
@@ -418,7 +510,10 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
 def _mean_flow(pairs: tuple[np.ndarray, np.ndarray]) -> float:
     """Token flow per layer that locality counts (transitions and weighted co-activation)."""
     transitions, coactivation = pairs
-    return max(float(transitions.sum() + COACTIVATION_WEIGHT * coactivation.sum()) / len(coactivation), 1e-12)
+    return max(
+        float(transitions.sum() + COACTIVATION_WEIGHT * coactivation.sum()) / len(coactivation),
+        1e-12,
+    )
 
 
 def window_objective(
@@ -440,15 +535,23 @@ def window_objective(
     indicator = np.minimum(presence, 1).astype(np.float64)
     share = indicator / np.maximum(presence.sum(-1), 1)[..., None]
     here = layer - low
-    kept = COACTIVATION_WEIGHT * float((share[here] * (coactivation[layer] @ indicator[here])).sum())
+    kept = COACTIVATION_WEIGHT * float(
+        (share[here] * (coactivation[layer] @ indicator[here])).sum()
+    )
     for first in range(low, high - 1):
-        kept += float((share[first - low] * (transitions[first] @ indicator[first + 1 - low])).sum())
+        kept += float(
+            (share[first - low] * (transitions[first] @ indicator[first + 1 - low])).sum()
+        )
     row = mapping[layer]
     counts = np.bincount(row[row >= 0], minlength=num_experts)
     weight = load[layer] / np.maximum(counts, 1)
-    tokens = np.where(row >= 0, weight[np.maximum(row, 0)], 0.0).reshape(topology.num_gpus, -1).sum(1)
+    tokens = (
+        np.where(row >= 0, weight[np.maximum(row, 0)], 0.0).reshape(topology.num_gpus, -1).sum(1)
+    )
     mean = max(float(load[layer].sum()) / topology.num_gpus, 1e-12)
-    balance = tokens.max() / mean + 0.1 * float((tokens**2).sum()) / (topology.num_gpus * mean * mean)
+    balance = tokens.max() / mean + 0.1 * float((tokens**2).sum()) / (
+        topology.num_gpus * mean * mean
+    )
     return float(balance) - LOCALITY_WEIGHT * kept / flow
 
 
@@ -491,7 +594,9 @@ def policy_migration_aware(
     if options.previous is None:
         mapping, info = policy_locality(profile, model, topology, options)
         return mapping, SolverInfo(
-            status=info.status, objective=info.objective, lower_bound=info.lower_bound,
+            status=info.status,
+            objective=info.objective,
+            lower_bound=info.lower_bound,
             objective_name=info.objective_name,
             notes=["no previous placement: solved from scratch (locality)", *info.notes],
         )
@@ -506,35 +611,58 @@ def policy_migration_aware(
 
     def moved_at(layer: int) -> int:
         holder = _holders(mapping[layer], topology.num_gpus, num_experts)
-        return int(np.clip(holder - _holders(previous[layer], topology.num_gpus, num_experts), 0, None).sum())
+        return int(
+            np.clip(
+                holder - _holders(previous[layer], topology.num_gpus, num_experts), 0, None
+            ).sum()
+        )
 
     tabu: list[set[tuple[int, int, int]]] = [set() for _ in range(num_layers)]
     flow = _mean_flow(pairs)
 
     def search(layer: int, room: float) -> list[Move]:
         return best_moves(
-            layer, mapping, previous, profile.load, presence, pairs, topology, penalty, room, tabu[layer], flow
+            layer,
+            mapping,
+            previous,
+            profile.load,
+            presence,
+            pairs,
+            topology,
+            penalty,
+            room,
+            tabu[layer],
+            flow,
         )
 
     moved_per_layer = np.zeros(num_layers, dtype=np.int64)
     applied = 0
     room = np.inf if budget is None else float(budget)
     candidates = [search(layer, room) for layer in range(num_layers)]
-    stop = "no move gains more than its penalty" if budget is None else "no move gains within the budget"
+    stop = (
+        "no move gains more than its penalty"
+        if budget is None
+        else "no move gains within the budget"
+    )
     while True:
         if time.perf_counter() > deadline:
             stop = "time limit"
             break
         for layer, moves in enumerate(candidates):
             if moves and any(move.moved > room for move in moves):
-                candidates[layer] = [move for move in moves if move.moved <= room] or search(layer, room)
+                candidates[layer] = [move for move in moves if move.moved <= room] or search(
+                    layer, room
+                )
         heads = [(moves[0].score, layer) for layer, moves in enumerate(candidates) if moves]
         if not heads or min(heads)[0] >= -1e-9:
             break
         layer = min(heads)[1]
         move = candidates[layer].pop(0)
         row = mapping[layer]
-        before, kept_row = window_objective(layer, mapping, profile.load, pairs, topology, flow), row.copy()
+        before, kept_row = (
+            window_objective(layer, mapping, profile.load, pairs, topology, flow),
+            row.copy(),
+        )
         if move.other >= 0:
             row[move.slot], row[move.other] = row[move.other], row[move.slot]
         else:
@@ -562,7 +690,11 @@ def policy_migration_aware(
         objective_name="replicas moved from the previous placement",
         notes=[
             f"{applied} changes, {moved} replicas moved"
-            + (f" (budget {budget})" if budget is not None else f" (penalty {MOVE_PENALTY} per replica)"),
+            + (
+                f" (budget {budget})"
+                if budget is not None
+                else f" (penalty {MOVE_PENALTY} per replica)"
+            ),
             f"stopped: {stop}",
         ],
     )

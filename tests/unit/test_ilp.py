@@ -5,7 +5,6 @@ import pulp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moe_placement import ilp
 from moe_placement.ilp import (
     align_layers,
@@ -23,21 +22,35 @@ from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import gpu_preset
 from moe_placement.traces import Trace
 
-MODEL = ModelShape(num_layers=3, num_experts=12, top_k=2, hidden_size=256, expert_intermediate_size=128)
+MODEL = ModelShape(
+    num_layers=3, num_experts=12, top_k=2, hidden_size=256, expert_intermediate_size=128
+)
 
 
 def topology(num_nodes: int = 2, gpus_per_node: int = 2, slots: int = 4) -> Topology:
-    return Topology(num_nodes=num_nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots, gpu=gpu_preset("h100"))
+    return Topology(
+        num_nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        slots_per_gpu=slots,
+        gpu=gpu_preset("h100"),
+    )
 
 
 def profile(seed: int = 0, tokens: int = 400):
     """A skewed random trace's profile (transitions and co-activation included)."""
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(MODEL.num_experts, 0.6), size=MODEL.num_layers)
-    ids = np.stack([
-        np.stack([rng.choice(MODEL.num_experts, MODEL.top_k, replace=False, p=popularity[l]) for _ in range(tokens)])
-        for l in range(MODEL.num_layers)
-    ])
+    ids = np.stack(
+        [
+            np.stack(
+                [
+                    rng.choice(MODEL.num_experts, MODEL.top_k, replace=False, p=popularity[layer])
+                    for _ in range(tokens)
+                ]
+            )
+            for layer in range(MODEL.num_layers)
+        ]
+    )
     trace = Trace(ids, MODEL.num_experts, np.array([0, tokens]), ("",))
     return trace.profile()
 
@@ -58,7 +71,9 @@ def test_ilp_is_valid_no_worse_than_its_warm_start_and_bounded():
     result = plan("ilp", prof, MODEL, topo, PolicyOptions(time_limit_s=10))
     info = result.solver
     assert info.status in ("optimal", "feasible", "time_limit")
-    objective = layer_busiest(result.placement.physical_to_logical_map, prof.load, topo.slots_per_gpu).sum()
+    objective = layer_busiest(
+        result.placement.physical_to_logical_map, prof.load, topo.slots_per_gpu
+    ).sum()
     assert info.objective == pytest.approx(objective)
     assert info.objective <= greedy_objective(prof.load, topo) + 1e-9
     assert info.lower_bound <= info.objective + 1e-9
@@ -80,7 +95,11 @@ def test_packing_bound_is_below_every_packing(seed, num_gpus, extra):
     packing, result, greedy_max = pack_ilp(weight, copies, ones, num_gpus, slots, time_limit_s=5)
     busiest = float((weight @ packing).max())
     assert busiest <= greedy_max + 1e-9
-    assert np.array_equal(packing.sum(1), copies) and np.all(packing.sum(0) <= slots) and packing.max() <= 1
+    assert (
+        np.array_equal(packing.sum(1), copies)
+        and np.all(packing.sum(0) <= slots)
+        and packing.max() <= 1
+    )
     if result.lower_bound is not None:
         assert result.lower_bound <= busiest + 1e-6
         # any other feasible packing (LPT of shuffled weights) is no better than the bound
@@ -139,7 +158,7 @@ def test_stage_two_never_worse_than_unaligned_and_bound_below():
     flows = rng.random((4, topo.num_gpus, topo.num_gpus)) ** 3
     cost = link_cost(topo, MODEL.token_bytes)
     gpu, value, bound = align_layers(flows, cost, deadline=float("inf"))
-    unaligned = sum((flows[l] * cost).sum() for l in range(len(flows)))
+    unaligned = sum((flows[layer] * cost).sum() for layer in range(len(flows)))
     assert value <= unaligned + 1e-15
     assert bound <= value + 1e-15
     for row in gpu:

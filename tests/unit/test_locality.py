@@ -2,7 +2,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from moe_placement.locality import (
     coplace_nodes,
     domain_signatures,
@@ -23,7 +22,9 @@ from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import gpu_preset
 from moe_placement.synthetic import SyntheticConfig, generate
 
-MODEL = ModelShape(num_layers=4, num_experts=16, top_k=2, hidden_size=256, expert_intermediate_size=128)
+MODEL = ModelShape(
+    num_layers=4, num_experts=16, top_k=2, hidden_size=256, expert_intermediate_size=128
+)
 TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=5, gpu=gpu_preset("h100"))
 
 
@@ -31,8 +32,13 @@ TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=5, gpu=gpu_prese
 def trace():
     """Two domains with different favourite experts, 64 sequences of 32 tokens."""
     config = SyntheticConfig(
-        num_layers=4, num_experts=16, top_k=2, num_sequences=64, tokens_per_sequence=32,
-        popularity_skew=1.2, domain_drift=0.9,
+        num_layers=4,
+        num_experts=16,
+        top_k=2,
+        num_sequences=64,
+        tokens_per_sequence=32,
+        popularity_skew=1.2,
+        domain_drift=0.9,
     )
     return generate(config, seed=1)
 
@@ -85,7 +91,9 @@ def test_grouping_partitions_requests_and_keeps_clusters_together():
 
 
 def test_grouping_by_home_node(trace):
-    placement = plan("locality", trace.profile(), MODEL, TOPOLOGY, PolicyOptions(time_limit_s=5)).placement
+    placement = plan(
+        "locality", trace.profile(), MODEL, TOPOLOGY, PolicyOptions(time_limit_s=5)
+    ).placement
     signatures = prefill_decode_split(trace)[0]
     homes = home_nodes(signatures, placement, TOPOLOGY)
     assert homes.shape == (64,) and set(homes) <= {0, 1}
@@ -99,12 +107,16 @@ def test_coplacement_keeps_slots_and_balance_and_improves_locality(trace):
     profile = trace.profile()
     counts = spread_counts(profile.load, TOPOLOGY)
     node_slots = np.full(2, 10)
-    start = np.stack([greedy_nodes(profile.load[l], counts[l], node_slots) for l in range(4)])
+    start = np.stack(
+        [greedy_nodes(profile.load[layer], counts[layer], node_slots) for layer in range(4)]
+    )
     presence = coplace_nodes(profile, counts, node_slots, initial=start)
     assert np.array_equal(presence.sum(1), start.sum(1))  # slots per node unchanged
     assert np.array_equal(presence.sum(2), counts) and presence.max() <= 1
     transitions, _ = pair_matrices(profile)
-    assert locality_score(presence, counts, transitions) >= locality_score(start, counts, transitions)
+    assert locality_score(presence, counts, transitions) >= locality_score(
+        start, counts, transitions
+    )
     for layer in range(4):
         node_load = (profile.load[layer] / counts[layer]) @ presence[layer]
         start_load = (profile.load[layer] / counts[layer]) @ start[layer]
@@ -112,7 +124,13 @@ def test_coplacement_keeps_slots_and_balance_and_improves_locality(trace):
 
 
 def test_locality_policy_is_valid_and_reports(trace):
-    result = plan("locality", replace(trace.profile(), phase="prefill"), MODEL, TOPOLOGY, PolicyOptions(time_limit_s=5))
+    result = plan(
+        "locality",
+        replace(trace.profile(), phase="prefill"),
+        MODEL,
+        TOPOLOGY,
+        PolicyOptions(time_limit_s=5),
+    )
     result.placement.check_topology(MODEL, TOPOLOGY)
     assert result.solver.status == "heuristic"
     assert 0.0 <= result.solver.objective <= 1.0
@@ -120,8 +138,16 @@ def test_locality_policy_is_valid_and_reports(trace):
 
 
 def test_auto_explains_its_choice(trace):
-    result = plan("auto", trace.profile(batch_size=64, phase="decode"), MODEL, TOPOLOGY, PolicyOptions(time_limit_s=4))
+    result = plan(
+        "auto",
+        trace.profile(batch_size=64, phase="decode"),
+        MODEL,
+        TOPOLOGY,
+        PolicyOptions(time_limit_s=4),
+    )
     result.placement.check_topology(MODEL, TOPOLOGY)
     reason = result.solver.notes[0]
-    assert reason.startswith("decode: ") and "eplb+random" in reason and "routing predicts" in reason
+    assert (
+        reason.startswith("decode: ") and "eplb+random" in reason and "routing predicts" in reason
+    )
     assert "recommended router" in result.solver.notes[2]

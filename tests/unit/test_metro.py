@@ -4,7 +4,6 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moe_placement.metro import (
     activation_chance,
     busiest_activated,
@@ -28,7 +27,9 @@ def topology(slots: int = 4) -> Topology:
 def random_layer(rng: np.random.Generator, slots: int = 4, tokens: int = 8):
     """A one-layer placement with random replicas, and a batch of skewed top-2 choices."""
     topo = topology(slots)
-    row = np.concatenate([np.arange(NUM_EXPERTS), rng.integers(0, NUM_EXPERTS, size=topo.num_slots - NUM_EXPERTS)])
+    row = np.concatenate(
+        [np.arange(NUM_EXPERTS), rng.integers(0, NUM_EXPERTS, size=topo.num_slots - NUM_EXPERTS)]
+    )
     placement = Placement(rng.permutation(row)[None, :], NUM_EXPERTS, slots)
     popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5))
     ids = np.stack([rng.choice(NUM_EXPERTS, 2, replace=False, p=popularity) for _ in range(tokens)])
@@ -48,7 +49,9 @@ def test_exact_routes_every_token_to_a_replica_and_beats_greedy(seed, slots, tok
     # one replica per expert
     for expert in np.unique(ids):
         assert len(np.unique(chosen[ids == expert])) == 1
-    assert busiest_activated(layout, chosen) <= busiest_activated(layout, route(route_metro, layout, ids))
+    assert busiest_activated(layout, chosen) <= busiest_activated(
+        layout, route(route_metro, layout, ids)
+    )
 
 
 def test_exact_is_the_brute_force_minimum():
@@ -80,10 +83,23 @@ def test_exact_router_is_registered():
 
 
 def decode_profile(seed: int = 0):
-    model = ModelShape(num_layers=3, num_experts=NUM_EXPERTS, top_k=2, hidden_size=256, expert_intermediate_size=128)
+    model = ModelShape(
+        num_layers=3,
+        num_experts=NUM_EXPERTS,
+        top_k=2,
+        hidden_size=256,
+        expert_intermediate_size=128,
+    )
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.6), size=3)
-    ids = np.stack([np.stack([rng.choice(NUM_EXPERTS, 2, replace=False, p=popularity[l]) for _ in range(300)]) for l in range(3)])
+    ids = np.stack(
+        [
+            np.stack(
+                [rng.choice(NUM_EXPERTS, 2, replace=False, p=popularity[layer]) for _ in range(300)]
+            )
+            for layer in range(3)
+        ]
+    )
     trace = Trace(ids, NUM_EXPERTS, np.array([0, 300]), ("",), phase="decode")
     return model, trace.profile(batch_size=8, phase="decode")
 

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moe_placement.ilp import layer_busiest
 from moe_placement.migration import (
     ExpertCopy,
@@ -16,7 +15,9 @@ from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import gpu_preset
 from moe_placement.traces import Trace
 
-MODEL = ModelShape(num_layers=2, num_experts=6, top_k=2, hidden_size=64, expert_intermediate_size=32)
+MODEL = ModelShape(
+    num_layers=2, num_experts=6, top_k=2, hidden_size=64, expert_intermediate_size=32
+)
 TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=2, gpu=gpu_preset("h100"))
 
 
@@ -54,7 +55,9 @@ def test_equal_placements_need_one_empty_stage():
 
 
 def test_a_swap_without_slack_is_refused_and_with_slack_uses_a_temporary_slot():
-    model = ModelShape(num_layers=1, num_experts=4, top_k=1, hidden_size=64, expert_intermediate_size=32)
+    model = ModelShape(
+        num_layers=1, num_experts=4, top_k=1, hidden_size=64, expert_intermediate_size=32
+    )
     topology = Topology(num_nodes=1, gpus_per_node=2, slots_per_gpu=2, gpu=gpu_preset("h100"))
     full = Placement(np.array([[0, 1, 2, 3]]), 4, 2)
     swapped = Placement(np.array([[1, 0, 2, 3]]), 4, 2)
@@ -70,7 +73,9 @@ def test_a_swap_without_slack_is_refused_and_with_slack_uses_a_temporary_slot():
 
 
 def test_sources_are_the_closest_replicas():
-    model = ModelShape(num_layers=1, num_experts=3, top_k=1, hidden_size=64, expert_intermediate_size=32)
+    model = ModelShape(
+        num_layers=1, num_experts=3, top_k=1, hidden_size=64, expert_intermediate_size=32
+    )
     old = Placement(np.array([[0, -1, 1, 2, 0, 1, 2, 0]]), 3, 2)
     new = Placement(np.array([[0, 0, 1, 2, 0, 1, 2, 0]]), 3, 2)
     plan_ = plan_migration(old, new, model, TOPOLOGY)
@@ -98,12 +103,19 @@ def test_check_migration_catches_broken_plans():
 
 def shifted_profiles(seed: int = 0):
     """Profiles of the same model before and after the hottest experts change."""
-    model = ModelShape(num_layers=3, num_experts=12, top_k=2, hidden_size=256, expert_intermediate_size=128)
+    model = ModelShape(
+        num_layers=3, num_experts=12, top_k=2, hidden_size=256, expert_intermediate_size=128
+    )
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(12, 0.6), size=3)
 
     def profile(weights):
-        ids = np.stack([np.stack([rng.choice(12, 2, replace=False, p=weights[l]) for _ in range(300)]) for l in range(3)])
+        ids = np.stack(
+            [
+                np.stack([rng.choice(12, 2, replace=False, p=weights[layer]) for _ in range(300)])
+                for layer in range(3)
+            ]
+        )
         return Trace(ids, 12, np.array([0, 300]), ("",)).profile()
 
     shifted = popularity.copy()
@@ -115,9 +127,15 @@ def test_migration_aware_respects_the_budget():
     model, before, after = shifted_profiles()
     topology = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=4, gpu=gpu_preset("h100"))
     previous = plan("eplb", before, model, topology).placement
-    unchanged = plan("migration_aware", after, model, topology, PolicyOptions(previous=previous, move_budget=0))
-    assert np.array_equal(unchanged.placement.physical_to_logical_map, previous.physical_to_logical_map)
-    limited = plan("migration_aware", after, model, topology, PolicyOptions(previous=previous, move_budget=3))
+    unchanged = plan(
+        "migration_aware", after, model, topology, PolicyOptions(previous=previous, move_budget=0)
+    )
+    assert np.array_equal(
+        unchanged.placement.physical_to_logical_map, previous.physical_to_logical_map
+    )
+    limited = plan(
+        "migration_aware", after, model, topology, PolicyOptions(previous=previous, move_budget=3)
+    )
     assert previous.moved_experts(limited.placement) <= 3
 
 
@@ -125,12 +143,19 @@ def test_a_small_shift_gives_a_small_migration():
     model, before, after = shifted_profiles()
     topology = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=4, gpu=gpu_preset("h100"))
     previous = plan("locality", before, model, topology).placement
-    resolved = plan("migration_aware", after, model, topology, PolicyOptions(previous=previous)).placement
+    resolved = plan(
+        "migration_aware", after, model, topology, PolicyOptions(previous=previous)
+    ).placement
     moves = previous.moved_experts(resolved)
     for policy in ("eplb", "locality"):
         assert moves < previous.moved_experts(plan(policy, after, model, topology).placement)
-    busiest = layer_busiest(resolved.physical_to_logical_map, after.load, topology.slots_per_gpu).sum()
-    assert busiest < layer_busiest(previous.physical_to_logical_map, after.load, topology.slots_per_gpu).sum()
+    busiest = layer_busiest(
+        resolved.physical_to_logical_map, after.load, topology.slots_per_gpu
+    ).sum()
+    assert (
+        busiest
+        < layer_busiest(previous.physical_to_logical_map, after.load, topology.slots_per_gpu).sum()
+    )
     check_migration(previous, plan_migration(previous, resolved, model, topology))
 
 
