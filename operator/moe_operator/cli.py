@@ -96,14 +96,20 @@ def register_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     crd_parser.add_argument(
         "--check", action="store_true", help="exit 1 when --output differs from the generated YAML"
     )
+    crd_parser.add_argument(
+        "--reference", action="store_true", help="print the spec's fields as a Markdown table instead"
+    )
     crd_parser.set_defaults(func=_crd)
 
 
 def _crd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moe_operator.crd import crd_yaml
+    from moe_operator.crd import crd_yaml, manifest_reference
 
+    if args.reference:
+        sys.stdout.write(manifest_reference())
+        return 0
     text = crd_yaml()
     if args.check:
         if not args.output:

@@ -18,6 +18,7 @@ resource ``Invalid`` with the message naming the field.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -612,3 +613,42 @@ HEADER = (
 def crd_yaml() -> str:
     """The CRD as the YAML checked in under ``crds/``."""
     return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def manifest_reference() -> str:
+    """The spec's fields as a Markdown table (path, type, default, allowed values, description),
+    generated from the same schema as the CRD; the README carries it."""
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rows = ["| field | type | default | allowed | description |", "|---|---|---|---|---|"]
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        for name, child in schema.get("properties", {}).items():
+            field_path = f"{path}.{name}"
+            kind = child.get("type", "object")
+            if kind == "array":
+                kind = f"array of {child.get('items', {}).get('type', 'object')}"
+            rows.append(
+                f"| `{field_path}` | {kind} | {_reference_default(child)} | {_reference_allowed(child)} | "
+                f"{child.get('description', '').replace('|', '/')} |"
+            )
+            walk(child, field_path)
+
+    walk(spec, "spec")
+    return "\n".join(rows) + "\n"
+
+
+def _reference_default(schema: dict[str, Any]) -> str:
+    if "default" not in schema or schema["default"] in ({}, []):
+        return ""
+    return f"`{json.dumps(schema['default'])}`"
+
+
+def _reference_allowed(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return ", ".join(f"`{value}`" for value in schema["enum"] if value is not None)
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is None and high is None:
+        return ""
+    low_text = "" if low is None else f"{'>' if schema.get('exclusiveMinimum') else '>='} {low}"
+    high_text = "" if high is None else f"<= {high}"
+    return ", ".join(part for part in (low_text, high_text) if part)
