@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe_placement.models import Placement, PlacementError, Topology
+from moe_placement.models import Placement, PlacementError, Topology, lookup
 
 
 @dataclass(frozen=True)
@@ -220,10 +220,7 @@ ROUTERS: dict[str, Router] = {
 
 def get_router(name: str) -> Router:
     """The torch router called ``name``."""
-    try:
-        return ROUTERS[name]
-    except KeyError:
-        raise PlacementError(f"router: unknown {name!r}; known: {', '.join(ROUTERS)}") from None
+    return lookup(ROUTERS, name, "router")
 
 
 def as_numpy_slots(slots: torch.Tensor) -> np.ndarray:

@@ -315,6 +315,16 @@ def node_affinity(
     return affinity
 
 
+def node_presence(mapping: np.ndarray, topology: Topology, num_experts: int) -> np.ndarray:
+    """Replicas of each expert on each node, [L, E, N], of a map [L, G*S]."""
+    num_layers = mapping.shape[0]
+    presence = np.zeros((num_layers, num_experts, topology.num_nodes), dtype=np.int64)
+    layer, slot = np.nonzero(mapping >= 0)
+    node = slot // (topology.slots_per_gpu * topology.gpus_per_node)
+    np.add.at(presence, (layer, mapping[layer, slot], node), 1)
+    return presence
+
+
 def locality_score(presence: np.ndarray, counts: np.ndarray, transitions: np.ndarray) -> float:
     """Share of the layer-to-layer token flow that finds its next expert on its node. presence
     [L, E, N], counts [L, E], transitions [L-1, E, E]."""

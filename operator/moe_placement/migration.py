@@ -20,6 +20,7 @@ import numpy as np
 from moe_placement.locality import (
     COACTIVATION_WEIGHT,
     node_affinity,
+    node_presence,
     pair_matrices,
     policy_locality,
 )
@@ -570,16 +571,6 @@ def _max_excluding(values: np.ndarray, first: np.ndarray, second: np.ndarray) ->
     for index in order[::-1]:
         result = np.where((first != index) & (second != index), values[index], result)
     return result
-
-
-def node_presence(mapping: np.ndarray, topology: Topology, num_experts: int) -> np.ndarray:
-    """Replicas of each expert on each node, [L, E, M], of a map [L, N]."""
-    num_layers = mapping.shape[0]
-    presence = np.zeros((num_layers, num_experts, topology.num_nodes), dtype=np.int64)
-    layer, slot = np.nonzero(mapping >= 0)
-    node = slot // (topology.slots_per_gpu * topology.gpus_per_node)
-    np.add.at(presence, (layer, mapping[layer, slot], node), 1)
-    return presence
 
 
 def policy_migration_aware(

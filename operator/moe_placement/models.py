@@ -10,7 +10,8 @@ Array shapes: L layers, E logical experts, G GPUs, S slots per GPU, k experts pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, TypeVar
 
 import hashlib
 
@@ -19,11 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 Phase = Literal["prefill", "decode"]
+RegistryValue = TypeVar("RegistryValue")
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
 
 
 class PlacementError(ValueError):
     """Bad input to the placement library; the message names the field and the problem."""
+
+
+def lookup(registry: Mapping[str, RegistryValue], name: str, field: str) -> RegistryValue:
+    """``registry[name]``, or a PlacementError naming ``field`` and the known names."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise PlacementError(f"{field}: unknown {name!r}; known: {', '.join(registry)}") from None
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:

@@ -22,10 +22,10 @@ from moe_placement.baselines import (
 from moe_placement.models import (
     ModelShape,
     Placement,
-    PlacementError,
     Topology,
     WorkloadProfile,
     check_fits,
+    lookup,
 )
 
 
@@ -129,10 +129,7 @@ POLICIES: dict[str, PolicyFn] = {
 
 def get_policy(name: str) -> PolicyFn:
     """The policy called ``name``."""
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise PlacementError(f"policy: unknown {name!r}; known: {', '.join(POLICIES)}") from None
+    return lookup(POLICIES, name, "policy")
 
 
 def plan(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from moe_placement.models import GpuSpec, ModelShape, PlacementError, Topology
+from moe_placement.models import GpuSpec, ModelShape, PlacementError, Topology, lookup
 
 # Routed experts only (shared experts are dense and never move). Sizes from the models' configs.
 MODEL_PRESETS: dict[str, ModelShape] = {
@@ -41,20 +41,12 @@ _TOPOLOGY_SPEC = re.compile(r"^(\d+)x(\d+)(?::([a-z0-9-]+))?$")
 
 def model_preset(name: str) -> ModelShape:
     """The preset model shape called ``name``."""
-    try:
-        return MODEL_PRESETS[name]
-    except KeyError:
-        raise PlacementError(
-            f"model: unknown preset {name!r}; known: {', '.join(MODEL_PRESETS)}"
-        ) from None
+    return lookup(MODEL_PRESETS, name, "model")
 
 
 def gpu_preset(name: str) -> GpuSpec:
     """The preset GPU called ``name``."""
-    try:
-        return GPU_PRESETS[name]
-    except KeyError:
-        raise PlacementError(f"gpu: unknown preset {name!r}; known: {', '.join(GPU_PRESETS)}") from None
+    return lookup(GPU_PRESETS, name, "gpu")
 
 
 def slots_per_gpu(num_experts: int, num_gpus: int, redundant_slots: int) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_placement.models import Placement, PlacementError, Topology
+from moe_placement.models import Placement, Topology, lookup
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,4 @@ ROUTERS: dict[str, Router] = {
 
 def get_router(name: str) -> Router:
     """The router called ``name``."""
-    try:
-        return ROUTERS[name]
-    except KeyError:
-        raise PlacementError(f"router: unknown {name!r}; known: {', '.join(ROUTERS)}") from None
+    return lookup(ROUTERS, name, "router")

@@ -125,11 +125,11 @@ def test_presets_and_topology_spec():
     assert (topology.num_gpus, topology.slots_per_gpu, topology.gpu.name) == (64, 5, "h200")
     with pytest.raises(PlacementError, match="topology: '2by4'"):
         parse_topology("2by4", 64)
-    with pytest.raises(PlacementError, match="gpu: unknown preset 'a100'"):
+    with pytest.raises(PlacementError, match="gpu: unknown 'a100'"):
         parse_topology("1x8:a100", 64)
     with pytest.raises(PlacementError, match="redundant_slots: 64 experts \\+ 3"):
         slots_per_gpu(64, 8, 3)
-    with pytest.raises(PlacementError, match="model: unknown preset 'llama'"):
+    with pytest.raises(PlacementError, match="model: unknown 'llama'"):
         model_preset("llama")
 
 
