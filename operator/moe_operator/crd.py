@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from moe_placement.models import (
-    BoundaryModel,
     GpuSpec,
     ModelShape,
     PlacementError,
