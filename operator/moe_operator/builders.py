@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_operator.crd import API_VERSION, KIND, ResolvedSpec
+from moe_operator.crd import API_VERSION, KIND, AlertsSpec, ResolvedSpec
 from moe_placement.models import ModelShape, Placement, Topology, placement_hash
 
 MANAGED_BY = "moeplace-operator"
@@ -273,9 +273,22 @@ def build_external_endpoints(
     }
 
 
+def podmonitor_relabelings(namespace: str, name: str) -> list[dict[str, Any]]:
+    """Relabelings giving every scraped agent series ``namespace`` and ``deployment`` (the
+    MoEDeployment's name) as static labels: the operator's ``spec.metrics.matchLabels``, the chart's
+    recording rules and its dashboard select and aggregate by them. Static rather than copied from a
+    pod label, so pods selected by a workload's own labels get them too."""
+    return [
+        {"targetLabel": "namespace", "replacement": namespace, "action": "replace"},
+        {"targetLabel": "deployment", "replacement": name, "action": "replace"},
+    ]
+
+
 def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
-    """A prometheus-operator PodMonitor scraping every agent port of the deployment's pods."""
-    name = owner["metadata"]["name"]
+    """A prometheus-operator PodMonitor scraping every agent port (``rank-<r>``) of the deployment's
+    pods, the series labelled ``namespace`` and ``deployment`` (podmonitor_relabelings)."""
+    meta = owner["metadata"]
+    name = meta["name"]
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -287,14 +300,7 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
                     "port": port["name"],
                     "path": "/metrics",
                     "interval": "15s",
-                    # the agents' series carry the MoEDeployment's name as `deployment` (and
-                    # prometheus-operator adds `namespace`): spec.metrics.matchLabels can select them
-                    "relabelings": [
-                        {
-                            "sourceLabels": ["__meta_kubernetes_pod_label_moeplace_io_deployment"],
-                            "targetLabel": "deployment",
-                        }
-                    ],
+                    "relabelings": podmonitor_relabelings(meta["namespace"], name),
                 }
                 for port in agent_ports(resolved)
             ],
@@ -302,50 +308,151 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# Alerts: one definition for the chart's rules file and the operator's per-deployment PrometheusRule
+#
+# The three alerts whose thresholds a MoEDeployment sets (``spec.alerts``) are defined here, once:
+#
+# * the chart's charts/moeplace/files/rules.yaml holds ``deployment_alert_rules()`` (the CRD's default
+#   thresholds, every deployment, next to the chart's other alerts; tests/chart/test_chart.py keeps
+#   the file equal to it, and promtool tests it);
+# * the operator's ``<name>-alerts`` PrometheusRule holds ``deployment_alert_rules(alerts, namespace,
+#   name)``: the same alerts (names, severities, annotations, runbooks) with the resource's thresholds,
+#   scoped to its series, plus the ``moeplace:deployment_alerts:info`` marker series, by which the
+#   chart's copies step aside for that deployment. Each alert fires once per deployment, at its
+#   thresholds, with or without the chart; without the operator's rule (no prometheus-operator, or a
+#   Prometheus that does not select it) the chart's defaults apply.
+
+RUNBOOK_BASE_URL = "https://github.com/moeplace/moeplace/blob/main/docs/runbooks/"
+DEPLOYMENT_ALERTS_MARKER = "moeplace:deployment_alerts:info"
+ALERT_IMBALANCE = "MoEPlaceImbalanceHigh"
+ALERT_MIGRATION_STALLED = "MoEPlaceMigrationStalled"
+ALERT_METRICS_MISSING = "MoEPlaceMetricsMissing"
+DEPLOYMENT_ALERTS = (ALERT_IMBALANCE, ALERT_MIGRATION_STALLED, ALERT_METRICS_MISSING)
+IMBALANCE_FOR_SECONDS = 600
+_WHO = "{{ $labels.namespace }}/{{ $labels.deployment }}"
+
+
+def prometheus_duration(seconds: int) -> str:
+    """``600`` -> ``10m``: a PromQL duration in the largest unit that divides it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def human_duration(seconds: int) -> str:
+    """``600`` -> ``10 minutes``, for alert descriptions."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def _threshold(value: float) -> str:
+    return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(float(value))
+
+
+def deployment_alert_rules(
+    alerts: AlertsSpec | None = None, namespace: str | None = None, deployment: str | None = None
+) -> list[dict[str, Any]]:
+    """The alerts that ``spec.alerts`` parameterises, with ``alerts``' thresholds (default: the
+    CRD's). With ``namespace`` and ``deployment``: scoped to that MoEDeployment's series (the
+    operator's PrometheusRule); without: every deployment that has no rule of its own (the chart)."""
+    alerts = alerts if alerts is not None else AlertsSpec()
+    if (namespace is None) != (deployment is None):
+        raise ValueError("deployment_alert_rules: give both namespace and deployment, or neither")
+    scope = "" if deployment is None else f'{{namespace="{namespace}", deployment="{deployment}"}}'
+    rest = "" if deployment is not None else f" unless on (namespace, deployment) {DEPLOYMENT_ALERTS_MARKER}"
+
+    def series(metric: str) -> str:
+        return metric + scope
+
+    imbalance = _threshold(alerts.imbalance_threshold)
+    stalled = alerts.migration_stalled_seconds
+    missing = alerts.metrics_missing_seconds
+    in_progress = series("moeplace_operator_migration_in_progress")
+    return [
+        {
+            "alert": ALERT_IMBALANCE,
+            # The operator's live imbalance (max / mean GPU load, mean over layers) has stayed above
+            # the threshold: the rebalancer is not keeping up, is paused, or its gain gate rejects
+            # every new placement.
+            "expr": f"{series('moeplace_operator_imbalance')} > {imbalance}{rest}",
+            "for": prometheus_duration(IMBALANCE_FOR_SECONDS),
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "Expert load imbalance stays high.",
+                "description": (
+                    f"MoEDeployment {_WHO} has a token imbalance of {{{{ $value | printf \"%.2f\" }}}} "
+                    f"(max / mean GPU load; threshold {imbalance}) for more than "
+                    f"{human_duration(IMBALANCE_FOR_SECONDS)}."
+                ),
+                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_IMBALANCE}.md",
+            },
+        },
+        {
+            "alert": ALERT_MIGRATION_STALLED,
+            # A migration has run for the whole window (it was running already at its start) and
+            # completed no step in it: an expert copy hangs or keeps failing, and the deployment sits
+            # between two placements.
+            "expr": (
+                f"min_over_time({in_progress}[{prometheus_duration(stalled)}]) == 1"
+                f" and on (namespace, deployment) ({in_progress} offset {prometheus_duration(stalled)}) == 1"
+                f" unless on (namespace, deployment)"
+                f" (time() - {series('moeplace_operator_migration_last_progress_timestamp_seconds')}) < {stalled}"
+                f"{rest}"
+            ),
+            "labels": {"severity": "critical"},
+            "annotations": {
+                "summary": "Expert migration makes no progress.",
+                "description": (
+                    f"The migration of MoEDeployment {_WHO} has not completed a step for more than "
+                    f"{human_duration(stalled)}."
+                ),
+                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_MIGRATION_STALLED}.md",
+            },
+        },
+        {
+            "alert": ALERT_METRICS_MISSING,
+            # Without usable load statistics the operator cannot re-solve the placement; it keeps
+            # the live one.
+            "expr": f"{series('moeplace_operator_metrics_available')} == 0{rest}",
+            "for": prometheus_duration(missing),
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "The operator gets no usable expert load from Prometheus.",
+                "description": (
+                    f"The operator's Prometheus queries for MoEDeployment {_WHO} have returned no usable "
+                    f"expert load for more than {human_duration(missing)}; rebalancing is suspended."
+                ),
+                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_METRICS_MISSING}.md",
+            },
+        },
+    ]
+
+
 def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
-    """Per-deployment alerts with this resource's thresholds (``spec.alerts``) on the operator's own
-    series: imbalance, a stalled migration, missing metrics. The chart's PrometheusRule holds the
-    fleet-wide defaults (``MoEPlace*``); these are named ``MoEDeployment*``."""
+    """The deployment's own copies of the chart's ``spec.alerts`` alerts (deployment_alert_rules) with
+    this resource's thresholds, and the marker series that makes the chart's copies skip it."""
     meta = owner["metadata"]
-    alerts = resolved.spec.alerts
-    match = f'namespace="{meta["namespace"]}",deployment="{meta["name"]}"'
-    labels = {"severity": "warning", "moeplace_deployment": meta["name"]}
+    namespace, name = meta["namespace"], meta["name"]
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": _metadata(owner, prometheusrule_name(meta["name"]), "alerts"),
+        "metadata": _metadata(owner, prometheusrule_name(name), "alerts"),
         "spec": {
             "groups": [
                 {
-                    "name": f"moeplace-{meta['namespace']}-{meta['name']}",
+                    "name": f"moeplace-{namespace}-{name}",
                     "rules": [
                         {
-                            "alert": "MoEDeploymentImbalanced",
-                            "expr": f"moeplace_operator_imbalance{{{match}}} > {alerts.imbalance_threshold}",
-                            "for": "10m",
-                            "labels": labels,
-                            "annotations": {
-                                "summary": "Expert load imbalance stays above the threshold",
-                                "description": "{{ $labels.deployment }}: token imbalance {{ $value }}",
-                            },
+                            "record": DEPLOYMENT_ALERTS_MARKER,
+                            "expr": "vector(1)",
+                            "labels": {"namespace": namespace, "deployment": name},
                         },
-                        {
-                            "alert": "MoEDeploymentMigrationStalled",
-                            "expr": (
-                                f"moeplace_operator_migration_in_progress{{{match}}} == 1 and on(namespace, deployment) "
-                                f"(time() - moeplace_operator_migration_last_progress_timestamp_seconds{{{match}}}) "
-                                f"> {alerts.migration_stalled_seconds}"
-                            ),
-                            "labels": labels,
-                            "annotations": {"summary": "An expert migration made no progress"},
-                        },
-                        {
-                            "alert": "MoEDeploymentMetricsMissing",
-                            "expr": f"moeplace_operator_metrics_available{{{match}}} == 0",
-                            "for": f"{alerts.metrics_missing_seconds}s",
-                            "labels": labels,
-                            "annotations": {"summary": "No usable expert load from Prometheus"},
-                        },
+                        *deployment_alert_rules(resolved.spec.alerts, namespace, name),
                     ],
                 }
             ]
@@ -412,7 +519,9 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
                 "args": [
                     "exec python -m moe_agent agent"
                     f" --rank $(( ${{POD_NAME##*-}} * {gpus} + {local} ))"
-                    f" --port {port} --topology {topology.num_nodes}x{gpus}"
+                    # the agent listens on 127.0.0.1 by default: in a pod, probes and scrapes
+                    # come from outside the pod's loopback
+                    f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
                     f" --redundant-slots {resolved.spec.placement.redundant_slots}"
                     f" --placement {placement_file} "
                     + " ".join(engine.agent_args)

@@ -21,6 +21,8 @@ DEFAULT_RUNBOOK_BASE = "https://github.com/moeplace/moeplace/blob/main/docs/runb
 RELEASE_NAMESPACE = "moeplace-system"
 # The operator's cluster-wide RBAC in the repository, which the chart's rules must equal.
 DEPLOY_RBAC = REPO_ROOT / "deploy" / "rbac.yaml"
+# The chart's RBAC rules: deploy/rbac.yaml's, byte for byte.
+RBAC_RULES_FILE = CHART / "files" / "rbac-rules.yaml"
 
 # What the chart promises to alert on (issue 6): each needs a runbook and promtool unit tests.
 EXPECTED_ALERTS = {
@@ -201,12 +203,37 @@ def test_rbac_is_least_privilege(render: Any) -> None:
     assert not [t for t in triples if t[2] in {"escalate", "bind", "impersonate"}]
 
 
-def test_rbac_equals_the_repository_deploy_rbac(render: Any) -> None:
+def deploy_rbac_rules_text() -> str:
+    """What follows ``rules:`` in deploy/rbac.yaml, as text."""
     assert DEPLOY_RBAC.exists(), f"{DEPLOY_RBAC.relative_to(REPO_ROOT)} (the operator's RBAC) is missing"
+    _, separator, rules = DEPLOY_RBAC.read_text().partition("\nrules:\n")
+    assert separator, f"{DEPLOY_RBAC.relative_to(REPO_ROOT)} has no top-level rules:"
+    return rules
+
+
+def test_chart_rbac_rules_file_is_byte_equal_to_deploy_rbac() -> None:
+    """The chart's rules are files/rbac-rules.yaml, which must be deploy/rbac.yaml's rules verbatim
+    (comments included): one set of rules, two ways to install it."""
+    fix = f"copy what follows `rules:` in deploy/rbac.yaml to {RBAC_RULES_FILE.relative_to(REPO_ROOT)}"
+    assert RBAC_RULES_FILE.read_text() == deploy_rbac_rules_text(), fix
+    documents = [doc for doc in yaml.safe_load_all(DEPLOY_RBAC.read_text()) if doc]
+    assert [doc["kind"] for doc in documents] == ["ClusterRole"]
+
+
+def test_rbac_equals_the_repository_deploy_rbac(render: Any) -> None:
     documents = [doc for doc in yaml.safe_load_all(DEPLOY_RBAC.read_text()) if doc]
     deploy_rules = [rule for doc in documents if doc["kind"] == "ClusterRole" for rule in doc["rules"]]
-    chart_rules = one(render("default"), "ClusterRole")["rules"]
-    assert rule_triples(chart_rules) == rule_triples(deploy_rules)
+    # Exactly the same rules, in the same order, in the ClusterRole and in every namespaced Role.
+    assert one(render("default"), "ClusterRole")["rules"] == deploy_rules
+    namespaced = render({"rbac": {"clusterScoped": False}, "operator": {"watchNamespaces": ["a", "b"]}})
+    assert [role["rules"] for role in by_kind(namespaced, "Role")] == [deploy_rules, deploy_rules]
+    # What the operator needs beyond its own objects: agents' tokens by name, LeaderWorkerSets read
+    # only, its monitoring objects.
+    triples = rule_triples(deploy_rules)
+    assert ("", "secrets", "get") in triples
+    assert {v for g, r, v in triples if r == "leaderworkersets"} == {"get"}
+    for resource in ("podmonitors", "prometheusrules"):
+        assert {"get", "create", "patch"} <= {v for g, r, v in triples if (g, r) == ("monitoring.coreos.com", resource)}
 
 
 def test_chart_crds_equal_the_repository_crds() -> None:
@@ -217,6 +244,16 @@ def test_chart_crds_equal_the_repository_crds() -> None:
     assert sorted(chart) == sorted(repo), f"charts/moeplace/crds/ holds other files than crds/: {fix}"
     stale = sorted(name for name in repo if chart[name] != repo[name])
     assert not stale, f"charts/moeplace/crds/ differs from crds/ in {stale}: {fix}"
+
+
+def test_chart_crd_equals_the_models() -> None:
+    """The chart's CRD is the one generated from moe_operator/crd.py, not only a copy of crds/ (which
+    tests/operator/test_crd_in_sync.py checks against the same models)."""
+    crd = pytest.importorskip("moe_operator.crd", reason="moe_operator not importable (PYTHONPATH=operator:agent)")
+    path = CHART / "crds" / crd.CRD_FILE
+    assert path.read_text() == crd.crd_yaml(), (
+        f"run `moeplace crd -o crds/{crd.CRD_FILE}` and `cp crds/*.yaml charts/moeplace/crds/`"
+    )
 
 
 def test_monitoring_is_off_by_default_and_the_agents_pod_monitor_opt_in(render: Any) -> None:
@@ -296,6 +333,24 @@ def test_alerts_follow_kube_prometheus_conventions_and_have_runbooks() -> None:
             assert section in text, f"{runbook.name} lacks {section}"
 
 
+def test_spec_alerts_alerts_are_generated_from_the_operators_definition() -> None:
+    """MoEPlaceImbalanceHigh, MoEPlaceMigrationStalled and MoEPlaceMetricsMissing are defined once, in
+    moe_operator.builders: the rules file holds them with the CRD's default thresholds, the operator's
+    per-deployment PrometheusRule with the deployment's (tests/operator/test_builders.py)."""
+    builders = pytest.importorskip("moe_operator.builders", reason="moe_operator not importable")
+    expected = builders.deployment_alert_rules()
+    found = [alert for alert in alerts() if alert["alert"] in builders.DEPLOYMENT_ALERTS]
+    assert found == expected, (
+        "charts/moeplace/files/rules.yaml: the spec.alerts alerts differ from "
+        "moe_operator.builders.deployment_alert_rules(); they should read:\n"
+        + yaml.safe_dump(expected, sort_keys=False, width=100)
+    )
+    assert set(builders.DEPLOYMENT_ALERTS) <= EXPECTED_ALERTS
+    # The chart's copies skip deployments whose own rule records the marker.
+    for alert in found:
+        assert alert["expr"].endswith(f"unless on (namespace, deployment) {builders.DEPLOYMENT_ALERTS_MARKER}")
+
+
 def test_every_alert_has_a_promtool_unit_test() -> None:
     tests = yaml.safe_load((Path(__file__).parent / "rules_test.yaml").read_text())["tests"]
     for name in EXPECTED_ALERTS:
@@ -310,6 +365,8 @@ def test_rules_and_dashboard_use_only_documented_metrics() -> None:
     }
     groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
     recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+    # ... and what the operator's per-deployment PrometheusRule records.
+    recorded.add("moeplace:deployment_alerts:info")
     exprs = [rule["expr"] for group in groups for rule in group["rules"]]
     dashboard = json.loads(DASHBOARD_FILE.read_text())
     exprs += [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]

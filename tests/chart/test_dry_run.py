@@ -235,3 +235,27 @@ def test_helm_install_then_upgrade_keeps_the_agent_token(
     assert core.read_namespaced_secret("real-moeplace-agent-token", namespace).data["token"] == token
     container = apps.read_namespaced_deployment("real-moeplace", namespace).spec.template.spec.containers[0]
     assert "--log-level=debug" in container.args
+
+
+def test_operator_monitoring_objects_pass_server_side_dry_run(dynamic: DynamicClient, namespaces: None) -> None:
+    """The PodMonitor and PrometheusRule the operator creates per MoEDeployment (moe_operator.builders)
+    fit the monitoring CRDs' schemas: nothing pruned (a relabeling or rule field the real CRDs lack
+    would be)."""
+    builders = pytest.importorskip("moe_operator.builders", reason="moe_operator not importable")
+    from moe_operator.crd import resolve_spec
+
+    owner = {
+        "apiVersion": "moeplace.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "00000000-0000-0000-0000-000000000001"},
+    }
+    spec = {
+        "model": {"shape": {"numLayers": 2, "numExperts": 8, "topK": 2, "hiddenSize": 64, "expertIntermediateSize": 32}},
+        "topology": {"nodes": 1, "gpusPerNode": 2},
+        "alerts": {"imbalanceThreshold": 1.25, "migrationStalledSeconds": 5400, "metricsMissingSeconds": 90},
+    }
+    resolved = resolve_spec(spec)
+    for obj in (builders.build_podmonitor(owner, resolved), builders.build_prometheusrule(owner, resolved)):
+        answer = apply(dynamic, obj, dry_run=True)
+        dropped = [p for p in dropped_fields(obj, answer) if not p.startswith(".metadata.annotations")]
+        assert not dropped, f"{obj['kind']}: the API server dropped or changed {dropped}"

@@ -8,13 +8,17 @@ change; 20+ invalid manifests rejected or marked Invalid naming the field; least
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from kubernetes.client.rest import ApiException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -77,6 +81,27 @@ def served(agents: Agents) -> list[dict]:
     return [agents.placement(rank) for rank in sorted(agents.ports)]
 
 
+def check_deployment_rule(rule: dict, namespace: str, deployment: dict) -> None:
+    from moe_operator.crd import resolve_spec
+
+    (group,) = rule["spec"]["groups"]
+    marker, *alerts = group["rules"]
+    assert marker["record"] == builders.DEPLOYMENT_ALERTS_MARKER
+    assert marker["labels"] == {"namespace": namespace, "deployment": NAME}
+    assert [a["alert"] for a in alerts] == list(builders.DEPLOYMENT_ALERTS)
+    expected = builders.deployment_alert_rules(resolve_spec(deployment["spec"]).spec.alerts, namespace, NAME)
+    assert alerts == expected
+    chart = builders.deployment_alert_rules()
+    assert [a["annotations"]["runbook_url"] for a in alerts] == [a["annotations"]["runbook_url"] for a in chart]
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # what the API server stored is a valid Prometheus rules file
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+            yaml.safe_dump(rule["spec"], handle)
+            handle.flush()
+            result = subprocess.run([promtool, "check", "rules", handle.name], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_operator_runs_with_least_privilege(api, control_plane, operator):
     """The operator's user is not system:masters: only deploy/rbac.yaml's rules apply."""
     restricted = Api(control_plane.kubeconfig_for("operator"))
@@ -111,9 +136,21 @@ def test_apply_rebalance_migrate(api, operator, stack):
         assert configmap["metadata"]["ownerReferences"][0]["uid"] == uid
         assert builders.SGLANG_KEY in configmap["data"] and builders.PLACEMENT_KEY in configmap["data"]
         wait_for(lambda: api.status(namespace, NAME).get("gpus") == 4, 30, "status.gpus")
+        owned = {}
         for plural, object_name in (("podmonitors", f"{NAME}-agents"), ("prometheusrules", f"{NAME}-alerts")):
-            owned = api.custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, plural, object_name)
-            assert owned["metadata"]["ownerReferences"][0]["uid"] == uid
+            owned[plural] = api.custom.get_namespaced_custom_object(
+                "monitoring.coreos.com", "v1", namespace, plural, object_name
+            )
+            assert owned[plural]["metadata"]["ownerReferences"][0]["uid"] == uid
+        # The agents' series get the labels the chart's recording rules and dashboard filter by.
+        for endpoint in owned["podmonitors"]["spec"]["podMetricsEndpoints"]:
+            assert {r["targetLabel"]: r["replacement"] for r in endpoint["relabelings"]} == {
+                "namespace": namespace, "deployment": NAME,
+            }
+        # The PrometheusRule holds the chart's spec.alerts alerts (same names and runbooks) for this
+        # deployment only, with its thresholds (the CRD's defaults here), and the marker series by
+        # which the chart's copies skip it: one alert per deployment, one definition.
+        check_deployment_rule(owned["prometheusrules"], namespace, deployment)
 
         # Metrics flow from the agents through Prometheus into the operator.
         wait_for(lambda: api.condition(namespace, NAME, "MetricsAvailable").get("status") == "True", 60,

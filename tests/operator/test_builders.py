@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from moe_agent.cli import add_arguments  # the agent's flags (no torch import)
 from moe_operator import builders
 from moe_operator.agents import EndpointsError, agents_from_endpoints
 from moe_operator.crd import resolve_spec
@@ -97,16 +104,126 @@ def test_engine_statefulset():
         builders.build_engine_statefulset(OWNER, resolved())
 
 
-def test_monitoring_objects():
+def test_engine_agents_listen_on_every_address_with_their_rank_and_port(tmp_path):
+    """Each agent sidecar's shell command, run as its container would (POD_NAME set), starts
+    ``python -m moe_agent agent`` with flags the agent's own parser accepts: it listens on 0.0.0.0
+    (not its default 127.0.0.1, which the kubelet's probes and Prometheus cannot reach) on the port of
+    its rank-<r> container port, with the global rank ordinal x gpusPerNode + r."""
+    spec = resolved(serving={"engine": {"image": "sglang:1", "agentArgs": ["--router", "metro"]}})
+    pod = builders.build_engine_statefulset(OWNER, spec)["spec"]["template"]["spec"]
+    shim = tmp_path / "python"  # stands in for the interpreter: prints its arguments
+    shim.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    shim.chmod(0o755)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for ordinal in (0, 1):
+        for local, container in enumerate(pod["containers"][1:]):
+            assert container["command"] == ["sh", "-c"]
+            env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "POD_NAME": f"demo-engine-{ordinal}"}
+            out = subprocess.run(["sh", "-c", *container["args"]], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            argv = json.loads(out)
+            assert argv[:3] == ["-m", "moe_agent", "agent"]
+            args = parser.parse_args(argv[3:])
+            assert args.host == "0.0.0.0"
+            port = container["ports"][0]
+            assert port["name"] == f"rank-{local}" and args.port == port["containerPort"] == 9400 + local
+            assert container["readinessProbe"]["httpGet"]["port"] == args.port
+            assert args.rank == ordinal * 2 + local
+            assert args.topology == "2x2" and args.redundant_slots == 4
+            assert str(args.placement) == f"{builders.PLACEMENT_MOUNT}/{builders.SGLANG_KEY}"
+            assert args.router == "metro"
+    # agentArgs come last, so a deployment can still choose another address.
+    assert shlex.split(pod["containers"][1]["args"][0])[-2:] == ["--router", "metro"]
+
+
+def test_podmonitor_labels_agents_series_with_namespace_and_deployment():
     monitor = builders.build_podmonitor(OWNER, resolved())
-    assert monitor["kind"] == "PodMonitor"
-    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["rank-0", "rank-1"]
-    assert monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"] == "deployment"
-    rule = builders.build_prometheusrule(OWNER, resolved(alerts={"imbalanceThreshold": 1.7}))
-    rules = rule["spec"]["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"MoEDeploymentImbalanced", "MoEDeploymentMigrationStalled",
-                                            "MoEDeploymentMetricsMissing"}
-    assert "> 1.7" in rules[0]["expr"] and 'deployment="demo"' in rules[0]["expr"]
+    assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "demo-agents"
+    # The pods the operator's StatefulSet runs carry the selector's label.
+    pod_labels = builders.build_engine_statefulset(OWNER, resolved(serving={"engine": {"image": "x"}}))[
+        "spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == ["rank-0", "rank-1"]
+    for endpoint in endpoints:
+        # Static labels (no source label): the chart's recording rules and dashboard and
+        # spec.metrics.matchLabels select the agents' series by them.
+        assert endpoint["relabelings"] == [
+            {"targetLabel": "namespace", "replacement": "ns", "action": "replace"},
+            {"targetLabel": "deployment", "replacement": "demo", "action": "replace"},
+        ]
+    assert relabel({"__address__": "10.0.0.1:9400", "rank": "0"}, endpoints[0]["relabelings"]) == {
+        "__address__": "10.0.0.1:9400", "rank": "0", "namespace": "ns", "deployment": "demo",
+    }
+
+
+def relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
+    """Prometheus' ``replace`` relabeling (the defaults prometheus-operator leaves in place: source
+    labels joined by ``;``, regex ``(.*)`` anchored, replacement ``$1``)."""
+    out = dict(labels)
+    for rule in relabelings:
+        assert rule.get("action", "replace") == "replace"
+        value = ";".join(out.get(name, "") for name in rule.get("sourceLabels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            out[rule["targetLabel"]] = match.expand(rule.get("replacement", "$1").replace("$1", r"\1"))
+    return out
+
+
+def test_prometheusrule_has_the_charts_alerts_with_the_deployments_thresholds():
+    alerts = {"imbalanceThreshold": 1.7, "migrationStalledSeconds": 900, "metricsMissingSeconds": 90}
+    rule = builders.build_prometheusrule(OWNER, resolved(alerts=alerts))
+    assert rule["kind"] == "PrometheusRule" and rule["metadata"]["name"] == "demo-alerts"
+    assert rule["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    (group,) = rule["spec"]["groups"]
+    marker, *rules = group["rules"]
+    # The marker by which the chart's copies of these alerts skip this deployment.
+    assert marker == {"record": builders.DEPLOYMENT_ALERTS_MARKER, "expr": "vector(1)",
+                      "labels": {"namespace": "ns", "deployment": "demo"}}
+    by_name = {r["alert"]: r for r in rules}
+    # The chart's names (charts/moeplace/files/rules.yaml), so one runbook each and no second alert.
+    assert list(by_name) == ["MoEPlaceImbalanceHigh", "MoEPlaceMigrationStalled", "MoEPlaceMetricsMissing"]
+    scope = '{namespace="ns", deployment="demo"}'
+    for alert in rules:
+        assert alert["annotations"]["runbook_url"] == (
+            f"https://github.com/moeplace/moeplace/blob/main/docs/runbooks/{alert['alert']}.md"
+        )
+        assert "moeplace_operator_" in alert["expr"]
+        for metric in re.findall(r"moeplace_operator_[a-z_]+", alert["expr"]):
+            assert f"{metric}{scope}" in alert["expr"], (alert["alert"], metric)
+        assert builders.DEPLOYMENT_ALERTS_MARKER not in alert["expr"]
+    imbalance = by_name["MoEPlaceImbalanceHigh"]
+    assert imbalance["expr"] == f"moeplace_operator_imbalance{scope} > 1.7"
+    assert imbalance["for"] == "10m" and "threshold 1.7" in imbalance["annotations"]["description"]
+    stalled = by_name["MoEPlaceMigrationStalled"]
+    assert f"moeplace_operator_migration_in_progress{scope}[15m]" in stalled["expr"]
+    assert "offset 15m" in stalled["expr"] and stalled["expr"].endswith(") < 900")
+    assert "for more than 15 minutes" in stalled["annotations"]["description"]
+    missing = by_name["MoEPlaceMetricsMissing"]
+    assert missing["for"] == "90s" and "for more than 90 seconds" in missing["annotations"]["description"]
+    # Without spec.alerts: the CRD's defaults, the same alerts as the chart's rules file but scoped.
+    default = builders.build_prometheusrule(OWNER, resolved())["spec"]["groups"][0]["rules"][1:]
+    chart = builders.deployment_alert_rules()
+    for scoped, fleet in zip(default, chart):
+        assert scoped["annotations"] == fleet["annotations"] and scoped["labels"] == fleet["labels"]
+        assert scoped.get("for") == fleet.get("for")
+        assert fleet["expr"] == (
+            scoped["expr"].replace(scope, "")
+            + f" unless on (namespace, deployment) {builders.DEPLOYMENT_ALERTS_MARKER}"
+        )
+    with pytest.raises(ValueError):
+        builders.deployment_alert_rules(namespace="ns")
+
+
+@pytest.mark.parametrize(
+    "seconds, promql, human",
+    [(600, "10m", "10 minutes"), (300, "5m", "5 minutes"), (60, "1m", "1 minute"), (90, "90s", "90 seconds"),
+     (1, "1s", "1 second"), (3600, "1h", "1 hour"), (5400, "90m", "90 minutes"), (604800, "7d", "7 days")],
+)
+def test_alert_durations(seconds, promql, human):
+    assert builders.prometheus_duration(seconds) == promql
+    assert builders.human_duration(seconds) == human
 
 
 def test_external_endpoints_map_to_ranks():
