@@ -212,9 +212,11 @@ class ReplayEngine:
     def _cross_bytes(self, destination: torch.Tensor, source: torch.Tensor, num_gpus: int) -> tuple[float, float]:
         """All-to-all bytes of tokens with destination GPUs [L, b, k] leaving source GPUs [L, b].
 
-        A token goes once to each GPU it needs and once to each other node (the cost model's
-        DeepEP accounting): cross-GPU transfers = distinct remote (token, GPU) pairs, cross-node
-        transfers = distinct (token, remote node) pairs.
+        A token goes once to each GPU it needs and once to each other node, there to the GPU with its
+        source's local index, which forwards it over NVLink (the cost model's rail-aligned DeepEP
+        accounting): cross-GPU transfers = distinct remote (token, GPU) pairs plus one relay hop per
+        needed node whose relay GPU is not itself a destination; cross-node transfers = distinct
+        (token, remote node) pairs.
         """
         num_layers, tokens, _ = destination.shape
         needs = torch.zeros(num_layers, tokens, num_gpus, dtype=torch.bool, device=destination.device)
@@ -226,8 +228,11 @@ class ReplayEngine:
         node_needs = remote.reshape(num_layers, tokens, num_nodes, -1).any(dim=-1)
         source_node = self._node_of_gpu[source]
         node_needs &= torch.arange(num_nodes, device=destination.device) != source_node[..., None]
+        gpus_per_node = self.core.topology.gpus_per_node
+        relay = torch.arange(num_nodes, device=destination.device) * gpus_per_node + (source % gpus_per_node)[..., None]
+        relay_hops = node_needs & ~needs.gather(2, relay)
         return (
-            float(remote.sum()) * self._transfer_bytes,
+            float(remote.sum() + relay_hops.sum()) * self._transfer_bytes,
             float(node_needs.sum()) * self._transfer_bytes,
         )
 

@@ -6,8 +6,9 @@ activated slots x expert bytes / HBM bandwidth). Layer time = slowest GPU + all-
 Data flow (MoETuner's): a token starts layer 0 on its attention data-parallel rank, and each later
 layer from the GPU that served its first choice in the layer before, so placing experts that tokens
 chain between layers on one GPU keeps tokens local. A token is sent once to each GPU it needs and, across
-nodes, once to each node (to the lowest such GPU there, which forwards over NVLink), as DeepEP does;
-the combine sends the same bytes back, so each transfer counts twice.
+nodes, once to each node, to the GPU with the sender's local index there, which forwards it over
+NVLink (DeepEP's rail-aligned internode dispatch); the combine sends the same bytes back, so each
+transfer counts twice.
 
 Shapes: L layers, B tokens, k choices, G GPUs, N slots.
 """
@@ -98,18 +99,21 @@ def layer_cost(
     pair_token, pair_gpu, pair_source = pair_token[remote], pair_gpu[remote], pair_source[remote]
     same_node = node_of_gpu[pair_gpu] == node_of_gpu[pair_source]
 
-    # Cross-node: one transfer per (token, destination node), received by the node's lowest GPU.
+    # Cross-node: one transfer per (token, destination node). DeepEP's internode dispatch is
+    # rail-aligned: the token crosses to the GPU with its sender's local index, which forwards it over
+    # NVLink to the other destination GPUs of that node.
+    gpus_per_node = topology.gpus_per_node
     remote_token, remote_gpu = pair_token[~same_node], pair_gpu[~same_node]
-    node_key = remote_token * topology.num_nodes + node_of_gpu[remote_gpu]
-    node_keys, first = np.unique(node_key, return_index=True)
-    receiver = remote_gpu[first]  # pairs are sorted by (token, gpu): first is the lowest GPU
+    remote_node = node_of_gpu[remote_gpu]
+    node_keys = np.unique(remote_token * topology.num_nodes + remote_node)
     sender = source_gpu[node_keys // topology.num_nodes]
-    forwarded = np.ones(len(remote_gpu), dtype=bool)
-    forwarded[first] = False
+    receiver = (node_keys % topology.num_nodes) * gpus_per_node + sender % gpus_per_node
+    relay = remote_node * gpus_per_node + source_gpu[remote_token] % gpus_per_node
+    forwarded = remote_gpu != relay
 
     token_bytes = 2.0 * model.token_bytes  # dispatch + combine
     intra_out = np.bincount(pair_source[same_node], minlength=num_gpus) + np.bincount(
-        receiver[np.searchsorted(node_keys, node_key[forwarded])], minlength=num_gpus
+        relay[forwarded], minlength=num_gpus
     )
     intra_in = np.bincount(pair_gpu[same_node], minlength=num_gpus) + np.bincount(
         remote_gpu[forwarded], minlength=num_gpus

@@ -302,6 +302,7 @@ class Placement:
                 f"physical_to_logical_map: expert {expert} of layer {layer} has no replica "
                 f"({len(missing)} (layer, expert) pairs without one)"
             )
+        mapping = mapping.copy()  # frozen below; the caller's array stays theirs
         mapping.setflags(write=False)
         object.__setattr__(self, "physical_to_logical_map", mapping)
 
