@@ -1,0 +1,83 @@
+"""``moeplace plan`` / ``bench`` on bad input: one line naming the field, exit 2, no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def moeplace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'agent'}", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "moeplace.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory) -> dict[str, Path]:
+    from moe_placement.traces import Trace, save_trace
+
+    folder = tmp_path_factory.mktemp("traces")
+    rng = np.random.default_rng(0)
+    good = Trace(rng.integers(0, 64, (26, 512, 6)), 64, np.array([0, 256, 512]), ("a", "b"))
+    save_trace(good, folder / "good.npz")
+    np.savez(folder / "bad-ids.npz", expert_ids=np.full((26, 8, 6), 70), num_experts=64)
+    np.savez(folder / "empty.npz", expert_ids=np.zeros((26, 0, 6), dtype=np.int64), num_experts=64)
+    (folder / "garbage.npz").write_bytes(b"not a trace")
+    return {path.stem: path for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--model", "llama"], "model: unknown 'llama'"),
+        (["--topology", "3x3"], "redundant_slots: 64 experts + 0 redundant slots"),
+        (["--topology", "two-by-four"], "topology: 'two-by-four' is not NODESxGPUS"),
+        (["--topology", "1x8:a100"], "gpu: unknown 'a100'"),
+        (["--redundant-slots", "3"], "redundant_slots"),
+        (["--policy", "fastest"], "policy: unknown 'fastest'"),
+        (["--trace", "missing.npz"], "missing.npz: no such file"),
+        (["--trace", "{bad-ids}"], "expert_ids"),
+        (["--trace", "{empty}"], "expert_ids: empty trace"),
+        (["--trace", "{garbage}"], "garbage.npz: unknown file kind"),
+        (["--trace", "{good}", "--model", "mixtral-8x7b", "--topology", "1x8"], "does not match the model"),
+        (["--trace", "{good}", "--task", "c"], "task: unknown domain 'c'"),
+    ],
+)
+def test_plan_rejects_bad_input_in_one_line(args, field, traces, tmp_path):
+    args = [arg.format(**{name: str(path) for name, path in traces.items()}) for arg in args]
+    if "--trace" not in args:
+        args += ["--trace", str(traces["good"])]
+    result = moeplace("plan", *args, "--out", str(tmp_path / "p.json"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeplace: error: ") and field in lines[0], lines
+
+
+def test_bench_rejects_an_unknown_router(tmp_path, traces):
+    result = moeplace("bench", "--trace", str(traces["good"]), "--router", "psychic", cwd=tmp_path)
+    assert result.returncode == 2 and "router: unknown ['psychic']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_writes_moeplace_and_sglang_files(tmp_path, traces):
+    out = tmp_path / "placement.json"
+    result = moeplace("plan", "--trace", str(traces["good"]), "--redundant-slots", "16", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from moe_placement.files import read_placement
+
+    placement_file = read_placement(out)
+    assert placement_file.policy == "eplb" and set(placement_file.predicted) == {"prefill", "decode"}
+    sglang = tmp_path / "sglang.json"
+    result = moeplace("plan", "--trace", str(traces["good"]), "--redundant-slots", "16", "--format", "sglang",
+                      "--out", str(sglang), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(json.loads(sglang.read_text())["physical_to_logical_map"],
+                          placement_file.physical_to_logical_map)
