@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import tempfile
 import time
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_MANIFEST = REPO / "examples" / "moedeployment.yaml"
 NAMESPACE = "default"
 OPERATOR_USER = "operator"
+# Experts of real models are scaled down (narrower FFNs) to this size so that a few agents fit in memory.
+MAX_EXPERT_BYTES = 2e6
 # Short windows so that a rebalance shows within a minute (the example's are production-scale).
 DEMO_PLACEMENT = {"rebalanceIntervalSeconds": 15, "solverTimeLimitSeconds": 10}
 DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
@@ -192,6 +195,7 @@ def run_demo(args: argparse.Namespace) -> int:
             same_seed=True,
             all_ranks_extra=[
                 "--shift-after-seconds", str(shift_after), "--start-time", str(stream_start),
+                "--expert-scale", str(max(1, math.ceil(model.expert_bytes / MAX_EXPERT_BYTES))),
             ],
         )
         stack.append(agents)
