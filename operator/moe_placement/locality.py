@@ -156,15 +156,8 @@ def expected_activated(signatures: np.ndarray) -> float:
 def home_nodes(signatures: np.ndarray, placement: Placement, topology: Topology) -> np.ndarray:
     """The node holding most of each request's expected expert choices, [R], of signatures [R, L, E]
     (an expert with replicas on several nodes counts on each)."""
-    on_node = (
-        placement.gpu_expert_matrix()
-        .reshape(
-            placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
-        )
-        .sum(2)
-        > 0
-    )  # [L, N, E]
-    return np.einsum("rle,lne->rn", signatures, on_node.astype(np.float64)).argmax(axis=1)
+    on_node = node_presence(placement.physical_to_logical_map, topology, placement.num_experts) > 0
+    return np.einsum("rle,len->rn", signatures, on_node.astype(np.float64)).argmax(axis=1)
 
 
 def group_requests(
@@ -250,14 +243,7 @@ def cross_node_share(
 ) -> float:
     """Share of the decode (token, expert) choices of each micro-batch that have no replica on the
     node the micro-batch runs on (node_of_group [len(groups)])."""
-    on_node = (
-        placement.gpu_expert_matrix()
-        .reshape(
-            placement.num_layers, topology.num_nodes, topology.gpus_per_node, placement.num_experts
-        )
-        .sum(2)
-        > 0
-    )
+    on_node = node_presence(placement.physical_to_logical_map, topology, placement.num_experts) > 0
     starts, lengths = trace.seq_offsets[:-1], np.diff(trace.seq_offsets)
     cuts = starts + np.clip(np.round(lengths * prefill_fraction).astype(np.int64), 1, lengths - 1)
     remote, total = 0, 0
@@ -265,7 +251,7 @@ def cross_node_share(
     for group, node in zip(groups, node_of_group):
         tokens = np.concatenate([np.arange(cuts[r], starts[r] + lengths[r]) for r in group])
         ids = trace.expert_ids[:, tokens]
-        remote += int((~on_node[layers, node, ids]).sum())
+        remote += int((~on_node[layers, ids, node]).sum())
         total += ids.size
     return remote / max(total, 1)
 
