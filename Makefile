@@ -1,10 +1,11 @@
 # Every target installs what it needs, idempotently. The virtualenv lives outside the checkout so that
-# fresh clones (CI) reuse it; the install is redone when pyproject.toml or the checkout path changes.
+# fresh clones (CI) reuse it; the install is redone when a pyproject.toml or the checkout path changes.
+# Two editable distributions: moeplace (operator/, agent/) and the local dev stack moeplace-dev (dev/).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= $(HOME)/.cache/moeplace/venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml dev/pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo bench test test-unit clean
@@ -15,7 +16,7 @@ $(PY):
 
 $(STAMP): | $(PY)
 	rm -f $(VENV)/.installed-*
-	$(PY) -m pip install -q -e '.[agent,test]'
+	$(PY) -m pip install -q -e '.[agent,test]' -e ./dev
 	touch $@
 
 setup: $(STAMP)

@@ -5,16 +5,12 @@ and no expert ever has zero live replicas."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
-from e2e_support import (  # noqa: E402
+from e2e_support import (
     AGENT_TOKEN,
     TINY_SHAPE,
     Agents,
@@ -25,7 +21,7 @@ from e2e_support import (  # noqa: E402
     skewed_trace,
     wait_for,
 )
-from moe_placement.models import placement_hash  # noqa: E402
+from moe_placement.models import placement_hash
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
-from e2e_support import (  # noqa: E402
+from e2e_support import (
     AGENT_TOKEN,
     TINY_SHAPE,
     Agents,
@@ -34,8 +30,8 @@ from e2e_support import (  # noqa: E402
     skewed_trace,
     wait_for,
 )
-from moe_operator import builders  # noqa: E402
-from moe_placement.models import Placement, placement_hash  # noqa: E402
+from moe_operator import builders
+from moe_placement.models import Placement, placement_hash
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_operator.cluster import (
+from moeplace_dev.cluster import (
     PROMETHEUS_JOB,
     ClusterError,
     build_kubeconfig,

@@ -149,8 +149,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import urllib3
 
-    from moe_operator.cluster import start_control_plane, start_prometheus
-    from moe_operator.localstack import Agents, Api, OperatorProcess, wait_for
+    from moeplace_dev.cluster import start_control_plane, start_prometheus
+    from moeplace_dev.localstack import Agents, Api, OperatorProcess, wait_for
 
     # The local API server's kubeconfig skips TLS verification by design; say so once, not per call.
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)

@@ -1,8 +1,8 @@
-"""Helpers of the operator's end-to-end tests (tests/e2e/test_operator_*.py) and its benchmark.
+"""Helpers of the operator's end-to-end tests (tests/e2e/test_operator_*.py).
 
 Real processes throughout: replay agents (``python -m moe_agent agent``), the operator
 (``python -m moe_operator``) with a kubeconfig whose user is bound only to deploy/rbac.yaml's
-ClusterRole, and the API server and Prometheus of the e2e fixtures.
+ClusterRole, and the API server and Prometheus of control_plane_fixtures.py.
 """
 
 from __future__ import annotations
@@ -12,24 +12,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from moe_operator.crd import GROUP, VERSION
-from moe_operator.localstack import Agents as LocalAgents
-from moe_operator.localstack import Api, wait_for
-from moe_operator.localstack import OperatorProcess as Operator
+from moeplace_dev.localstack import Agents as LocalAgents
+from moeplace_dev.localstack import Api, wait_for
+from moeplace_dev.localstack import OperatorProcess as Operator
+from moeplace_dev.manifests import TINY_SHAPE, manifest
 
 __all__ = ["AGENT_TOKEN", "TINY_SHAPE", "Agents", "Api", "Operator", "ReplicaChecker", "manifest",
            "skewed_trace", "wait_for"]
 
 AGENT_TOKEN = "e2e-agent-token"
-
-TINY_SHAPE = {
-    "name": "tiny-e2e", "numLayers": 4, "numExperts": 16, "topK": 2,
-    "hiddenSize": 64, "expertIntermediateSize": 128,
-}
 
 
 def skewed_trace(path: Path, skew: float = 1.6, seed: int = 7) -> Path:
@@ -44,26 +38,6 @@ def skewed_trace(path: Path, skew: float = 1.6, seed: int = 7) -> Path:
     )
     save_trace(generate(config_, seed), path)
     return path
-
-
-def manifest(name: str, namespace: str, prometheus_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": {"shape": dict(TINY_SHAPE)},
-        "topology": {"nodes": 2, "gpusPerNode": 2},
-        "placement": {
-            "policy": "eplb_global", "redundantSlots": 4, "rebalanceIntervalSeconds": 2,
-            "minPredictedGain": 0.05, "evaluationBatches": 2,
-            "objective": {"prefill": "tokenImbalance", "decode": "tokenImbalance",
-                          "prefillRouter": "random", "decodeRouter": "random"},
-        },
-        "migration": {"maxStepsInFlight": 4, "maxConcurrentTransfers": 4, "stepRetries": 2,
-                      "stepTimeoutSeconds": 10},
-        "metrics": {"prometheusUrl": prometheus_url, "windowSeconds": 10, "minTokens": 50},
-    }
-    for key, value in sections.items():
-        spec.setdefault(key, {}).update(value)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MoEDeployment",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
 @dataclass

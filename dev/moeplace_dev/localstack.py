@@ -4,7 +4,7 @@ tests and the operator benchmark all use it.
 ``Api`` is admin access to the (local) API server for setting up and watching; ``Agents`` runs one
 replay agent process per EP rank (``python -m moe_agent agent``) on loopback; ``OperatorProcess``
 runs the operator (``python -m moe_operator``) with a kubeconfig of its own, usually a user bound only
-to ``deploy/rbac.yaml``'s ClusterRole. The API server and Prometheus come from ``moe_operator.cluster``.
+to ``deploy/rbac.yaml``'s ClusterRole. The API server and Prometheus come from ``moeplace_dev.cluster``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from moe_operator import builders
-from moe_operator.cluster import free_port
 from moe_operator.crd import GROUP, PLURAL, VERSION, build_crd
+from moeplace_dev.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RBAC_FILE = REPO / "deploy" / "rbac.yaml"
