@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml dev/pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo bench test test-unit clean
+.PHONY: setup system-deps generate demo bench test test-unit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ setup: $(STAMP)
 
 system-deps:
 	scripts/system-deps.sh
+
+# The CRD (crds/ and the chart's copy) and README's manifest reference, from the operator's models.
+generate: setup
+	$(PY) -m moeplace_dev.generate
 
 demo: setup system-deps
 	$(VENV)/bin/moeplace demo --out out/demo

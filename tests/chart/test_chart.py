@@ -240,7 +240,7 @@ def test_chart_crds_equal_the_repository_crds() -> None:
     repo = {path.name: path.read_text() for path in (REPO_ROOT / "crds").glob("*.yaml")}
     chart = {path.name: path.read_text() for path in (CHART / "crds").glob("*.yaml")}
     assert repo, "the repository's crds/ holds no CRD"
-    fix = "cp crds/*.yaml charts/moeplace/crds/ (after removing stale files there)"
+    fix = "run `make generate` (after removing stale files there)"
     assert sorted(chart) == sorted(repo), f"charts/moeplace/crds/ holds other files than crds/: {fix}"
     stale = sorted(name for name in repo if chart[name] != repo[name])
     assert not stale, f"charts/moeplace/crds/ differs from crds/ in {stale}: {fix}"
@@ -251,9 +251,7 @@ def test_chart_crd_equals_the_models() -> None:
     tests/operator/test_crd_in_sync.py checks against the same models)."""
     crd = pytest.importorskip("moe_operator.crd", reason="moe_operator not importable (PYTHONPATH=operator:agent)")
     path = CHART / "crds" / crd.CRD_FILE
-    assert path.read_text() == crd.crd_yaml(), (
-        f"run `moeplace crd -o crds/{crd.CRD_FILE}` and `cp crds/*.yaml charts/moeplace/crds/`"
-    )
+    assert path.read_text() == crd.crd_yaml(), "run `make generate`"
 
 
 def test_monitoring_is_off_by_default_and_the_agents_pod_monitor_opt_in(render: Any) -> None:
