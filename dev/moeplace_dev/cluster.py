@@ -498,6 +498,62 @@ class LocalCluster:
         )
 
 
+def _generate_rsa_key(path: Path) -> Path:
+    """A 2048-bit RSA private key written to ``path`` by openssl (the service-account signing key)."""
+    keygen = subprocess.run(
+        ["openssl", "genrsa", "-out", str(path), "2048"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if keygen.returncode != 0:
+        raise ClusterError(f"openssl genrsa failed: {keygen.stderr.strip()}")
+    return path
+
+
+def _etcd_argv(etcd: Path, data_dir: Path, client_url: str, peer_url: str) -> list[str]:
+    """A single-member etcd on loopback."""
+    return [
+        str(etcd),
+        "--name=moeplace",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client_url}",
+        f"--advertise-client-urls={client_url}",
+        f"--listen-peer-urls={peer_url}",
+        # Spelled out so etcd never even names the default localhost:2380 peer address.
+        f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster=moeplace={peer_url}",
+    ]
+
+
+def _apiserver_argv(
+    kube_apiserver: Path, etcd_url: str, port: int, pki: Path, service_account_key: Path, token_file: Path
+) -> list[str]:
+    """kube-apiserver on loopback with static tokens and real RBAC."""
+    return [
+        str(kube_apiserver),
+        f"--etcd-servers={etcd_url}",
+        f"--secure-port={port}",
+        f"--bind-address={LOOPBACK}",
+        f"--advertise-address={LOOPBACK}",
+        # 1.20 still opens an unauthenticated HTTP port on 8080 by default: never want it.
+        "--insecure-port=0",
+        f"--cert-dir={pki / 'serving'}",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        f"--service-account-key-file={service_account_key}",
+        f"--service-account-signing-key-file={service_account_key}",
+        f"--token-auth-file={token_file}",
+        "--authorization-mode=RBAC",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        # No controller-manager runs, so the ServiceAccount admission plugin would reject every
+        # pod waiting for token secrets that never appear.
+        "--disable-admission-plugins=ServiceAccount",
+        "--allow-privileged=true",
+        "--profiling=false",
+    ]
+
+
 def start_control_plane(
     workdir: Path,
     *,
@@ -528,17 +584,7 @@ def start_control_plane(
     os.chmod(pki, 0o700)
     logs = workdir / "logs"
 
-    service_account_key = pki / "service-account.key"
-    keygen = subprocess.run(
-        ["openssl", "genrsa", "-out", str(service_account_key), "2048"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if keygen.returncode != 0:
-        raise ClusterError(f"openssl genrsa failed: {keygen.stderr.strip()}")
-
+    service_account_key = _generate_rsa_key(pki / "service-account.key")
     token_file = workdir / "tokens.csv"
     _write_private(token_file, token_file_text)
 
@@ -549,50 +595,18 @@ def start_control_plane(
     processes: list[ManagedProcess] = []
     try:
         etcd = ManagedProcess.spawn(
-            "etcd",
-            [
-                str(binaries.etcd),
-                "--name=moeplace",
-                f"--data-dir={workdir / 'etcd-data'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}",
-                # Spelled out so etcd never even names the default localhost:2380 peer address.
-                f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=moeplace={peer_url}",
-            ],
-            logs / "etcd.log",
+            "etcd", _etcd_argv(binaries.etcd, workdir / "etcd-data", etcd_url, peer_url), logs / "etcd.log",
             detached=detached,
         )
         processes.append(etcd)
         _wait_until(
             lambda: _http(f"{etcd_url}/health")[0] == 200, "etcd /health", processes, timeout
         )
+        apiserver_argv = _apiserver_argv(
+            binaries.kube_apiserver, etcd_url, apiserver_port, pki, service_account_key, token_file
+        )
         apiserver = ManagedProcess.spawn(
-            "kube-apiserver",
-            [
-                str(binaries.kube_apiserver),
-                f"--etcd-servers={etcd_url}",
-                f"--secure-port={apiserver_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
-                # 1.20 still opens an unauthenticated HTTP port on 8080 by default: never want it.
-                "--insecure-port=0",
-                f"--cert-dir={pki / 'serving'}",
-                "--service-account-issuer=https://kubernetes.default.svc",
-                f"--service-account-key-file={service_account_key}",
-                f"--service-account-signing-key-file={service_account_key}",
-                f"--token-auth-file={token_file}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                # No controller-manager runs, so the ServiceAccount admission plugin would reject every
-                # pod waiting for token secrets that never appear.
-                "--disable-admission-plugins=ServiceAccount",
-                "--allow-privileged=true",
-                "--profiling=false",
-            ],
-            logs / "kube-apiserver.log",
-            detached=detached,
+            "kube-apiserver", apiserver_argv, logs / "kube-apiserver.log", detached=detached
         )
         processes.append(apiserver)
         _wait_until(

@@ -25,6 +25,7 @@ import yaml
 
 from moe_placement.models import ModelShape
 from moe_placement.presets import MODEL_PRESETS
+from moeplace_dev.localstack import Agents
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_MANIFEST = REPO / "examples" / "moedeployment.yaml"
@@ -146,11 +147,36 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def demo_agents(
+    workdir: Path, args: argparse.Namespace, spec: dict[str, Any], model: ModelShape, shift_after: float,
+    stream_start: float,
+) -> Agents:
+    """One replay agent per GPU of the manifest's ``spec``, replaying in lockstep from ``stream_start``
+    (epoch seconds) with the domain shift after ``shift_after`` seconds; not started yet."""
+    topology = spec["topology"]
+    return Agents(
+        workdir,
+        replay=str(args.trace) if args.trace else "synthetic",
+        model=model.model_dump_json(),
+        num_gpus=topology["nodes"] * topology["gpusPerNode"],
+        topology=f"{topology['nodes']}x{topology['gpusPerNode']}",
+        redundant_slots=spec["placement"].get("redundantSlots", 0),
+        tokens_per_second=args.tokens_per_second,
+        window_seconds=DEMO_METRICS["windowSeconds"],
+        router=spec["placement"].get("objective", {}).get("decodeRouter", "metro"),
+        same_seed=True,
+        all_ranks_extra=[
+            "--shift-after-seconds", str(shift_after), "--start-time", str(stream_start),
+            "--expert-scale", str(max(1, math.ceil(model.expert_bytes / MAX_EXPERT_BYTES))),
+        ],
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import urllib3
 
     from moeplace_dev.cluster import start_control_plane, start_prometheus
-    from moeplace_dev.localstack import Agents, Api, OperatorProcess, wait_for
+    from moeplace_dev.localstack import Api, OperatorProcess, wait_for
 
     # The local API server's kubeconfig skips TLS verification by design; say so once, not per call.
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
@@ -158,8 +184,7 @@ def run_demo(args: argparse.Namespace) -> int:
     manifest = yaml.safe_load(args.manifest.read_text())
     trace_model = model_of_trace(args.trace) if args.trace else None
     model = trace_model or model_of_manifest(manifest["spec"])
-    topology = manifest["spec"]["topology"]
-    num_gpus = topology["nodes"] * topology["gpusPerNode"]
+    num_gpus = manifest["spec"]["topology"]["nodes"] * manifest["spec"]["topology"]["gpusPerNode"]
     shift_after = args.shift_after if args.shift_after is not None else 0.45 * args.duration
     name = manifest["metadata"]["name"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,22 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         # The agents replay in lockstep from stream_start (epoch seconds); the table's clock is the same.
         stream_start = time.time() + 15
-        agents = Agents(
-            workdir / "agents",
-            replay=str(args.trace) if args.trace else "synthetic",
-            model=model.model_dump_json(),
-            num_gpus=num_gpus,
-            topology=f"{topology['nodes']}x{topology['gpusPerNode']}",
-            redundant_slots=manifest["spec"]["placement"].get("redundantSlots", 0),
-            tokens_per_second=args.tokens_per_second,
-            window_seconds=DEMO_METRICS["windowSeconds"],
-            router=manifest["spec"]["placement"].get("objective", {}).get("decodeRouter", "metro"),
-            same_seed=True,
-            all_ranks_extra=[
-                "--shift-after-seconds", str(shift_after), "--start-time", str(stream_start),
-                "--expert-scale", str(max(1, math.ceil(model.expert_bytes / MAX_EXPERT_BYTES))),
-            ],
-        )
+        agents = demo_agents(workdir / "agents", args, manifest["spec"], model, shift_after, stream_start)
         stack.append(agents)
         say(f"starting {num_gpus} replay agents ({model.name}: {model.num_layers} layers x "
             f"{model.num_experts} experts, top-{model.top_k}; domain shift after {shift_after:.0f}s)")
@@ -282,16 +292,7 @@ def write_report(
     rebalances = [
         (before, after) for before, after in zip(samples, samples[1:]) if after.generation != before.generation
     ]
-    measured = [s for s in samples if s.imbalance is not None]
-    first_generation = samples[0].generation if samples else 0
-    initial = [s for s in measured if s.generation == first_generation and s.seconds < shift_after]
-    settled = [s for s in measured if s.generation != first_generation and s.seconds < shift_after]
-    shifted = [s for s in measured if s.seconds >= shift_after]
-    snapshots = {
-        "before the first rebalance": initial[-1] if initial else None,
-        "after it (before the shift)": settled[-1] if settled else None,
-        "at the end (after the shift)": shifted[-1] if shifted else None,
-    }
+    snapshots = snapshots_of(samples, shift_after)
     figures = {
         label: {
             "seconds": round(s.seconds, 1), "generation": s.generation,
@@ -312,10 +313,34 @@ def write_report(
         indent=1, default=float,
     ) + "\n")
     plot_report(out, snapshots, samples, shift_after)
+    text = report_markdown(model, num_gpus, shift_after, figures, timeline, events)
+    (out / "report.md").write_text(text)
+    return text
 
+
+def snapshots_of(samples: list[Sample], shift_after: float) -> dict[str, Sample | None]:
+    """The last measured row before the first rebalance, after it (before the shift), and after the
+    shift; None where there is none."""
+    measured = [s for s in samples if s.imbalance is not None]
+    first_generation = samples[0].generation if samples else 0
+    initial = [s for s in measured if s.generation == first_generation and s.seconds < shift_after]
+    settled = [s for s in measured if s.generation != first_generation and s.seconds < shift_after]
+    shifted = [s for s in measured if s.seconds >= shift_after]
+    return {
+        "before the first rebalance": initial[-1] if initial else None,
+        "after it (before the shift)": settled[-1] if settled else None,
+        "at the end (after the shift)": shifted[-1] if shifted else None,
+    }
+
+
+def report_markdown(
+    model: ModelShape, num_gpus: int, shift_after: float, figures: dict[str, dict[str, Any]],
+    timeline: list[dict[str, Any]], events: list[dict[str, Any]],
+) -> str:
+    """report.md's text: the snapshots' figures, the rebalances and the operator's last events."""
     lines = [
         f"# moeplace demo: {model.name} on {num_gpus} GPUs", "",
-        f"Domain shift after {shift_after:.0f} s; {len(rebalances)} rebalance(s) applied.", "",
+        f"Domain shift after {shift_after:.0f} s; {len(timeline)} rebalance(s) applied.", "",
         "| when | t (s) | generation | imbalance (max/mean) | max activated experts | cross-node MB/s |",
         "|---|---|---|---|---|---|",
     ]
@@ -330,9 +355,7 @@ def write_report(
     lines += ["", "Operator events:", ""]
     lines += [f"- {e['type']} {e['reason']}: {e['message']}" for e in events[-15:]] or ["- none"]
     lines += ["", "![per-GPU load](heatmaps.png)", "", "![timeline](timeline.png)", ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    return text
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
