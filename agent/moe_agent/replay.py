@@ -84,8 +84,6 @@ class StepResult:
     own_tokens: tokens of this rank's attention; forward_pairs: pairs the expert FFNs ran on.
     """
 
-    batch_index: int
-    generation: int
     served: np.ndarray
     activated: np.ndarray
     own_tokens: int
@@ -122,8 +120,6 @@ class ReplayEngine:
         self.seed = seed
         self.start_time = time.time() if start_time is None else float(start_time)
         self.forward_budget = forward_budget
-        self.skipped_batches = 0
-        self.last_result: StepResult | None = None
         device = core.device
         generator = torch.Generator().manual_seed(seed)
         self._hidden = torch.randn(HIDDEN_POOL, core.shape.hidden_size, generator=generator).to(device)
@@ -196,8 +192,6 @@ class ReplayEngine:
 
         forward_pairs = self._forward(view, ids, on_me, local_slot, start)
         result = StepResult(
-            batch_index=batch_index,
-            generation=view.generation,
             served=served.cpu().numpy(),
             activated=activated.cpu().numpy(),
             own_tokens=own_tokens,
@@ -206,7 +200,6 @@ class ReplayEngine:
             forward_pairs=forward_pairs,
         )
         core.metrics.add_step(result.served, result.activated, own_tokens, cross_gpu, cross_node)
-        self.last_result = result
         return result
 
     def _cross_bytes(self, destination: torch.Tensor, source: torch.Tensor, num_gpus: int) -> tuple[float, float]:
@@ -274,7 +267,6 @@ class ReplayEngine:
                 continue
             if -wait > MAX_LAG_SECONDS:
                 caught_up = self.current_batch(time.time())
-                self.skipped_batches += caught_up - batch_index
                 log.warning("replay: %d s behind; skipping %d batches", int(-wait), caught_up - batch_index)
                 batch_index = caught_up
                 continue
