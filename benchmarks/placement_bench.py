@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: the seed algorithms side by side with the baselines, on a real routing trace.
+"""Placement benchmark: the seed algorithms side by side with the baselines, on a real routing trace.
 
     PYTHONPATH=operator python3 benchmarks/placement_bench.py [--quick] [--json out/placement-bench.json]
 

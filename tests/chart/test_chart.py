@@ -24,7 +24,7 @@ DEPLOY_RBAC = REPO_ROOT / "deploy" / "rbac.yaml"
 # The chart's RBAC rules: deploy/rbac.yaml's, byte for byte.
 RBAC_RULES_FILE = CHART / "files" / "rbac-rules.yaml"
 
-# What the chart promises to alert on (issue 6): each needs a runbook and promtool unit tests.
+# What the chart promises to alert on: each needs a runbook and promtool unit tests.
 EXPECTED_ALERTS = {
     "MoEPlaceImbalanceHigh",
     "MoEPlaceMigrationStalled",
