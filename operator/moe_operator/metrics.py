@@ -83,8 +83,6 @@ AGENTS_REACHABLE = Gauge(
 )
 ERRORS = Counter("moeplace_operator_errors_total", "Errors by reason.", _BASE + ("reason",), registry=REGISTRY)
 
-ERROR_REASONS = ("prometheus", "agent", "solver", "invalid_spec", "kubernetes")
-
 
 class DeploymentMetrics:
     """The metrics of one MoEDeployment (label values bound)."""
