@@ -18,3 +18,9 @@ if str(HERE) not in sys.path:
 def planner():
     """The migration planner the operator runs."""
     return plan_migration
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as the operator does."""
+    return "asyncio"
