@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the bearer token (default: $MOEPLACE_AGENT_TOKEN)")
     server.add_argument("--transfer-timeout", type=float, default=30.0,
                         help="seconds a peer may stay silent during a transfer (default 30)")
+    server.add_argument("--staged-ttl-seconds", type=float, default=600.0,
+                        help="drop a staged slot that no activation claimed within this time (default 600)")
+    server.add_argument("--retired-grace-seconds", type=float, default=120.0,
+                        help="keep a retired slot's weights this long for an undo (default 120)")
     server.add_argument("--test-throttle-bytes-per-second", type=float, help=argparse.SUPPRESS)
     server.add_argument("--test-corrupt-transfers", action="store_true", help=argparse.SUPPRESS)
 
@@ -222,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         )
     options = ServerOptions(
         transfer_timeout_seconds=args.transfer_timeout,
+        staged_ttl_seconds=args.staged_ttl_seconds,
+        retired_grace_seconds=args.retired_grace_seconds,
         throttle_bytes_per_second=args.test_throttle_bytes_per_second,
         corrupt_transfers=args.test_corrupt_transfers,
     )

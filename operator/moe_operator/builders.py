@@ -24,9 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 from moe_operator.crd import API_VERSION, KIND, AlertsSpec, ResolvedSpec
-from moe_placement.models import ModelShape, Placement, Topology, placement_hash
+from moe_placement.models import ModelShape, Placement, Topology, format_validation_error, placement_hash
 
 MANAGED_BY = "moeplace-operator"
 LABEL_DEPLOYMENT = "moeplace.io/deployment"
@@ -178,34 +180,41 @@ def parse_placement_configmap(
     return placement, generation, data.get("policy", "")
 
 
-def build_migration_configmap(
-    owner: Mapping[str, Any],
-    plan_id: str,
-    source: Placement,
-    target: Placement,
-    from_generation: int,
-    policy: str,
-    max_copies_per_stage: int,
-) -> dict[str, Any]:
-    """The in-flight migration's source and target maps, so a restarted operator re-derives the plan."""
-    document = {
-        "planId": plan_id,
-        "policy": policy,
-        "fromGeneration": from_generation,
-        "maxCopiesPerStage": max_copies_per_stage,
-        "sourceHash": placement_hash(source.physical_to_logical_map),
-        "targetHash": placement_hash(target.physical_to_logical_map),
-        "source": source.physical_to_logical_map.tolist(),
-        "target": target.physical_to_logical_map.tolist(),
-    }
+class MigrationRecord(BaseModel):
+    """The in-flight migration's source and target maps [L, N] (``target.json`` of the migration
+    ConfigMap), so a restarted operator re-derives the plan; ``rollbackOf`` names the plan whose
+    source map this migration returns to."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    plan_id: str
+    policy: str = ""
+    from_generation: int = 0
+    max_copies_per_stage: int = Field(ge=1)
+    rollback_of: str = ""
+    source: list[list[int]]
+    target: list[list[int]]
+
+
+def build_migration_configmap(owner: Mapping[str, Any], record: MigrationRecord) -> dict[str, Any]:
+    """The ConfigMap holding ``record``."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(
-            owner, migration_configmap_name(owner["metadata"]["name"]), "migration"
-        ),
-        "data": {TARGET_KEY: json.dumps(document, separators=(",", ":")), "planId": plan_id},
+        "metadata": _metadata(owner, migration_configmap_name(owner["metadata"]["name"]), "migration"),
+        "data": {TARGET_KEY: record.model_dump_json(by_alias=True), "planId": record.plan_id},
     }
+
+
+def parse_migration_configmap(configmap: Mapping[str, Any] | None) -> MigrationRecord:
+    """The record of a migration ConfigMap; ValueError naming the key when it is missing or malformed."""
+    data = (configmap or {}).get("data") or {}
+    if TARGET_KEY not in data:
+        raise ValueError(f"{TARGET_KEY}: missing")
+    try:
+        return MigrationRecord.model_validate_json(data[TARGET_KEY])
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, prefix=TARGET_KEY)) from None
 
 
 # --------------------------------------------------------------------------------------------------

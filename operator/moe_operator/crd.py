@@ -278,12 +278,13 @@ class MoEDeploymentSpec(SpecModel):
 # Status
 
 
+ConditionType = Literal["Ready", "Balanced", "Migrating", "MetricsAvailable", "Degraded"]
+
+
 class Condition(SpecModel):
     """A standard condition."""
 
-    type: Literal["Ready", "Balanced", "Migrating", "MetricsAvailable", "Degraded"] = Field(
-        description="Condition type."
-    )
+    type: ConditionType = Field(description="Condition type.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
@@ -305,7 +306,11 @@ class MigrationStatus(SpecModel):
 
     plan_id: str = Field("", description="Identity of the plan (old and target hash).")
     state: Literal["Running", "Completed", "RolledBack", "Interrupted", "Failed"] = Field(
-        "Running", description="Migration state."
+        "Running",
+        description="Migration state: RolledBack = the agents serve the exact map from before the migration.",
+    )
+    rollback_of: str = Field(
+        "", description="Set while returning to the map before plan <rollbackOf> (this plan runs back to it)."
     )
     target_hash: str = Field("", description="Hash of the target placement.")
     from_generation: int = Field(0, description="Published generation the migration started from.")
@@ -316,6 +321,8 @@ class MigrationStatus(SpecModel):
     bytes_total: float = Field(0.0, description="Expert bytes the plan copies.")
     started_at: str | None = Field(None, description="Start time.")
     message: str = Field("", description="Detail of the last outcome.")
+    policy: str = Field("", description="Policy whose placement the migration applies.")
+    solver_status: str = Field("", description="Status of the solve that produced the target.")
 
 
 class MoEDeploymentStatus(SpecModel):

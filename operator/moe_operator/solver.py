@@ -60,6 +60,7 @@ class SolveRequest:
     max_concurrent_transfers: int = 4
     max_copies_per_stage: int = 8
     seed: int = 0
+    keep_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -130,6 +131,15 @@ def _costs(
     return objective_values, summaries
 
 
+def _keep_rows(new: Placement, previous: Placement, layers: tuple[int, ...]) -> Placement:
+    """``new`` with the rows of ``layers`` taken from ``previous`` (layers without metrics stay put)."""
+    if not layers:
+        return new
+    mapping = new.physical_to_logical_map.copy()
+    mapping[list(layers)] = previous.physical_to_logical_map[list(layers)]
+    return Placement(mapping, new.num_experts, new.slots_per_gpu)
+
+
 def solve_and_gate(request: SolveRequest) -> SolveResult:
     """Solve with the policy, predict the gain on sampled batches, plan the migration, and gate."""
     timings: dict[str, float] = {}
@@ -147,7 +157,7 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
         ),
     )
     timings["solve"] = time.perf_counter() - started
-    new = result.placement
+    new = _keep_rows(result.placement, request.previous, request.keep_layers)
     common = dict(
         solver_status=result.solver.status,
         gap=result.solver.gap,

@@ -11,3 +11,9 @@ from moe_placement.migration import plan_migration
 def planner():
     """The migration planner the operator runs."""
     return plan_migration
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as the operator does."""
+    return "asyncio"

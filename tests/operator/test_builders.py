@@ -67,13 +67,21 @@ def test_placement_configmap_round_trip_and_sglang_key():
         builders.parse_placement_configmap(cm, 16, 5)
 
 
-def test_migration_configmap():
+def test_migration_configmap_round_trips():
     target = Placement(np.roll(linear_placement(4, 16, 20), 1, axis=1), 16, 5)
-    cm = builders.build_migration_configmap(OWNER, "plan1", placement(), target, 3, "eplb", 4)
+    record = builders.MigrationRecord(
+        plan_id="plan1", policy="eplb", from_generation=3, max_copies_per_stage=4, rollback_of="plan0",
+        source=placement().physical_to_logical_map.tolist(), target=target.physical_to_logical_map.tolist(),
+    )
+    cm = builders.build_migration_configmap(OWNER, record)
     document = json.loads(cm["data"][builders.TARGET_KEY])
-    assert document["planId"] == "plan1" and document["fromGeneration"] == 3
-    assert document["target"] == target.physical_to_logical_map.tolist()
+    assert document["planId"] == "plan1" and document["fromGeneration"] == 3 and document["rollbackOf"] == "plan0"
     assert document["maxCopiesPerStage"] == 4
+    assert builders.parse_migration_configmap(cm) == record
+    with pytest.raises(ValueError, match="target.json"):
+        builders.parse_migration_configmap({"data": {builders.TARGET_KEY: '{"planId": 3}'}})
+    with pytest.raises(ValueError, match="target.json: missing"):
+        builders.parse_migration_configmap(None)
 
 
 def test_selectorless_service_and_engine_service():

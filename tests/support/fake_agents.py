@@ -1,10 +1,14 @@
 """In-process fake agents speaking docs/agent-api.md, for the operator's unit tests.
 
 Each fake keeps its rank's slots (empty / staged / live) and the live map; ``stage`` pulls from the
-peer's weights endpoint (so a dead peer fails the copy with 502), ``activate`` refuses (409) a map
-that puts an expert in one of its slots without that expert's weights, and mutating calls are
-idempotent per request id. ``FakeCluster.check`` asserts, after every state change, that every
-expert keeps at least one live replica over all agents; violations are collected in ``violations``.
+peer's weights endpoint (so a dead peer fails the copy with 502) within the request's
+``timeout_seconds`` (504 past it, the slot left empty), ``activate`` refuses (409) a map that puts an
+expert in one of its slots without that expert's weights (staged, live, or retired by an earlier
+activation: those are restored). Bodies are parsed with the real request models and mutating calls go
+through the real agent's ``RequestLog``: a repeated id gets the first answer, a reused id with another
+body is a 409, failures are not remembered. ``FakeCluster.check`` asserts, after every state change,
+that every expert keeps at least one live replica over all agents; violations are collected in
+``violations``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
-from moe_placement.models import placement_hash
+from moe_agent.server import RequestLog, body_fingerprint
+from moe_placement.agent_api import ActivateRequest, RetireRequest, StageRequest
+from moe_placement.models import format_validation_error, placement_hash
 
 TOKEN = "test-token"
 
@@ -34,8 +41,11 @@ class FakeAgent:
             for slot in range(rank * S, rank * S + S):
                 if self.map[layer, slot] >= 0:
                     self.slots[(layer, slot)] = (int(self.map[layer, slot]), "live")
-        self.requests: dict[str, tuple[int, Any]] = {}
+        self.requests = RequestLog()
+        self.retired: dict[tuple[int, int], int] = {}
+        self.reserved: set[tuple[int, int]] = set()
         self.fail_stage: int = 0  # fail this many stage calls with 502
+        self.stage_delay: float = 0.0  # seconds each copy takes (a long one meets the request's timeout)
         self.alive = True
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -92,34 +102,28 @@ class FakeAgent:
                 return web.Response(body=b"w" * 16, headers={"X-Moeplace-Sha256": "x"})
         return self._error(404, f"expert: {expert} of layer {layer} not held")
 
-    async def _idempotent(self, body: dict[str, Any], fn: Any) -> web.Response:
-        request_id = body.get("request_id")
-        if request_id in self.requests:
-            status, answer = self.requests[request_id]
-            return web.json_response(answer, status=status)
-        status, answer = await fn()
-        self.requests[request_id] = (status, answer)
+    async def _idempotent(self, request: web.Request, kind: str, model: type[BaseModel], fn: Any) -> web.Response:
+        try:
+            body = model.model_validate(await request.json())
+        except ValidationError as error:
+            return self._error(400, format_validation_error(error))
+        status, answer = await self.requests.run(body.request_id, body_fingerprint(kind, body), lambda: fn(body))
         return web.json_response(answer, status=status)
 
     async def stage(self, request: web.Request) -> web.Response:
         self._auth(request)
-        body = await request.json()
         self.calls.append("stage")
 
-        async def run() -> tuple[int, Any]:
-            layer, slot, expert = int(body["layer"]), int(body["slot"]), int(body["expert"])
-            if not self._owns(slot):
-                return 404, {"error": f"slot: {slot} not this rank's"}
-            if (layer, slot) in self.slots:
-                return 409, {"error": f"slot: {slot} not free"}
+        async def copy(body: StageRequest) -> tuple[int, Any]:
+            layer, slot, expert = body.layer, body.slot, body.expert
             if self.fail_stage > 0:
                 self.fail_stage -= 1
                 return 502, {"error": "peer: injected failure"}
-            peer = body["source"]["peer"]
+            await asyncio.sleep(self.stage_delay)
             try:
                 async with aiohttp.ClientSession() as session:
                     async with session.get(
-                        f"{peer}/v1/experts/{layer}/{expert}/weights",
+                        f"{body.source.peer}/v1/experts/{layer}/{expert}/weights",
                         headers={"Authorization": f"Bearer {TOKEN}"},
                         timeout=aiohttp.ClientTimeout(total=2),
                     ) as response:
@@ -128,37 +132,52 @@ class FakeAgent:
                         await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
                 return 502, {"error": f"peer: {error}"}
+            return 200, None
+
+        async def run(body: StageRequest) -> tuple[int, Any]:
+            layer, slot, expert = body.layer, body.slot, body.expert
+            if not self._owns(slot):
+                return 404, {"error": f"slot: {slot} not this rank's"}
+            if (layer, slot) in self.slots or (layer, slot) in self.reserved:
+                return 409, {"error": f"slot: {slot} not free"}
+            self.reserved.add((layer, slot))
+            try:
+                status, error = await asyncio.wait_for(copy(body), body.timeout_seconds)
+            except TimeoutError:
+                return 504, {"error": f"timeout_seconds: copy took longer than {body.timeout_seconds}s"}
+            finally:
+                self.reserved.discard((layer, slot))
+            if status != 200:
+                return status, error
             self.slots[(layer, slot)] = (expert, "staged")
             self.cluster.check()
-            return 200, {"layer": layer, "slot": slot, "expert": expert, "state": "staged", "bytes": 1000.0}
+            answer = {"layer": layer, "slot": slot, "expert": expert, "state": "staged", "bytes": 1000,
+                      "sha256": "x", "seconds": 0.0}
+            return 200, answer
 
-        return await self._idempotent(body, run)
+        return await self._idempotent(request, "stage", StageRequest, run)
 
     async def retire(self, request: web.Request) -> web.Response:
         self._auth(request)
-        body = await request.json()
         self.calls.append("retire")
 
-        async def run() -> tuple[int, Any]:
-            key = (int(body["layer"]), int(body["slot"]))
+        async def run(body: RetireRequest) -> tuple[int, Any]:
+            key = (body.layer, body.slot)
             held = self.slots.get(key)
-            if held is None:
-                return 404, {"error": "slot: empty"}
-            if held[1] == "live":
-                return 409, {"error": "slot: live"}
+            if held is None or held[1] == "live":
+                return 409, {"error": f"slot: {body.slot} of layer {body.layer} is not staged"}
             del self.slots[key]
-            return 200, {"layer": key[0], "slot": key[1], "state": "empty"}
+            return 200, {"layer": key[0], "slot": key[1], "expert": held[0], "state": "empty"}
 
-        return await self._idempotent(body, run)
+        return await self._idempotent(request, "retire", RetireRequest, run)
 
     async def activate(self, request: web.Request) -> web.Response:
         self._auth(request)
-        body = await request.json()
         self.calls.append("activate")
 
-        async def run() -> tuple[int, Any]:
-            generation = int(body["generation"])
-            mapping = np.asarray(body["physical_to_logical_map"], dtype=np.int64)
+        async def run(body: ActivateRequest) -> tuple[int, Any]:
+            generation = body.generation
+            mapping = np.asarray(body.physical_to_logical_map, dtype=np.int64)
             if generation == self.generation and np.array_equal(mapping, self.map):
                 return 200, self.answer()
             if generation <= self.generation:
@@ -167,13 +186,17 @@ class FakeAgent:
             for layer in range(mapping.shape[0]):
                 for slot in range(self.rank * S, self.rank * S + S):
                     expert = int(mapping[layer, slot])
+                    if expert >= 0 and (layer, slot) not in self.slots and self.retired.get((layer, slot)) == expert:
+                        self.slots[(layer, slot)] = (self.retired.pop((layer, slot)), "staged")
                     if expert >= 0 and self.slots.get((layer, slot), (-2, ""))[0] != expert:
                         return 409, {"error": f"physical_to_logical_map: slot {slot} needs expert {expert}"}
             for layer in range(mapping.shape[0]):
                 for slot in range(self.rank * S, self.rank * S + S):
                     expert = int(mapping[layer, slot])
                     if expert < 0:
-                        self.slots.pop((layer, slot), None)
+                        held = self.slots.pop((layer, slot), None)
+                        if held is not None and held[1] == "live":
+                            self.retired[(layer, slot)] = held[0]
                     else:
                         self.slots[(layer, slot)] = (expert, "live")
             self.map = mapping
@@ -181,7 +204,7 @@ class FakeAgent:
             self.cluster.check()
             return 200, self.answer()
 
-        return await self._idempotent(body, run)
+        return await self._idempotent(request, "activate", ActivateRequest, run)
 
     async def start(self) -> None:
         app = web.Application()
