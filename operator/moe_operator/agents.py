@@ -1,23 +1,17 @@
-"""Async HTTP client of the agents' API (docs/agent-api.md) and the Endpoints -> rank mapping.
-
-The rank mapping of the agents Service's Endpoints is explained in ``moe_operator.builders``.
+"""Async HTTP client of the agents' API (docs/agent-api.md). Where the agents are (the rank mapping of
+the agents Service's EndpointSlices or Endpoints) is ``moe_operator.discovery``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import numpy as np
-
-from moe_operator.builders import ANNOTATION_AGENT_HOST, RANK_PORT_PREFIX
-
-_ORDINAL = re.compile(r"-(\d+)$")
 
 
 class AgentError(RuntimeError):
@@ -33,45 +27,6 @@ class AgentError(RuntimeError):
     @property
     def unreachable(self) -> bool:
         return self.status == 0
-
-
-class EndpointsError(ValueError):
-    """The agents' Endpoints do not map to ranks cleanly (duplicate rank, bad port name)."""
-
-
-def agents_from_endpoints(endpoints: Mapping[str, Any] | None, gpus_per_node: int) -> dict[int, str]:
-    """Global rank -> base URL (``http://ip:port``) of every agent announced in an Endpoints object.
-
-    Only ready addresses count (``notReadyAddresses`` are agents not answering yet).
-    """
-    agents: dict[int, str] = {}
-    annotations = ((endpoints or {}).get("metadata") or {}).get("annotations") or {}
-    host_override = annotations.get(ANNOTATION_AGENT_HOST)
-    for subset in (endpoints or {}).get("subsets") or []:
-        ports = []
-        for port in subset.get("ports") or []:
-            name = port.get("name") or ""
-            if not name.startswith(RANK_PORT_PREFIX):
-                continue
-            local = name[len(RANK_PORT_PREFIX):]
-            if not local.isdigit():
-                raise EndpointsError(f"endpoints port {name!r}: expected rank-<integer>")
-            ports.append((int(local), int(port["port"])))
-        for address in subset.get("addresses") or []:
-            node = 0
-            pod = (address.get("targetRef") or {}).get("name") or address.get("hostname") or ""
-            match = _ORDINAL.search(pod)
-            if match:
-                node = int(match.group(1))
-            ip = host_override or address["ip"]
-            host = f"[{ip}]" if ":" in ip else ip
-            for local, port in ports:
-                rank = node * gpus_per_node + local if match else local
-                url = f"http://{host}:{port}"
-                if agents.get(rank, url) != url:
-                    raise EndpointsError(f"rank {rank} announced twice ({agents[rank]} and {url})")
-                agents[rank] = url
-    return agents
 
 
 @dataclass

@@ -34,7 +34,9 @@ import numpy as np
 
 from moe_operator import builders
 from moe_operator import metrics as om
-from moe_operator.agents import AgentClient, EndpointsError, agents_from_endpoints
+from moe_operator.agents import AgentClient
+from moe_operator.credentials import AgentTokenError, deployment_token
+from moe_operator.discovery import EndpointsError, discover_agents
 from moe_operator.crd import ResolvedSpec, SpecError, resolve_spec
 from moe_operator.kube import Kube, KubeError
 from moe_operator.metrics_source import (
@@ -181,14 +183,6 @@ class Retry(Exception):
         self.delay = delay
 
 
-def _default_token() -> str | None:
-    path = os.environ.get("MOEPLACE_AGENT_TOKEN_FILE")
-    if path and os.path.exists(path):
-        with open(path) as handle:
-            return handle.read().strip()
-    return os.environ.get("MOEPLACE_AGENT_TOKEN")
-
-
 class Controller:
     """Reconcile and rebalance MoEDeployments. ``pool`` runs the solver (None: a thread)."""
 
@@ -197,7 +191,6 @@ class Controller:
         kube: Kube,
         pool: PoolExecutor | None = None,
         event: EventFn | None = None,
-        agent_token: str | None = None,
         agent_timeout_s: float = 10.0,
         prometheus_url: str | None = None,
         pool_factory: Callable[[], PoolExecutor] | None = None,
@@ -209,7 +202,6 @@ class Controller:
         )
         self.pool = pool
         self.event = event or (lambda body, kind, reason, message: None)
-        self.agent_token = agent_token if agent_token is not None else _default_token()
         self.agent_timeout_s = agent_timeout_s
         self._clients: dict[tuple[str | None, float], AgentClient] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -226,12 +218,10 @@ class Controller:
         om.DeploymentMetrics(namespace, name).forget()
 
     async def _client(self, body: Mapping[str, Any], resolved: ResolvedSpec) -> AgentClient:
-        ref = resolved.spec.metrics.token_secret_ref
-        token = self.agent_token
-        if ref is not None:
-            token = await self.kube.get_secret_value(body["metadata"]["namespace"], ref.name, ref.key)
-            if token is None:
-                raise Retry(f"spec.metrics.tokenSecretRef: secret {ref.name} has no key {ref.key}")
+        try:
+            token = await deployment_token(self.kube, body, resolved)
+        except AgentTokenError as error:
+            raise Retry(str(error)) from None
         timeout = max(resolved.spec.migration.step_timeout_seconds, self.agent_timeout_s)
         key = (token, timeout)
         if key not in self._clients:
@@ -239,8 +229,7 @@ class Controller:
         return self._clients[key]
 
     async def _agents(self, namespace: str, name: str, resolved: ResolvedSpec) -> dict[int, str]:
-        endpoints = await self.kube.get_endpoints(namespace, builders.agents_service_name(name))
-        return agents_from_endpoints(endpoints, resolved.topology.gpus_per_node)
+        return (await discover_agents(self.kube, namespace, name, resolved)).group(0)
 
     # ------------------------------------------------------------------------------------------
     # Reconcile (create / resume / spec update)
