@@ -61,3 +61,16 @@ def test_fetch_load_reports_a_dead_prometheus():
 def test_parse_load_empty():
     load, report = parse_load([], 2, 4)
     assert report.series == 0 and not np.any(load)
+
+
+def test_prometheus_bearer_token_is_read_from_its_file_on_every_query(tmp_path):
+    from moe_operator.settings import PrometheusAuth
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    auth = PrometheusAuth(bearer_token_file=str(token))
+    assert auth.headers() == {"Authorization": "Bearer first"} and auth.verify() is True
+    token.write_text("second")
+    assert auth.headers() == {"Authorization": "Bearer second"}
+    assert PrometheusAuth(ca_file="/ca.pem").verify() == "/ca.pem"
+    assert PrometheusAuth(ca_file="/ca.pem", insecure_skip_verify=True).verify() is False
