@@ -135,8 +135,8 @@ def fetch_load(
 ) -> tuple[np.ndarray, MetricsReport, float | None]:
     """Query Prometheus (blocking; run in a thread): (load [L, E], report, live max activated experts).
 
-    ``auth`` (default: the operator's ``--prometheus-*`` flags) verifies an https server's certificate
-    and sends a bearer token. Raises MetricsUnavailable when Prometheus does not answer or returns no
+    ``auth`` (default: the operator's ``--prometheus-*`` flags for this URL, see
+    ``OperatorSettings.prometheus_auth``) verifies an https server's certificate and sends a bearer token. Raises MetricsUnavailable when Prometheus does not answer or returns no
     usable series; reason ``PrometheusTLS`` when its certificate does not verify.
     """
     from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
@@ -144,7 +144,7 @@ def fetch_load(
     from requests.exceptions import SSLError
     from urllib3.util.retry import Retry
 
-    auth = auth if auth is not None else settings.current().prometheus
+    auth = auth if auth is not None else settings.current().prometheus_auth(url)
     try:
         headers = auth.headers()
     except (OSError, ValueError) as error:

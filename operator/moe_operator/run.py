@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tls.add_argument(
         "--prometheus-bearer-token-file", default=None, metavar="FILE",
-        help="send this file's token as Authorization: Bearer (re-read on every query)",
+        help="send this file's token as Authorization: Bearer (re-read on every query) to --prometheus-url's "
+        "server only, never to a MoEDeployment's own spec.metrics.prometheusUrl",
     )
     tls.add_argument(
         "--prometheus-service-account-auth", action="store_true",
@@ -103,6 +104,7 @@ def settings_from_args(args: argparse.Namespace) -> settings.OperatorSettings:
         inherited_labels=settings.parse_label_pairs(args.inherited_label),
         runbook_base_url=args.runbook_base_url,
         agent_host_override=args.agent_host_override,
+        prometheus_url=args.prometheus_url,
         prometheus={
             "ca_file": ca_file,
             "insecure_skip_verify": args.prometheus_insecure_skip_verify,

@@ -9,6 +9,7 @@ labels, the repository's runbooks, no agent-host override, certificate verificat
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -60,7 +61,17 @@ class OperatorSettings(BaseModel):
     inherited_labels: dict[str, str] = Field(default_factory=dict)
     runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL
     agent_host_override: bool = False
+    prometheus_url: str | None = None
     prometheus: PrometheusAuth = Field(default_factory=PrometheusAuth)
+
+    def prometheus_auth(self, url: str) -> PrometheusAuth:
+        """The TLS and authentication settings for queries to ``url``. The bearer token goes only to
+        the operator's own Prometheus (``--prometheus-url``'s scheme, host and port): a MoEDeployment's
+        ``spec.metrics.prometheusUrl`` is chosen by its author and must not receive the operator's
+        credentials."""
+        if self.prometheus.bearer_token_file and _origin(url) != _origin(self.prometheus_url or ""):
+            return self.prometheus.model_copy(update={"bearer_token_file": None})
+        return self.prometheus
 
     @field_validator("inherited_labels")
     @classmethod
@@ -82,6 +93,16 @@ class OperatorSettings(BaseModel):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL")
         return url if url.endswith("/") else url + "/"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 def parse_label_pairs(pairs: list[str]) -> dict[str, str]:
