@@ -265,6 +265,8 @@ class Controller:
         selector = None
         owned = ["Service"]
         if serving.engine is not None:
+            # The engine's agents mount the token Secret: it must exist before they can start.
+            await self._client(body, resolved)
             await self.kube.ensure_statefulset(builders.build_engine_statefulset(body, resolved))
             selector = builders.engine_selector(name)
             owned.append("StatefulSet")
@@ -331,6 +333,7 @@ class Controller:
             observedGeneration=meta.get("generation", 0),
             gpus=resolved.num_gpus,
             placement=placement_status,
+            agentTokenSecret=builders.agent_token_source(body, resolved)[0],
         )
         return "reconciled"
 
