@@ -7,7 +7,6 @@ Every call maps API failures to ``KubeError`` (with the HTTP status) so the cont
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -190,15 +189,6 @@ class Kube:
             ),
             self.api,
         )
-
-    async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        secret = await self._get(f"secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
-        if secret is None:
-            return None
-        data = (secret.get("data") or {}).get(key)
-        if data is None:
-            return (secret.get("stringData") or {}).get(key)
-        return base64.b64decode(data).decode().strip()
 
     async def ensure_statefulset(self, body: Mapping[str, Any]) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
