@@ -497,3 +497,36 @@ def test_prometheus_over_tls_fails_clearly_without_the_ca(tls_prometheus: tuple[
     # Skipping verification is possible, but only when asked for.
     assert fetch_load(url, 10, {}, 4, 16, auth=PrometheusAuth(insecure_skip_verify=True))[1].used == 64
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Status conditions
+
+
+def test_conditions_are_a_list_map_with_observed_generation_and_a_ready_column(admin: Api) -> None:
+    body = create_deployment(admin, "conditions", "model")
+    generation = body["metadata"]["generation"]
+    condition = {"type": "Ready", "status": "True", "reason": "Reconciled", "message": "ok",
+                 "lastTransitionTime": "2026-12-02T17:00:00Z", "observedGeneration": generation}
+    admin.custom.patch_namespaced_custom_object_status(
+        "moeplace.io", "v1alpha1", "conditions", "moedeployments", "model",
+        {"status": {"phase": "Ready", "conditions": [condition, {**condition, "type": "Degraded", "status": "False"}]}},
+    )
+    stored = admin.status("conditions", "model")["conditions"]
+    assert stored[0] == condition
+    # kubectl get's table: the Ready column reads the Ready condition.
+    table = admin.api_client.call_api(
+        "/apis/moeplace.io/v1alpha1/namespaces/conditions/moedeployments/model", "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True,
+    )
+    names = [column["name"] for column in table["columnDefinitions"]]
+    assert names[:3] == ["Name", "Ready", "Phase"]
+    assert table["rows"][0]["cells"][1:3] == ["True", "Ready"]
+    # A list-map: two entries of one type are refused by the API server.
+    with pytest.raises(client.ApiException) as refused:
+        admin.custom.patch_namespaced_custom_object_status(
+            "moeplace.io", "v1alpha1", "conditions", "moedeployments", "model",
+            {"status": {"conditions": [condition, {**condition, "status": "False"}]}},
+        )
+    assert refused.value.status == 422 and "Duplicate value" in refused.value.body
