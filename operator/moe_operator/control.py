@@ -35,9 +35,9 @@ import numpy as np
 from moe_operator import builders
 from moe_operator import metrics as om
 from moe_operator.agents import AgentClient
+from moe_operator.crd import ResolvedSpec, SpecError, resolve_spec
 from moe_operator.credentials import AgentTokenError, deployment_token
 from moe_operator.discovery import EndpointsError, discover_agents
-from moe_operator.crd import ResolvedSpec, SpecError, resolve_spec
 from moe_operator.kube import Kube, KubeError
 from moe_operator.metrics_source import (
     MetricsUnavailable,
