@@ -76,7 +76,6 @@ class OperatorSettings(BaseModel):
     @field_validator("inherited_labels")
     @classmethod
     def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
-
         for key, value in labels.items():
             prefix, _, name = key.rpartition("/")
             if not re.fullmatch(_LABEL_KEY_PART, name) or (prefix and not re.fullmatch(r"[a-z0-9.-]{1,253}", prefix)):
@@ -118,7 +117,6 @@ def parse_label_pairs(pairs: list[str]) -> dict[str, str]:
 
 def build_settings(**fields: object) -> OperatorSettings:
     """``OperatorSettings`` from flag values; ValueError names the flag's field."""
-
     try:
         return OperatorSettings.model_validate(fields)
     except ValidationError as error:
