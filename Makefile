@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): | $(PY)
 	rm -f $(VENV)/.installed-*
-	$(PY) -m pip install -q -e '.[agent,test]'
+	$(PY) -m pip install -q -e '.[agent,test,plot]'
 	touch $@
 
 setup: $(STAMP)

@@ -60,16 +60,14 @@ def children(pid: int) -> list[int]:
 
 
 def bench_many(count: int, workdir: Path) -> dict:
-    from e2e_support import AGENT_TOKEN, Api, Operator, manifest
+    from e2e_support import Api, Operator, manifest
 
     with start_control_plane(workdir / "control-plane") as cluster:
         api = Api(cluster.kubeconfig)
         api.install_crd()
         api.bind_operator_role("operator")
         namespace = api.namespace("bench")
-        token = workdir / "agent-token"
-        token.write_text(AGENT_TOKEN + "\n")
-        operator = Operator(workdir, cluster.kubeconfig_for("operator"), token, solver_workers=1)
+        operator = Operator(workdir, cluster.kubeconfig_for("operator"), solver_workers=1)
         operator.start()
         try:
             time.sleep(3)  # the operator's start-up (imports, login) is not what is measured
