@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): | $(PY)
 	rm -f $(VENV)/.installed-*
-	$(PY) -m pip install -q -e '.[agent,test]' -e ./dev
+	$(PY) -m pip install -q -e '.[agent,test,plot]' -e ./dev
 	touch $@
 
 setup: $(STAMP)

@@ -63,9 +63,7 @@ def bench_many(count: int, workdir: Path) -> dict:
         api.install_crd()
         api.bind_operator_role("operator")
         namespace = api.namespace("bench")
-        token = workdir / "agent-token"
-        token.write_text("bench-agent-token\n")
-        operator = OperatorProcess(workdir, cluster.kubeconfig_for("operator"), token, solver_workers=1)
+        operator = OperatorProcess(workdir, cluster.kubeconfig_for("operator"), solver_workers=1)
         operator.start()
         try:
             time.sleep(3)  # the operator's start-up (imports, login) is not what is measured

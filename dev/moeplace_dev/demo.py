@@ -216,8 +216,7 @@ def run_demo(args: argparse.Namespace) -> int:
         prometheus = start_prometheus(workdir / "prometheus", agents.targets, "1s")
         stack.append(prometheus)
         operator = OperatorProcess(
-            workdir / "operator", cluster.kubeconfig_for(OPERATOR_USER), agents.token_file,
-            prometheus_url=prometheus.url,
+            workdir / "operator", cluster.kubeconfig_for(OPERATOR_USER), prometheus_url=prometheus.url,
         )
         (workdir / "operator").mkdir()
         operator.start()
@@ -226,7 +225,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"Prometheus {prometheus.url} scraping the agents and the operator; operator started")
 
         body = build_demo_manifest(manifest, prometheus.url, trace_model)
-        api.announce(NAMESPACE, name, agents.ports)
+        api.announce(NAMESPACE, name, agents.ports, agents.token)
         api.create(NAMESPACE, body)
         say(f"applied {args.manifest.name} as {NAMESPACE}/{name} (policy {body['spec']['placement']['policy']})")
         wait_for(lambda: api.status(NAMESPACE, name).get("placement"), 60, "the initial placement")

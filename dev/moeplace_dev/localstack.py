@@ -165,12 +165,26 @@ class Api:
         mapping = json.loads(data[builders.SGLANG_KEY])["physical_to_logical_map"]
         return np.asarray(mapping), int(data["generation"])
 
-    def announce(self, namespace: str, name: str, ports: dict[int, int]) -> None:
-        """Write the agents' Endpoints: rank -> a loopback port of this machine."""
+    def announce(self, namespace: str, name: str, ports: dict[int, int], token: str) -> None:
+        """Write the agents' Endpoints (rank -> a loopback port of this machine) and seed the
+        deployment's agent-token Secret with the token the agents were started with (the operator
+        adopts a Secret of that name labelled for the deployment instead of generating one)."""
         body = builders.build_external_endpoints(name, namespace, {r: ("127.0.0.1", p) for r, p in ports.items()})
         self._create(
             lambda: self.core.create_namespaced_endpoints(namespace, body),
             lambda: self.core.replace_namespaced_endpoints(builders.agents_service_name(name), namespace, body),
+        )
+        secret = {
+            "metadata": {
+                "name": builders.agent_token_secret_name(name),
+                "namespace": namespace,
+                "labels": {builders.LABEL_AGENT_TOKEN_FOR: name},
+            },
+            "stringData": {builders.AGENT_TOKEN_KEY: token},
+        }
+        self._create(
+            lambda: self.core.create_namespaced_secret(namespace, secret),
+            lambda: self.core.patch_namespaced_secret(secret["metadata"]["name"], namespace, secret),
         )
 
     def events(self, namespace: str) -> list[dict[str, Any]]:
@@ -277,7 +291,6 @@ class OperatorProcess:
 
     workdir: Path
     kubeconfig: Path
-    token_file: Path
     metrics_port: int = field(default_factory=free_port)
     solver_workers: int = 0
     prometheus_url: str | None = None
@@ -290,7 +303,9 @@ class OperatorProcess:
         argv = [
             sys.executable, "-m", "moe_operator", "--kubeconfig", str(self.kubeconfig), "--all-namespaces",
             "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
-            "--agent-token-file", str(self.token_file), "--solver-workers", str(self.solver_workers),
+            "--solver-workers", str(self.solver_workers),
+            # The agents run on this machine, announced under a placeholder address (build_external_endpoints).
+            "--agent-host-override",
         ]
         if self.prometheus_url:
             argv += ["--prometheus-url", self.prometheus_url]

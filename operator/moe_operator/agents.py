@@ -1,12 +1,10 @@
-"""Async HTTP client of the agents' API (docs/agent-api.md) and the Endpoints -> rank mapping.
-
-The rank mapping of the agents Service's Endpoints is explained in ``moe_operator.builders``.
+"""Async HTTP client of the agents' API (docs/agent-api.md). Where the agents are (the rank mapping of
+the agents Service's EndpointSlices or Endpoints) is ``moe_operator.discovery``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,7 +12,6 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from moe_operator.builders import ANNOTATION_AGENT_HOST, RANK_PORT_PREFIX
 from moe_placement.agent_api import (
     ActivateRequest,
     ErrorAnswer,
@@ -29,9 +26,6 @@ from moe_placement.models import format_validation_error
 
 AnswerModel = TypeVar("AnswerModel", bound=BaseModel)
 
-_ORDINAL = re.compile(r"-(\d+)$")
-
-
 class AgentError(RuntimeError):
     """An agent call failed: ``status`` is the HTTP status (0: no answer), ``message`` the agent's error."""
 
@@ -41,45 +35,6 @@ class AgentError(RuntimeError):
         self.call = call
         self.status = status
         self.message = message
-
-
-class EndpointsError(ValueError):
-    """The agents' Endpoints do not map to ranks cleanly (duplicate rank, bad port name)."""
-
-
-def agents_from_endpoints(endpoints: Mapping[str, Any] | None, gpus_per_node: int) -> dict[int, str]:
-    """Global rank -> base URL (``http://ip:port``) of every agent announced in an Endpoints object.
-
-    Only ready addresses count (``notReadyAddresses`` are agents not answering yet).
-    """
-    agents: dict[int, str] = {}
-    annotations = ((endpoints or {}).get("metadata") or {}).get("annotations") or {}
-    host_override = annotations.get(ANNOTATION_AGENT_HOST)
-    for subset in (endpoints or {}).get("subsets") or []:
-        ports = []
-        for port in subset.get("ports") or []:
-            name = port.get("name") or ""
-            if not name.startswith(RANK_PORT_PREFIX):
-                continue
-            local = name[len(RANK_PORT_PREFIX):]
-            if not local.isdigit():
-                raise EndpointsError(f"endpoints port {name!r}: expected rank-<integer>")
-            ports.append((int(local), int(port["port"])))
-        for address in subset.get("addresses") or []:
-            node = 0
-            pod = (address.get("targetRef") or {}).get("name") or address.get("hostname") or ""
-            match = _ORDINAL.search(pod)
-            if match:
-                node = int(match.group(1))
-            ip = host_override or address["ip"]
-            host = f"[{ip}]" if ":" in ip else ip
-            for local, port in ports:
-                rank = node * gpus_per_node + local if match else local
-                url = f"http://{host}:{port}"
-                if agents.get(rank, url) != url:
-                    raise EndpointsError(f"rank {rank} announced twice ({agents[rank]} and {url})")
-                agents[rank] = url
-    return agents
 
 
 @dataclass

@@ -34,8 +34,10 @@ import numpy as np
 
 from moe_operator import builders
 from moe_operator import metrics as om
-from moe_operator.agents import AgentClient, EndpointsError, agents_from_endpoints
+from moe_operator.agents import AgentClient
+from moe_operator.credentials import AgentTokenError, deployment_token
 from moe_operator.crd import PlacementStatus, ResolvedSpec, SpecError, resolve_spec
+from moe_operator.discovery import EndpointsError, discover_agents
 from moe_operator.kube import Kube, KubeError
 from moe_operator.metrics_source import MetricsReport, MetricsUnavailable, build_profile, fetch_load, parse_stats
 from moe_operator.outcomes import (
@@ -65,14 +67,6 @@ class Retry(Exception):
     def __init__(self, message: str, delay: float = 10.0) -> None:
         super().__init__(message)
         self.delay = delay
-
-
-def _default_token() -> str | None:
-    path = os.environ.get("MOEPLACE_AGENT_TOKEN_FILE")
-    if path and os.path.exists(path):
-        with open(path) as handle:
-            return handle.read().strip()
-    return os.environ.get("MOEPLACE_AGENT_TOKEN")
 
 
 @dataclass
@@ -109,7 +103,6 @@ class Controller:
         kube: Kube,
         pool: PoolExecutor | None = None,
         event: EventFn | None = None,
-        agent_token: str | None = None,
         agent_timeout_s: float = 10.0,
         prometheus_url: str | None = None,
         pool_factory: Callable[[], PoolExecutor] | None = None,
@@ -122,7 +115,6 @@ class Controller:
         self.pool = pool
         self.event = event or (lambda body, kind, reason, message: None)
         self.rollout = Rollout(kube, self.event)
-        self.agent_token = agent_token if agent_token is not None else _default_token()
         self.agent_timeout_s = agent_timeout_s
         self._clients: dict[tuple[str | None, float], AgentClient] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -139,12 +131,10 @@ class Controller:
         om.DeploymentMetrics(namespace, name).forget()
 
     async def _client(self, body: Mapping[str, Any], resolved: ResolvedSpec) -> AgentClient:
-        ref = resolved.spec.metrics.token_secret_ref
-        token = self.agent_token
-        if ref is not None:
-            token = await self.kube.get_secret_value(body["metadata"]["namespace"], ref.name, ref.key)
-            if token is None:
-                raise Retry(f"spec.metrics.tokenSecretRef: secret {ref.name} has no key {ref.key}")
+        try:
+            token = await deployment_token(self.kube, body, resolved)
+        except AgentTokenError as error:
+            raise Retry(str(error)) from None
         timeout = max(resolved.spec.migration.step_timeout_seconds, self.agent_timeout_s)
         key = (token, timeout)
         if key not in self._clients:
@@ -152,8 +142,7 @@ class Controller:
         return self._clients[key]
 
     async def _agents(self, namespace: str, name: str, resolved: ResolvedSpec) -> dict[int, str]:
-        endpoints = await self.kube.get_endpoints(namespace, builders.agents_service_name(name))
-        return agents_from_endpoints(endpoints, resolved.topology.gpus_per_node)
+        return (await discover_agents(self.kube, namespace, name, resolved)).group(0)
 
     # ------------------------------------------------------------------------------------------
     # Reconcile (create / resume / spec update)
@@ -187,6 +176,8 @@ class Controller:
         selector = None
         owned = ["Service"]
         if serving.engine is not None:
+            # The engine's agents mount the token Secret: it must exist before they can start.
+            await self._client(body, resolved)
             await self.kube.ensure_statefulset(builders.build_engine_statefulset(body, resolved))
             selector = builders.engine_selector(meta["name"])
             owned.append("StatefulSet")
@@ -255,7 +246,11 @@ class Controller:
             if writer.status_of(kind) is None:
                 writer.condition(kind, False if kind in ("Degraded", "Migrating") else None, "Initializing", "")
         await writer.patch(
-            message="", observedGeneration=meta.get("generation", 0), gpus=resolved.num_gpus, placement=placement_status
+            message="",
+            observedGeneration=meta.get("generation", 0),
+            gpus=resolved.num_gpus,
+            placement=placement_status,
+            agentTokenSecret=builders.agent_token_source(body, resolved)[0],
         )
         return "reconciled"
 

@@ -242,7 +242,11 @@ class MetricsSpec(SpecModel):
         9400, ge=1, le=65535, description="Agent port of local rank 0 (rank r listens on agentPort + r)."
     )
     token_secret_ref: SecretKeyRef | None = Field(
-        None, description="Secret holding the agents' bearer token (else the operator's own token)."
+        None,
+        description=(
+            "Secret holding the agents' bearer token; it must be labelled moeplace.io/agent-token-for=<this "
+            "MoEDeployment's name>. Unset: the operator keeps <name>-agent-token for these agents alone."
+        ),
     )
     stats_top_pairs: int = Field(256, ge=0, le=65536, description="Transition pairs per layer asked of each agent.")
     min_tokens: float = Field(1.0, ge=0, description="Fewer tokens in the window: metrics unusable.")
@@ -289,6 +293,9 @@ class Condition(SpecModel):
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed from."
+    )
 
 
 class PlacementStatus(SpecModel):
@@ -334,7 +341,11 @@ class MoEDeploymentStatus(SpecModel):
     message: str = Field("", description="Why the phase is what it is.")
     observed_generation: int = Field(0, description="metadata.generation last reconciled.")
     gpus: int = Field(0, description="GPUs (agents) of the group.")
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Conditions, at most one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     placement: PlacementStatus | None = Field(None, description="Published placement.")
     imbalance: float | None = Field(None, description="Live token imbalance (max/mean GPU load).")
     max_activated_experts: float | None = Field(None, description="Live max activated experts per GPU.")
@@ -345,6 +356,12 @@ class MoEDeploymentStatus(SpecModel):
     migration: MigrationStatus | None = Field(None, description="Running or last migration.")
     agents_expected: int = Field(0, description="Agents announced in the Service's Endpoints.")
     agents_reachable: int = Field(0, description="Agents answering /v1/placement.")
+    groups: int = Field(
+        0,
+        ge=0,
+        description="Expert-parallel groups (LeaderWorkerSet replicas; 1 otherwise); the one published placement applies to every group.",
+    )
+    agent_token_secret: str = Field("", description="Secret holding the agents' bearer token.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,6 +549,12 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 PRINTER_COLUMNS = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "The Ready condition's status.",
+    },
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary phase."},
     {
         "name": "Imbalance",

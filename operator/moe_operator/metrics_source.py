@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_operator import settings
 from moe_placement.agent_api import StatsAnswer
 from moe_placement.models import Phase, SparsePairs, WorkloadProfile
 
@@ -26,7 +27,7 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class MetricsUnavailable(RuntimeError):
-    """No usable load: ``reason`` is a condition reason (PrometheusUnavailable, NoData, BadData)."""
+    """No usable load: ``reason`` is a condition reason (PrometheusUnavailable, PrometheusTLS, NoData, BadData)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -171,19 +172,37 @@ def fetch_load(
     num_experts: int,
     num_ranks: int,
     timeout_s: float = 10.0,
+    auth: settings.PrometheusAuth | None = None,
 ) -> tuple[np.ndarray, MetricsReport, float | None]:
     """Query Prometheus (blocking; run in a thread): (load [L, E], report, live max activated experts).
 
-    Raises MetricsUnavailable when Prometheus does not answer or answers nonsense, returns no usable
-    series, or some rank exports none (its tokens would be missing from the load).
+    ``auth`` (default: the operator's ``--prometheus-*`` flags for this URL, see
+    ``OperatorSettings.prometheus_auth``) verifies an https server's certificate and sends a bearer
+    token. Raises MetricsUnavailable when Prometheus does not answer or answers nonsense, returns no
+    usable series, or some rank exports none (its tokens would be missing from the load); reason
+    ``PrometheusTLS`` when its certificate does not verify.
     """
     from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-    from requests import RequestException
+    from requests import RequestException, Session
+    from requests.exceptions import SSLError
     from urllib3.util.retry import Retry
 
-    client = PrometheusConnect(url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout_s)
+    auth = auth if auth is not None else settings.current().prometheus_auth(url)
     try:
-        result = _query(client, url, load_query(window_seconds, match_labels))
+        headers = auth.headers()
+    except (OSError, ValueError) as error:
+        raise MetricsUnavailable("PrometheusUnavailable", f"bearer token: {error}"[:400]) from None
+    session = Session()
+    session.verify = auth.verify()
+    client = PrometheusConnect(url=url, headers=headers, session=session, retry=Retry(total=0), timeout=timeout_s)
+    try:
+        try:
+            result = _query(client, url, load_query(window_seconds, match_labels))
+        except SSLError as error:
+            ca = f"CA file {auth.ca_file}" if auth.ca_file else "the system's CAs (set --prometheus-ca-file)"
+            raise MetricsUnavailable(
+                "PrometheusTLS", f"{url}: TLS verification against {ca} failed: {error}"[:400]
+            ) from None
         load, report = parse_load(result, num_layers, num_experts)
         if report.series == 0:
             raise MetricsUnavailable("NoData", f"{url}: no {LOAD_METRIC} series in the last {window_seconds}s")
@@ -202,7 +221,7 @@ def fetch_load(
         except (PrometheusApiClientException, RequestException, ValueError, KeyError, IndexError, TypeError, AttributeError):
             report.notes.append("activated experts unavailable")
     finally:
-        client._session.close()
+        session.close()
     return load, report, activated
 
 

@@ -39,9 +39,7 @@ def api(control_plane) -> Api:
 @pytest.fixture(scope="module")
 def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
     workdir = tmp_path_factory.mktemp("operator-faults")
-    token = workdir / "agent-token"
-    token.write_text(AGENT_TOKEN + "\n")
-    process = Operator(workdir, control_plane.kubeconfig_for("operator"), token)
+    process = Operator(workdir, control_plane.kubeconfig_for("operator"))
     process.start()
     yield process
     process.stop()
@@ -54,7 +52,7 @@ def start_stack(api, prometheus_factory, tmp_path_factory, namespace, name, extr
     agents.start()
     prometheus = prometheus_factory(agents.targets, "1s")
     api.namespace(namespace)
-    api.announce(namespace, name, agents.ports)
+    api.announce(namespace, name, agents.ports, AGENT_TOKEN)
     return agents, prometheus
 
 

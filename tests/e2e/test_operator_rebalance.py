@@ -51,9 +51,7 @@ def api(control_plane) -> Api:
 @pytest.fixture(scope="module")
 def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
     workdir = tmp_path_factory.mktemp("operator")
-    token = workdir / "agent-token"
-    token.write_text(AGENT_TOKEN + "\n")
-    process = Operator(workdir, control_plane.kubeconfig_for("operator"), token)
+    process = Operator(workdir, control_plane.kubeconfig_for("operator"))
     process.start()
     yield process
     process.stop()
@@ -68,7 +66,7 @@ def stack(api, operator, prometheus_factory, tmp_path_factory):
     agents.start()
     prometheus = prometheus_factory(agents.targets, "1s")
     namespace = api.namespace("e2e-rebalance")
-    api.announce(namespace, NAME, agents.ports)
+    api.announce(namespace, NAME, agents.ports, AGENT_TOKEN)
     yield agents, prometheus, namespace
     agents.stop()
 

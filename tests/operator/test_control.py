@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from fake_agents import TOKEN, FakeCluster
-from moe_operator import builders, control
+from moe_operator import builders, control, settings
 from moe_operator import metrics as om
 from moe_operator.crd import SpecError
 from moe_operator.kube import KubeError
@@ -66,8 +67,14 @@ class FakeKube:
     async def get_endpoints(self, namespace, name):
         return copy.deepcopy(self.endpoints.get(name))
 
-    async def get_secret_value(self, namespace, name, key):
-        return TOKEN
+    async def served_versions(self, group):
+        return []  # as kube-apiserver 1.20: no discovery.k8s.io/v1, agents come from Endpoints
+
+    async def get_secret(self, namespace, name):
+        # The operator-managed token Secret, as an earlier reconcile left it.
+        labels = {builders.LABEL_AGENT_TOKEN_FOR: "demo"}
+        return {"metadata": {"name": name, "labels": labels, "ownerReferences": [{"uid": "u1"}]},
+                "data": {"token": base64.b64encode(TOKEN.encode()).decode()}}
 
     async def ensure_statefulset(self, body):
         raise AssertionError("no engine in these tests")
@@ -148,9 +155,10 @@ async def make_stack(monkeypatch):
         kube = FakeKube(body(**spec_extra))
         cluster = FakeCluster(linear_placement(4, 16, 20), 16, 5)
         monkeypatch.setattr(control, "fetch_load", skewed_load)
+        monkeypatch.setattr(settings, "_current", settings.OperatorSettings(agent_host_override=True))
         events: list[tuple[str, str, str]] = []
         ctl = control.Controller(
-            kube, pool=None, agent_token=TOKEN, event=lambda _body, kind, reason, message: events.append((kind, reason, message))
+            kube, pool=None, event=lambda _body, kind, reason, message: events.append((kind, reason, message))
         )
         await cluster.start()
         made.append(Stack(kube, cluster, ctl, events))
@@ -419,7 +427,7 @@ async def test_a_dead_solver_worker_is_replaced(make_stack, monkeypatch):
     def factory():
         return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
 
-    ctl = control.Controller(stack.kube, pool=factory(), agent_token=TOKEN, pool_factory=factory)
+    ctl = control.Controller(stack.kube, pool=factory(), pool_factory=factory)
     monkeypatch.setattr(control, "solve_and_gate", _crash)
     first = ctl.pool
     try:

@@ -61,7 +61,7 @@ def test_status_keeps_unknown_fields_and_printer_columns():
     assert status["x-kubernetes-preserve-unknown-fields"] is True
     assert version["subresources"] == {"status": {}}
     names = [column["name"] for column in version["additionalPrinterColumns"]]
-    assert names[:3] == ["Phase", "Imbalance", "GPUs"] and "Last-Rebalance" in names and "Age" in names
+    assert names[:4] == ["Ready", "Phase", "Imbalance", "GPUs"] and "Last-Rebalance" in names and "Age" in names
     assert crd["metadata"]["name"] == f"{PLURAL}.{GROUP}" and version["name"] == VERSION
     assert crd["spec"]["names"]["shortNames"] == ["moed"]
 

@@ -137,3 +137,34 @@ def test_a_layer_without_series_is_reported(prometheus_answering):
 def test_parse_load_empty():
     load, report = parse_load([], 2, 4)
     assert report.series == 0 and not np.any(load)
+
+
+def test_prometheus_bearer_token_is_read_from_its_file_on_every_query(tmp_path):
+    from moe_operator.settings import PrometheusAuth
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    auth = PrometheusAuth(bearer_token_file=str(token))
+    assert auth.headers() == {"Authorization": "Bearer first"} and auth.verify() is True
+    token.write_text("second")
+    assert auth.headers() == {"Authorization": "Bearer second"}
+    assert PrometheusAuth(ca_file="/ca.pem").verify() == "/ca.pem"
+    assert PrometheusAuth(ca_file="/ca.pem", insecure_skip_verify=True).verify() is False
+
+
+def test_the_bearer_token_goes_only_to_the_operators_own_prometheus(tmp_path):
+    """A MoEDeployment's spec.metrics.prometheusUrl is its author's choice: it gets no credentials."""
+    from moe_operator import settings
+
+    token = tmp_path / "token"
+    token.write_text("operator-sa-token")
+    operator = settings.build_settings(
+        prometheus_url="https://thanos-querier.monitoring.svc:9091",
+        prometheus={"bearer_token_file": str(token), "ca_file": "/ca.pem"},
+    )
+    own = operator.prometheus_auth("https://thanos-querier.monitoring.svc:9091/")
+    assert own.headers() == {"Authorization": "Bearer operator-sa-token"}
+    for elsewhere in ("https://evil.example.com:9091", "http://thanos-querier.monitoring.svc:9091",
+                      "https://thanos-querier.monitoring.svc:9092"):
+        auth = operator.prometheus_auth(elsewhere)
+        assert auth.headers() == {} and auth.verify() == "/ca.pem", elsewhere
