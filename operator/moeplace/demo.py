@@ -277,14 +277,23 @@ def write_report(
     out: Path, samples: list[Sample], events: list[dict[str, Any]], shift_after: float,
     model: ModelShape, num_gpus: int,
 ) -> str:
-    """report.md, report.json, heatmaps.png and timeline.png in ``out``; returns the Markdown."""
+    """report.md, report.json, heatmaps.png and timeline.png in ``out``; returns the Markdown.
+
+    A rebalance is a migration that completed (the generation changed and the migration says
+    Completed); rolled-back migrations are counted apart, from the operator's events."""
     rebalances = [
-        (before, after) for before, after in zip(samples, samples[1:]) if after.generation != before.generation
+        (before, after) for before, after in zip(samples, samples[1:])
+        if after.generation != before.generation and after.migration == "Completed"
     ]
+    rolled_back = sum(event["reason"] == "MigrationRolledBack" for event in events)
     measured = [s for s in samples if s.imbalance is not None]
     first_generation = samples[0].generation if samples else 0
+    first_rebalanced = rebalances[0][1].generation if rebalances else None
     initial = [s for s in measured if s.generation == first_generation and s.seconds < shift_after]
-    settled = [s for s in measured if s.generation != first_generation and s.seconds < shift_after]
+    settled = [
+        s for s in measured
+        if first_rebalanced is not None and s.generation >= first_rebalanced and s.seconds < shift_after
+    ]
     shifted = [s for s in measured if s.seconds >= shift_after]
     snapshots = {
         "before the first rebalance": initial[-1] if initial else None,
@@ -306,7 +315,7 @@ def write_report(
     ]
     (out / "report.json").write_text(json.dumps(
         {"model": model.model_dump(), "gpus": num_gpus, "shift_after_seconds": shift_after,
-         "figures": figures, "rebalances": timeline, "events": events,
+         "figures": figures, "rebalances": timeline, "rolled_back": rolled_back, "events": events,
          "samples": [{k: v for k, v in vars(s).items() if k != "load"} for s in samples]},
         indent=1, default=float,
     ) + "\n")
@@ -314,7 +323,8 @@ def write_report(
 
     lines = [
         f"# moeplace demo: {model.name} on {num_gpus} GPUs", "",
-        f"Domain shift after {shift_after:.0f} s; {len(rebalances)} rebalance(s) applied.", "",
+        f"Domain shift after {shift_after:.0f} s; {len(rebalances)} rebalance(s) completed, "
+        f"{rolled_back} migration(s) rolled back.", "",
         "| when | t (s) | generation | imbalance (max/mean) | max activated experts | cross-node MB/s |",
         "|---|---|---|---|---|---|",
     ]
