@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="domain shift: replay --task (default: the first domain, the synthetic "
                         "config's order or the trace's) until then, --shift-to after")
     source.add_argument("--shift-to", help="domain after the shift (default: the next domain)")
+    source.add_argument("--alternate", action="store_true",
+                        help="keep shifting: the two domains take turns every --shift-after-seconds")
     source.add_argument("--start-time", type=float,
                         help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
     source.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace, weights and draws")
@@ -170,6 +172,7 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
         trace.select_domain(before),
         trace.select_domain(after),
         shift_at=int(args.shift_after_seconds * args.tokens_per_second),
+        alternate=args.alternate,
     )
 
 

@@ -46,7 +46,8 @@ MAX_LAG_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class TokenStream:
-    """An endless stream of tokens: a trace looped, or one trace until ``shift_at`` and another after.
+    """An endless stream of tokens: a trace looped, or one trace until ``shift_at`` and another after
+    (``alternate``: the two take turns, ``shift_at`` tokens each, for as long as the stream runs).
 
     Stream token p is trace token p mod T; its sequence number (for the attention rank) counts the
     sequences of the earlier loops too, so sequences spread over ranks the same way in every loop.
@@ -55,15 +56,21 @@ class TokenStream:
     before: Trace
     after: Trace | None = None
     shift_at: int | None = None
+    alternate: bool = False
 
     def batch(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens start .. start+count-1: expert_ids [L, B, k] and sequence numbers [B]."""
         position = np.arange(start, start + count)
         if self.after is None or self.shift_at is None:
             return _take(self.before, position)
-        early = position < self.shift_at
+        if self.alternate:
+            early = (position // self.shift_at) % 2 == 0
+            offset = 0
+        else:
+            early = position < self.shift_at
+            offset = self.shift_at
         ids_before, seq_before = _take(self.before, position[early])
-        ids_after, seq_after = _take(self.after, position[~early] - self.shift_at)
+        ids_after, seq_after = _take(self.after, position[~early] - offset)
         return (
             np.concatenate([ids_before, ids_after], axis=1),
             np.concatenate([seq_before, seq_after]),

@@ -287,11 +287,16 @@ def write_report(
     out: Path, samples: list[Sample], events: list[dict[str, Any]], shift_after: float,
     model: ModelShape, num_gpus: int,
 ) -> str:
-    """report.md, report.json, heatmaps.png and timeline.png in ``out``; returns the Markdown."""
+    """report.md, report.json, heatmaps.png and timeline.png in ``out``; returns the Markdown.
+
+    A rebalance is a migration that completed (the generation changed and the migration says
+    Completed); rolled-back migrations are counted apart, from the operator's events."""
     rebalances = [
-        (before, after) for before, after in zip(samples, samples[1:]) if after.generation != before.generation
+        (before, after) for before, after in zip(samples, samples[1:])
+        if after.generation != before.generation and after.migration == "Completed"
     ]
-    snapshots = snapshots_of(samples, shift_after)
+    rolled_back = sum(event["reason"] == "MigrationRolledBack" for event in events)
+    snapshots = snapshots_of(samples, shift_after, rebalances[0][1].generation if rebalances else None)
     figures = {
         label: {
             "seconds": round(s.seconds, 1), "generation": s.generation,
@@ -307,23 +312,28 @@ def write_report(
     ]
     (out / "report.json").write_text(json.dumps(
         {"model": model.model_dump(), "gpus": num_gpus, "shift_after_seconds": shift_after,
-         "figures": figures, "rebalances": timeline, "events": events,
+         "figures": figures, "rebalances": timeline, "rolled_back": rolled_back, "events": events,
          "samples": [{k: v for k, v in vars(s).items() if k != "load"} for s in samples]},
         indent=1, default=float,
     ) + "\n")
     plot_report(out, snapshots, samples, shift_after)
-    text = report_markdown(model, num_gpus, shift_after, figures, timeline, events)
+    text = report_markdown(model, num_gpus, shift_after, figures, timeline, events, rolled_back)
     (out / "report.md").write_text(text)
     return text
 
 
-def snapshots_of(samples: list[Sample], shift_after: float) -> dict[str, Sample | None]:
-    """The last measured row before the first rebalance, after it (before the shift), and after the
-    shift; None where there is none."""
+def snapshots_of(
+    samples: list[Sample], shift_after: float, first_rebalanced: int | None
+) -> dict[str, Sample | None]:
+    """The last measured row before the first rebalance, after it (generation ``first_rebalanced`` or
+    later, before the shift), and after the shift; None where there is none."""
     measured = [s for s in samples if s.imbalance is not None]
     first_generation = samples[0].generation if samples else 0
     initial = [s for s in measured if s.generation == first_generation and s.seconds < shift_after]
-    settled = [s for s in measured if s.generation != first_generation and s.seconds < shift_after]
+    settled = [
+        s for s in measured
+        if first_rebalanced is not None and s.generation >= first_rebalanced and s.seconds < shift_after
+    ]
     shifted = [s for s in measured if s.seconds >= shift_after]
     return {
         "before the first rebalance": initial[-1] if initial else None,
@@ -334,12 +344,14 @@ def snapshots_of(samples: list[Sample], shift_after: float) -> dict[str, Sample 
 
 def report_markdown(
     model: ModelShape, num_gpus: int, shift_after: float, figures: dict[str, dict[str, Any]],
-    timeline: list[dict[str, Any]], events: list[dict[str, Any]],
+    timeline: list[dict[str, Any]], events: list[dict[str, Any]], rolled_back: int,
 ) -> str:
-    """report.md's text: the snapshots' figures, the rebalances and the operator's last events."""
+    """report.md's text: the snapshots' figures, the completed rebalances (``timeline``), how many
+    migrations rolled back, and the operator's last events."""
     lines = [
         f"# moeplace demo: {model.name} on {num_gpus} GPUs", "",
-        f"Domain shift after {shift_after:.0f} s; {len(timeline)} rebalance(s) applied.", "",
+        f"Domain shift after {shift_after:.0f} s; {len(timeline)} rebalance(s) completed, "
+        f"{rolled_back} migration(s) rolled back.", "",
         "| when | t (s) | generation | imbalance (max/mean) | max activated experts | cross-node MB/s |",
         "|---|---|---|---|---|---|",
     ]

@@ -424,7 +424,31 @@ def resolve_spec(spec: Any) -> ResolvedSpec:
         check_fits(model, topology)
     except PlacementError as error:
         raise SpecError(f"spec.topology: {str(error).removeprefix('topology: ')}") from None
+    _check_map_size(model, topology)
     return ResolvedSpec(spec=parsed, model=model, topology=topology)
+
+
+# A ConfigMap holds 1 MiB; the placement ConfigMap carries the map twice (SGLang's file and
+# moeplace's), each entry an expert id and a comma. Keep a margin for the rest of the object.
+PLACEMENT_CONFIGMAP_BUDGET_BYTES = 900_000
+
+
+def placement_configmap_bytes(model: ModelShape, topology: Topology) -> int:
+    """An upper estimate of the placement ConfigMap's data for a map of L x N slots."""
+    entry = len(str(model.num_experts - 1)) + 2
+    return 2 * model.num_layers * topology.num_slots * entry + 4096
+
+
+def _check_map_size(model: ModelShape, topology: Topology) -> None:
+    """Refuse a spec whose placement could not be published (and whose maps would swamp the operator)."""
+    estimate = placement_configmap_bytes(model, topology)
+    if estimate > PLACEMENT_CONFIGMAP_BUDGET_BYTES:
+        raise SpecError(
+            f"spec.model and spec.topology: {model.num_layers} layers x {topology.num_slots} slots "
+            f"({topology.num_gpus} GPUs x {topology.slots_per_gpu} slots, spec.placement.redundantSlots included) "
+            f"make a placement of about {estimate / 1e6:.1f} MB, over the {PLACEMENT_CONFIGMAP_BUDGET_BYTES / 1e6:.1f} MB "
+            "a placement ConfigMap may hold (ConfigMaps hold 1 MiB): use fewer layers, experts or GPUs"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

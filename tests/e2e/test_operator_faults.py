@@ -121,20 +121,24 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
                 answer = agents.placement(victim, timeout=1)
                 return answer and any(slot["state"] == "staged" for slot in answer["slots"])
 
+            original = wait_for(
+                lambda: (api.status(namespace, name).get("placement") or {}).get("hash"), 60, "the initial placement"
+            )
             wait_for(victim_staging, 120, f"rank {victim} receiving an expert", interval=0.05)
             checker.dead.add(victim)
             agents.kill(victim)
 
-            # The failed step is retried, then the stage is rolled back: the others keep valid maps
-            # and the deployment reports the dead agent.
-            status = wait_for(
-                lambda: (s := api.status(namespace, name)).get("migration", {}).get("state") in ("RolledBack", "Failed")
-                and s, 90, "the migration rolled back",
+            # The failed stage is undone; the deployment goes back to the map from before the
+            # migration (at once when nothing had changed yet, else by a rollback migration that
+            # waits for the dead agent) and reports it.
+            wait_for(
+                lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "RolledBack"
+                or (m.get("state") == "Running" and m.get("rollbackOf")),
+                90, "the migration being rolled back",
             )
             degraded = api.condition(namespace, name, "Degraded")
             assert degraded.get("status") == "True", degraded
-            assert degraded["reason"] in ("MigrationRolledBack", "AgentsUnavailable"), degraded
-            assert "rolled back" in status["migration"]["message"]
+            assert degraded["reason"] in ("MigrationRolledBack", "MigrationRollingBack", "AgentsUnavailable"), degraded
             for rank in sorted(agents.ports):
                 if rank != victim:
                     answer = agents.placement(rank)
@@ -145,13 +149,19 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
                 if rank != victim:
                     assert agents.placement(rank)["hash"] == placement_hash(mapping)
 
-            # The agent comes back with the published placement; the operator brings it to the live
-            # generation and carries on.
+            # The agent comes back with the published placement; the rollback completes: every
+            # agent serves exactly the map from before the migration.
             placement_file = agents.workdir / "published.json"
             placement_file.write_text(json.dumps({"physical_to_logical_map": np.asarray(mapping).tolist()}))
             agents.extra[victim] = []
             agents.start(victim, placement=placement_file)
             checker.dead.discard(victim)
+            rolled_back = wait_for(
+                lambda: (s := api.status(namespace, name)).get("migration", {}).get("state") == "RolledBack" and s,
+                90, "the rollback completed", interval=0.1,
+            )
+            assert rolled_back["placement"]["hash"] == original, "exactly the map from before the migration"
+            assert "MigrationRolledBack" in [event["reason"] for event in api.events(namespace)]
             wait_for(lambda: api.condition(namespace, name, "Degraded").get("status") == "False", 90, "Degraded=False")
             wait_for(lambda: all_serve_published(api, agents, namespace, name), 90, "all four agents on the published map")
         assert checker.samples > 10

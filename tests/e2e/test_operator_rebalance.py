@@ -198,12 +198,12 @@ def test_apply_rebalance_migrate(api, operator, stack):
 
 def test_prometheus_down_keeps_the_placement(api, operator, stack):
     agents, prometheus, namespace = stack
-    api.patch_spec(namespace, NAME, {"placement": {"minPredictedGain": 0.99}})
-    # A cycle under the new spec keeps the placement (a migration that was running has finished).
+    # Under the deployment's own gate (the load has not changed since the last rebalance), a cycle
+    # keeps the placement; with metrics gone, nothing may move either.
     wait_for(
-        lambda: (s := api.status(namespace, NAME)).get("observedGeneration") == api.get(namespace, NAME)["metadata"]["generation"]
-        and str(s.get("lastCycleResult", "")).startswith("skipped"),
-        60, "a cycle that keeps the placement",
+        lambda: (s := api.status(namespace, NAME)).get("lastCycleResult") == "skipped"
+        and (s.get("migration") or {}).get("state") != "Running",
+        90, "a cycle that keeps the placement",
     )
     published = api.published(namespace, NAME)
     generations = {a["generation"] for a in served(agents)}
@@ -252,6 +252,9 @@ BAD_MANIFESTS = [
     ("engine and workloadRef", {"serving": {"engine": {"image": "x"}, "workloadRef": {"kind": "StatefulSet", "name": "y"}}}, "spec.serving"),
     ("workloadRef kind", {"serving": {"workloadRef": {"kind": "Deployment", "name": "y"}}}, "spec.serving.workloadRef.kind"),
     ("imbalanceThreshold 0.5", {"alerts": {"imbalanceThreshold": 0.5}}, "spec.alerts.imbalanceThreshold"),
+    ("placement too big for its ConfigMap",
+     {"model": {"shape": {**SHAPE, "numLayers": 1024, "numExperts": 4096, "topK": 8}},
+      "topology": {"nodes": 1, "gpusPerNode": 1}}, "spec.model and spec.topology"),
 ]
 
 

@@ -24,7 +24,7 @@ def test_every_entry_point_imports_without_matplotlib():
     it is imported only when a figure is drawn."""
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "import moe_operator.handlers, moe_operator.run, moe_agent.cli, moeplace.cli, moeplace.demo\n"
+        "import moe_operator.handlers, moe_operator.run, moe_agent.cli, moeplace.cli, moeplace_dev.cli\n"
         "import moe_placement.bench\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
