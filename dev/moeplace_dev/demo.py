@@ -336,10 +336,14 @@ def snapshots_of(
     ]
     shifted = [s for s in measured if s.seconds >= shift_after]
     return {
-        "before the first rebalance": initial[-1] if initial else None,
-        "after it (before the shift)": settled[-1] if settled else None,
-        "at the end (after the shift)": shifted[-1] if shifted else None,
+        "before the first rebalance": _last(initial),
+        "after it (before the shift)": _last(settled),
+        "at the end (after the shift)": _last(shifted),
     }
+
+
+def _last(rows: list[Sample]) -> Sample | None:
+    return rows[-1] if rows else None
 
 
 def report_markdown(
