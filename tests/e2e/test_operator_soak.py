@@ -12,6 +12,7 @@ to the map from before its migration, nothing leaks, and migrations complete aga
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, Operator, ReplicaChecker, manifest, wait_for
-from moe_operator.cluster import ManagedProcess, _http
-from moe_placement.models import placement_hash
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+
+from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, Operator, ReplicaChecker, manifest, wait_for  # noqa: E402
+from moe_operator.cluster import ManagedProcess, _http  # noqa: E402
+from moe_placement.models import placement_hash  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
