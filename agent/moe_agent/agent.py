@@ -248,14 +248,8 @@ class AgentCore:
         Slots whose expert changes or becomes -1 are retired: dropped, their weights kept for the
         grace period, so activating the previous map again undoes this one."""
         live = self.live
-        mapping = np.asarray(physical_to_logical_map, dtype=np.int64)
-        expected = (self.shape.num_layers, self.topology.num_slots)
-        if mapping.shape != expected:
-            raise AgentError(400, f"physical_to_logical_map: shape {list(mapping.shape)}, expected {list(expected)}")
-        try:
-            placement = Placement(mapping, self.shape.num_experts, self.topology.slots_per_gpu)
-        except PlacementError as error:
-            raise AgentError(400, str(error)) from None
+        placement = self._parse_map(physical_to_logical_map)
+        mapping = placement.physical_to_logical_map
         same_map = np.array_equal(mapping, live.placement.physical_to_logical_map)
         if generation < live.generation or (generation == live.generation and not same_map):
             raise AgentError(
@@ -263,20 +257,7 @@ class AgentCore:
             )
         if generation == live.generation:
             return self.placement_answer()
-
-        keep, drop = [], []
-        for layer, slot, entry in self.store.items():
-            wanted = int(mapping[layer, slot])
-            if wanted >= 0 and entry.state == "empty" and self.store.restore(layer, slot, wanted):
-                entry = self.store.slot(layer, slot)
-            if wanted >= 0 and (entry.expert != wanted or entry.state == "empty"):
-                held = f"expert {entry.expert} ({entry.state})" if entry.state != "empty" else "nothing"
-                raise AgentError(
-                    409,
-                    f"physical_to_logical_map: layer {layer} slot {slot} needs expert {wanted}, "
-                    f"rank {self.rank} holds {held} there",
-                )
-            (keep if wanted >= 0 else drop).append((layer, slot, entry))
+        keep, drop = self._slots_for(mapping)
         for layer, slot, entry in keep:
             if entry.state == "staged":
                 self.store.set_live(layer, slot)
@@ -286,3 +267,35 @@ class AgentCore:
         self.live = self._view(generation, placement)
         self._publish()
         return self.placement_answer()
+
+    def _parse_map(self, physical_to_logical_map: list[list[int]]) -> Placement:
+        """The map [L, N] as a placement of this model and topology; 400 naming the problem."""
+        mapping = np.asarray(physical_to_logical_map, dtype=np.int64)
+        expected = (self.shape.num_layers, self.topology.num_slots)
+        if mapping.shape != expected:
+            raise AgentError(400, f"physical_to_logical_map: shape {list(mapping.shape)}, expected {list(expected)}")
+        try:
+            return Placement(mapping, self.shape.num_experts, self.topology.slots_per_gpu)
+        except PlacementError as error:
+            raise AgentError(400, str(error)) from None
+
+    def _slots_for(self, mapping: np.ndarray) -> tuple[list[tuple[int, int, Slot]], list[tuple[int, int, Slot]]]:
+        """This rank's slots the map keeps and those it drops; 409 when a kept slot lacks its
+        expert's weights (retired weights of it are restored first)."""
+        keep, drop = [], []
+        for layer, slot, entry in self.store.items():
+            wanted = int(mapping[layer, slot])
+            if wanted < 0:
+                drop.append((layer, slot, entry))
+                continue
+            if entry.state == "empty" and self.store.restore(layer, slot, wanted):
+                entry = self.store.slot(layer, slot)
+            if entry.expert != wanted or entry.state == "empty":
+                held = f"expert {entry.expert} ({entry.state})" if entry.state != "empty" else "nothing"
+                raise AgentError(
+                    409,
+                    f"physical_to_logical_map: layer {layer} slot {slot} needs expert {wanted}, "
+                    f"rank {self.rank} holds {held} there",
+                )
+            keep.append((layer, slot, entry))
+        return keep, drop

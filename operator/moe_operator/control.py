@@ -323,7 +323,7 @@ class Controller:
         """The steps after the agents answered: resume, converge, profile, gate, migrate."""
         migration = loaded.writer.migration
         if migration is not None and migration.state == "Running":
-            return await self.rollout.resume(ctx, migration, should_stop)
+            return await self.rollout.resume(ctx, migration, loaded.published.placement, should_stop)
         converged = await self._converge(ctx, loaded)
         if isinstance(converged, CycleOutcome):
             return converged

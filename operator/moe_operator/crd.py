@@ -472,24 +472,25 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
 _DROP_KEYS = {"title", "$defs", "examples"}
 
 
-def _structural(schema: dict[str, Any]) -> dict[str, Any]:
-    """One node of a JSON schema rewritten to what apiextensions v1 on 1.20 accepts."""
-    schema = dict(schema)
-    for key in _DROP_KEYS:
-        schema.pop(key, None)
-    if "anyOf" in schema:
-        options = schema.pop("anyOf")
-        non_null = [option for option in options if option.get("type") != "null"]
-        if len(non_null) != 1:
-            raise ValueError(f"unsupported union in CRD schema: {options}")
-        inner = _structural(non_null[0])
-        outer_description = schema.get("description")
-        inner.update({k: v for k, v in schema.items() if k != "description"})
-        if outer_description:
-            inner["description"] = outer_description
-        if len(non_null) != len(options):
-            inner["nullable"] = True
-        schema = inner
+def _without_null_union(schema: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [X, null]`` -> X with ``nullable: true`` (and the outer keys kept)."""
+    options = schema.pop("anyOf")
+    non_null = [option for option in options if option.get("type") != "null"]
+    if len(non_null) != 1:
+        raise ValueError(f"unsupported union in CRD schema: {options}")
+    inner = _structural(non_null[0])
+    outer_description = schema.get("description")
+    inner.update({k: v for k, v in schema.items() if k != "description"})
+    if outer_description:
+        inner["description"] = outer_description
+    if len(non_null) != len(options):
+        inner["nullable"] = True
+    return inner
+
+
+def _keywords_for_1_20(schema: dict[str, Any]) -> None:
+    """const -> enum, typed enums, boolean exclusive bounds, no ``additionalProperties: false``, no
+    empty defaults (1.20 reads an empty-string default back as null and refuses it)."""
     if "const" in schema:
         schema["enum"] = [schema.pop("const")]
     if "enum" in schema and "type" not in schema:
@@ -501,15 +502,20 @@ def _structural(schema: dict[str, Any]) -> dict[str, Any]:
             schema[bound] = True
     if schema.get("additionalProperties") is False:
         del schema["additionalProperties"]
-    elif isinstance(schema.get("additionalProperties"), dict):
-        schema["additionalProperties"] = _structural(schema["additionalProperties"])
-    # kube-apiserver 1.20 reads an empty-string default back as null and refuses it.
     if "default" in schema and schema["default"] in (None, ""):
         del schema["default"]
+
+
+def _structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """One node of a JSON schema rewritten to what apiextensions v1 on 1.20 accepts."""
+    schema = {key: value for key, value in schema.items() if key not in _DROP_KEYS}
+    if "anyOf" in schema:
+        schema = _without_null_union(schema)
+    _keywords_for_1_20(schema)
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = _structural(schema["additionalProperties"])
     if "properties" in schema:
-        schema["properties"] = {
-            name: _structural(value) for name, value in schema["properties"].items()
-        }
+        schema["properties"] = {name: _structural(value) for name, value in schema["properties"].items()}
         schema.setdefault("type", "object")
     if "items" in schema:
         schema["items"] = _structural(schema["items"])

@@ -97,37 +97,42 @@ def _int_label(metric: Mapping[str, Any], name: str) -> int | None:
     return int(value)
 
 
+def _series_sample(series: Any, num_layers: int, num_experts: int) -> tuple[int, int, float] | str:
+    """(layer, expert, value) of one instant-vector series, or why it is skipped."""
+    if not isinstance(series, Mapping) or not isinstance(series.get("metric") or {}, Mapping):
+        return "not_a_series"
+    metric = series.get("metric") or {}
+    layer, expert = _int_label(metric, "layer"), _int_label(metric, "expert")
+    if layer is None or expert is None:
+        return "bad_label"
+    if not (0 <= layer < num_layers and 0 <= expert < num_experts):
+        return "out_of_range"
+    try:
+        value = float((series.get("value") or [None, None])[1])
+    except (TypeError, ValueError, IndexError):
+        return "not_a_number"
+    if not math.isfinite(value):
+        return "not_finite"
+    if value < 0:
+        return "negative"
+    return layer, expert, value
+
+
 def parse_load(
     result: Sequence[Mapping[str, Any]], num_layers: int, num_experts: int, report: MetricsReport | None = None
 ) -> tuple[np.ndarray, MetricsReport]:
-    """The [L, E] load from an instant-vector result; bad series are skipped into the report."""
+    """The [L, E] load from an instant-vector result; bad series are skipped into the report, and
+    layers without any series are listed in ``report.missing_layers``."""
     report = report or MetricsReport()
     load = np.zeros((num_layers, num_experts), dtype=np.float64)
     seen: set[tuple[int, int]] = set()
     for series in result:
         report.series += 1
-        if not isinstance(series, Mapping) or not isinstance(series.get("metric") or {}, Mapping):
-            report.skip("not_a_series")
+        sample = _series_sample(series, num_layers, num_experts)
+        if isinstance(sample, str):
+            report.skip(sample)
             continue
-        metric = series.get("metric") or {}
-        layer, expert = _int_label(metric, "layer"), _int_label(metric, "expert")
-        if layer is None or expert is None:
-            report.skip("bad_label")
-            continue
-        if not (0 <= layer < num_layers and 0 <= expert < num_experts):
-            report.skip("out_of_range")
-            continue
-        try:
-            value = float((series.get("value") or [None, None])[1])
-        except (TypeError, ValueError, IndexError):
-            report.skip("not_a_number")
-            continue
-        if not math.isfinite(value):
-            report.skip("not_finite")
-            continue
-        if value < 0:
-            report.skip("negative")
-            continue
+        layer, expert, value = sample
         if (layer, expert) in seen:
             report.skip("duplicate")
             continue

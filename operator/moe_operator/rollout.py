@@ -107,8 +107,15 @@ class Rollout:
             target=target.physical_to_logical_map.tolist(),
         )
 
-    async def resume(self, ctx: CycleContext, migration: MigrationStatus, should_stop: Callable[[], bool]) -> CycleOutcome:
-        """Resume the recorded migration from its ConfigMap and status (the plan is re-derived)."""
+    async def resume(
+        self, ctx: CycleContext, migration: MigrationStatus, published: Placement, should_stop: Callable[[], bool]
+    ) -> CycleOutcome:
+        """Resume the recorded migration from its ConfigMap and status (the plan is re-derived).
+
+        When the agents no longer serve one map (one restarted with the published map while the
+        others had moved on), they are brought onto the published map first (the others still hold
+        its weights, staged or retired) and the migration counts as failed from there: the agents go
+        back to the map from before it."""
         name = builders.migration_configmap_name(ctx.name)
         try:
             record = builders.parse_migration_configmap(await self.kube.get_configmap(ctx.namespace, name))
@@ -125,6 +132,9 @@ class Rollout:
                 event=Event("Warning", "MigrationAbandoned", message),
                 status={"migration": migration.model_copy(update={"state": "Failed", "message": message})},
             )
+        view = ctx.view
+        if view is not None and len({answer.hash for answer in view.answers.values()}) > 1:
+            return await self._diverged(ctx, record, migration, published, should_stop)
         plan = await asyncio.to_thread(
             plan_migration, source, target, ctx.resolved.model, ctx.resolved.topology, record.max_copies_per_stage
         )
@@ -183,6 +193,30 @@ class Rollout:
         if outcome.state == RunState.COMPLETED:
             return await self._completed(ctx, record, current, outcome)
         return await self._interrupted(ctx, record, current, outcome)
+
+    async def _diverged(
+        self,
+        ctx: CycleContext,
+        record: builders.MigrationRecord,
+        migration: MigrationStatus,
+        published: Placement,
+        should_stop: Callable[[], bool],
+    ) -> CycleOutcome:
+        assert ctx.view is not None
+        generation = ctx.view.max_generation + 1
+        problems = await converge(ctx.client, ctx.agents, published.physical_to_logical_map, generation, ctx.view)
+        if problems:
+            message = f"plan {migration.plan_id}: agents serve different maps and cannot all serve the published one: " + (
+                "; ".join(problems[:3])
+            )
+            return waiting(
+                CycleResult.AGENTS_DIVERGED, message, error="agent",
+                conditions=(ConditionChange("Degraded", True, "AgentsDiverged", message),),
+            )
+        progress = Progress(plan_id=migration.plan_id, stages=migration.stages, stage=migration.stage)
+        message = "agents served different maps mid-migration; all are back on the published map"
+        outcome = RunOutcome(RunState.FAILED, published.physical_to_logical_map, generation, progress, message)
+        return await self._failed(ctx, record, migration, outcome, should_stop)
 
     def _runner(self, ctx: CycleContext, persist: Callable, should_stop: Callable[[], bool]) -> PlanRunner:
         spec = ctx.resolved.spec.migration

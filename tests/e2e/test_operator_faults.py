@@ -161,7 +161,8 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
                 90, "the rollback completed", interval=0.1,
             )
             assert rolled_back["placement"]["hash"] == original, "exactly the map from before the migration"
-            assert "MigrationRolledBack" in [event["reason"] for event in api.events(namespace)]
+            wait_for(lambda: "MigrationRolledBack" in [event["reason"] for event in api.events(namespace)], 30,
+                     "the MigrationRolledBack event")
             wait_for(lambda: api.condition(namespace, name, "Degraded").get("status") == "False", 90, "Degraded=False")
             wait_for(lambda: all_serve_published(api, agents, namespace, name), 90, "all four agents on the published map")
         assert checker.samples > 10

@@ -254,7 +254,7 @@ BAD_MANIFESTS = [
     ("imbalanceThreshold 0.5", {"alerts": {"imbalanceThreshold": 0.5}}, "spec.alerts.imbalanceThreshold"),
     ("placement too big for its ConfigMap",
      {"model": {"shape": {**SHAPE, "numLayers": 1024, "numExperts": 4096, "topK": 8}},
-      "topology": {"nodes": 1, "gpusPerNode": 1}}, "spec.model and spec.topology"),
+      "topology": {"nodes": 2, "gpusPerNode": 2}}, "spec.model and spec.topology"),
 ]
 
 

@@ -201,8 +201,9 @@ def test_faults_roll_back_exactly_and_leak_nothing(api, operator, control_plane,
             watch = MigrationWatch(api, agents, namespace, name)
             # Copies time out: the migrations that need rank 3's experts are rolled back.
             watch.until(lambda: bool(watch.rolled_back) or migration().get("rollbackOf"), 180, "a timeout rollback")
-            watch.until(lambda: migration().get("state") != "Running", 60, "no migration running")
-            restart_agent(agents, api, namespace, name, 3, checker)  # healthy again
+            # Rank 3 comes back healthy, with the published map (a rollback may be under way: the other
+            # agents are brought back onto that map from the weights they retired, then it goes on).
+            restart_agent(agents, api, namespace, name, 3, checker)
             watch.until(lambda: len(watch.completed) >= 1 and migration().get("state") != "Running", 180,
                         "a completed migration")
 

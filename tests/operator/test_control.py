@@ -454,3 +454,32 @@ async def test_a_deleted_placement_configmap_is_recreated_from_the_agents(make_s
     cm = kube.configmaps["demo-placement"]
     assert cm["data"]["hash"] in live and int(cm["data"]["generation"]) == generation
     assert cm["data"]["policy"] == "adopted"
+
+
+async def test_an_agent_restarted_mid_rollback_is_brought_back_in(make_stack):
+    """An agent restarts (generation 0, its weights reloaded from the published map) while a rollback
+    waits: the rollback completes with it."""
+    stack = await make_stack()
+    stack.announce()
+    await stack.ctl.reconcile(stack.kube.body)
+    source, _ = stack.published()
+    for agent in stack.cluster.agents:
+        agent.fail_stage = 10_000
+    outcome = await stack.ctl.cycle("ns", "demo")
+    if outcome.result == CycleResult.ROLLED_BACK:
+        pytest.skip("the plan's first stage with copies came first: nothing to diverge from")
+    assert outcome.result == CycleResult.ROLLING_BACK, outcome
+    for agent in stack.cluster.agents:
+        agent.fail_stage = 0
+    published, _ = stack.published()
+    restarted = stack.cluster.agents[2]
+    restarted.map, restarted.generation, restarted.retired = np.array(published), 0, {}
+    restarted.slots = {
+        (layer, slot): (int(published[layer, slot]), "live")
+        for layer in range(published.shape[0]) for slot in range(10, 15) if published[layer, slot] >= 0
+    }
+    outcome = await stack.ctl.cycle("ns", "demo")
+    assert outcome.result == CycleResult.ROLLED_BACK, outcome
+    assert np.array_equal(stack.published()[0], source)
+    assert stack.cluster.maps() == {placement_hash(source)}
+    assert stack.cluster.violations == []
