@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from moe_placement.cost import CostReport, evaluate
+from moe_placement.migration_plan import MigrationPlan, plan_migration
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile, placement_hash
 from moe_placement.policies import PolicyOptions, plan
 from moe_placement.traces import sample_batches, sample_tokens
@@ -30,15 +30,6 @@ OBJECTIVE_FIELDS = {
     "activatedExperts": "max_activated_experts",
     "crossNodeBytes": "cross_node_bytes",
 }
-
-
-def plan_migration(old: Placement, new: Placement, model: ModelShape, topology: Topology, max_copies_per_stage: int) -> Any:
-    """The migration planner of ``moe_placement.migration`` (imported late: it is optional at import)."""
-    try:
-        from moe_placement.migration import plan_migration as planner
-    except ImportError as error:  # pragma: no cover - only while the planner is not installed
-        raise RuntimeError(f"migration planner unavailable: {error}") from None
-    return planner(old, new, model, topology, max_copies_per_stage=max_copies_per_stage)
 
 
 @dataclass(frozen=True)
@@ -77,7 +68,7 @@ class SolveResult:
     net_gain: float
     bytes_to_move: float
     stages: int
-    plan: Any = None
+    plan: MigrationPlan | None = None
     old_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     new_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -168,7 +159,9 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
     ]
     gain = float(np.mean(gains)) if gains else 0.0
     started = time.perf_counter()
-    migration = plan_migration(request.previous, new, request.model, request.topology, request.max_copies_per_stage)
+    migration = plan_migration(
+        request.previous, new, request.model, request.topology, max_copies_per_stage=request.max_copies_per_stage
+    )
     timings["plan_migration"] = time.perf_counter() - started
     bytes_to_move = float(migration.bytes_moved)
     bandwidth = request.topology.inter_node_gb_s * 1e9 * request.max_concurrent_transfers

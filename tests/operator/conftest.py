@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_placement.migration import plan_migration
+from moe_placement.migration_plan import plan_migration
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:

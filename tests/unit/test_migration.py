@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_placement.ilp import layer_busiest
-from moe_placement.migration import (
+from moe_placement.policies.ilp import layer_busiest
+from moe_placement.migration_plan import (
     ExpertCopy,
     MigrationPlan,
     MigrationStage,

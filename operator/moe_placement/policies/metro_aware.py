@@ -1,13 +1,8 @@
-"""Activated experts, not tokens (METRO): the exact router and a decode-aware placement.
+"""``policy: metro_aware``: in memory-bound decode a GPU's MoE time is the experts it streams from
+HBM; this placement makes typical decode batches activate few experts on the busiest GPU under METRO
+routing (``moe_placement.routing.route_metro``).
 
-In memory-bound decode a GPU's MoE time is the experts it streams from HBM, so the router that
-matters sends all tokens of an expert to one replica and keeps the busiest GPU's count of activated
-experts low. ``route_exact`` finds the minimum of that count (a bipartite b-matching of activated
-experts to GPUs holding them, the capacity raised until every expert is matched), for evaluating the
-``metro`` greedy on small instances. ``policy_metro_aware`` places experts so that typical decode
-batches activate few experts on the busiest GPU under METRO routing.
-
-Shapes: B tokens, k choices, A activated experts, E experts, G GPUs, N slots, L layers.
+Shapes: B tokens, k choices, E experts, G GPUs, N slots, L layers.
 """
 
 from __future__ import annotations
@@ -16,99 +11,18 @@ import time
 
 import numpy as np
 
-from moe_placement.locality import (
-    BALANCE_TOLERANCE,
-    coplace_nodes,
-    greedy_nodes,
-    locality_score,
-    node_presence,
-    pair_matrices,
-)
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
-from moe_placement.policies import PolicyOptions, SolverInfo
-from moe_placement.routing import ReplicaLayout, replica_layouts, route_metro
+from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
+from moe_placement.pairs import locality_score, pair_matrices
+from moe_placement.policies.base import PolicyOptions, SolverInfo
+from moe_placement.presence import node_presence
+from moe_placement.routing import replica_layouts, route_metro
 from moe_placement.traces import sample_tokens
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
+
+
 MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
-
-
-def min_max_assignment(candidates: list[np.ndarray], num_gpus: int) -> tuple[np.ndarray, int]:
-    """Assign each activated expert to one of its candidate GPUs so that the most experts on one
-    GPU is minimal. candidates: per expert, the GPUs holding it -> (GPU of each expert [A], that
-    minimum). Augmenting paths (Kuhn) at capacity lambda, starting from max(ceil(A/G), the experts
-    that have one GPU only) and raised by one until every expert is matched: exact."""
-    count = len(candidates)
-    assigned = np.full(count, -1, dtype=np.int64)
-    members: list[list[int]] = [[] for _ in range(num_gpus)]
-    forced = np.bincount([int(c[0]) for c in candidates if len(c) == 1], minlength=num_gpus)
-    limit = max(-(-count // num_gpus), int(forced.max()) if count else 0, 1)
-
-    def augment(expert: int, visited: set[int]) -> bool:
-        for gpu in candidates[expert]:
-            if gpu not in visited and len(members[gpu]) < limit:
-                visited.add(gpu)
-                members[gpu].append(expert)
-                assigned[expert] = gpu
-                return True
-        for gpu in candidates[expert]:
-            if gpu in visited:
-                continue
-            visited.add(gpu)
-            for other in members[gpu]:
-                if augment(other, visited):  # ``other`` moved to another GPU
-                    members[gpu].remove(other)
-                    members[gpu].append(expert)
-                    assigned[expert] = gpu
-                    return True
-        return False
-
-    pending = sorted(range(count), key=lambda e: (len(candidates[e]), e))
-    while pending:
-        pending = [expert for expert in pending if not augment(expert, set())]
-        if pending:
-            limit += 1
-    return assigned, limit
-
-
-def route_exact(
-    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
-) -> np.ndarray:
-    """Exact METRO: the fewest activated experts on the busiest GPU; each expert's tokens go to its
-    lowest slot on the GPU it is matched to. expert_ids, uniform: [B, k]; source_gpu: [B] -> slots
-    [B, k]. For evaluation on small instances (Python augmenting paths)."""
-    num_gpus = len(layout.node_of_gpu)
-    experts, inverse = np.unique(expert_ids.ravel(), return_inverse=True)
-    replica_slots = [layout.replica_slots[e, : layout.replica_counts[e]] for e in experts]
-    candidates = [np.unique(layout.gpu_of_slot[slots]) for slots in replica_slots]
-    gpu, _ = min_max_assignment(candidates, num_gpus)
-    chosen = np.array(
-        [slots[layout.gpu_of_slot[slots] == g].min() for slots, g in zip(replica_slots, gpu)],
-        dtype=np.int64,
-    )
-    return chosen[inverse].reshape(expert_ids.shape)
-
-
-def busiest_activated(layout: ReplicaLayout, slots: np.ndarray) -> int:
-    """Activated slots on the busiest GPU for routed slots [B, k]."""
-    used = np.unique(slots)
-    return int(np.bincount(layout.gpu_of_slot[used], minlength=len(layout.node_of_gpu)).max())
-
-
-def greedy_vs_exact(placement: Placement, topology: Topology, expert_ids: np.ndarray) -> np.ndarray:
-    """Busiest GPU's activated experts, METRO greedy / exact, per layer: expert_ids [L, B, k] -> [L]."""
-    ratios = []
-    for layer, layout in enumerate(replica_layouts(placement, topology)):
-        ids = expert_ids[layer]
-        zeros, uniform = np.zeros(len(ids), dtype=np.int64), np.zeros(ids.shape)
-        greedy = busiest_activated(layout, route_metro(layout, ids, zeros, uniform))
-        exact = busiest_activated(layout, route_exact(layout, ids, zeros, uniform))
-        ratios.append(greedy / exact)
-    return np.array(ratios)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode-aware placement
 
 
 def activation_chance(profile: WorkloadProfile) -> np.ndarray:

@@ -12,15 +12,18 @@ Shapes: L layers, E experts, B tokens per batch, k experts per token, G GPUs.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from moe_placement.cost import evaluate
-from moe_placement.ilp import policy_ilp
-from moe_placement.locality import pair_matrices, policy_locality
-from moe_placement.metro import policy_metro_aware
 from moe_placement.models import ModelShape, Placement, RoutingBatch, Topology, WorkloadProfile
-from moe_placement.policies import PolicyOptions, SolverInfo, policy_eplb
+from moe_placement.pairs import pair_matrices
+from moe_placement.policies.base import PolicyOptions, SolverInfo
+from moe_placement.policies.eplb import policy_eplb
+from moe_placement.policies.ilp import policy_ilp
+from moe_placement.policies.locality import policy_locality
+from moe_placement.policies.metro_aware import policy_metro_aware
 from moe_placement.routing import ROUTERS
 
 CANDIDATES = {
@@ -82,12 +85,7 @@ def policy_auto(
             profile,
             model,
             topology,
-            PolicyOptions(
-                time_limit_s=share,
-                previous=options.previous,
-                move_budget=options.move_budget,
-                seed=options.seed,
-            ),
+            replace(options, time_limit_s=share),
         )
         mappings[name] = mapping
         placement = Placement(mapping.copy(), model.num_experts, topology.slots_per_gpu)
