@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -37,6 +38,26 @@ class ReplicaLayout:
     replica_counts: np.ndarray
     gpu_of_slot: np.ndarray
     node_of_gpu: np.ndarray
+
+    @cached_property
+    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray]:
+        """For a token on GPU g choosing expert e, its most local replicas (on g, else on g's node,
+        else any) in slot order: (slots [G, E, R], -1 padded; how many [G, E])."""
+        valid = self.replica_slots >= 0
+        replica_gpu = self.gpu_of_slot[np.where(valid, self.replica_slots, 0)]  # [E, R]
+        source = np.arange(len(self.node_of_gpu))[:, None, None]
+        distance = np.where(
+            replica_gpu[None] == source,
+            0,
+            np.where(self.node_of_gpu[replica_gpu][None] == self.node_of_gpu[source], 1, 2),
+        )
+        distance = np.where(valid[None], distance, 3)  # [G, E, R]
+        best = distance == distance.min(axis=-1, keepdims=True)
+        order = np.argsort(~best, axis=-1, kind="stable")  # best replicas first, in slot order
+        slots = np.take_along_axis(np.broadcast_to(self.replica_slots, best.shape), order, -1)
+        counts = best.sum(axis=-1)
+        slots = np.where(np.arange(best.shape[-1]) < counts[..., None], slots, -1)
+        return slots, counts
 
 
 def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
@@ -64,21 +85,11 @@ def route_local_first(
     layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
 ) -> np.ndarray:
     """Most local replica, ties broken by ``uniform``. Shapes as ``route_random``."""
-    candidates = layout.replica_slots[expert_ids]  # [B, k, R]
-    valid = candidates >= 0
-    candidate_gpu = layout.gpu_of_slot[np.where(valid, candidates, 0)]
-    source = source_gpu[:, None, None]
-    distance = np.where(
-        candidate_gpu == source,
-        0,
-        np.where(layout.node_of_gpu[candidate_gpu] == layout.node_of_gpu[source], 1, 2),
-    )
-    distance = np.where(valid, distance, 3)
-    best = distance == distance.min(axis=-1, keepdims=True)
-    rank_among_best = np.cumsum(best, axis=-1) - 1
-    pick = np.minimum((uniform * best.sum(axis=-1)).astype(np.int64), best.sum(axis=-1) - 1)
-    chosen = best & (rank_among_best == pick[..., None])
-    return candidates[chosen].reshape(expert_ids.shape)
+    best_slots, best_counts = layout.most_local_replicas
+    gpu = source_gpu[:, None]
+    counts = best_counts[gpu, expert_ids]
+    pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
+    return best_slots[gpu, expert_ids, pick]
 
 
 def route_metro(
