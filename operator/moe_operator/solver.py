@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_placement.cost import CostReport, evaluate
-from moe_placement.migration_plan import MigrationPlan, plan_migration
+from moe_placement.migration_plan import MigrationPlan, plan_migration, transfer_seconds
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile, placement_hash
 from moe_placement.policies import PolicyOptions, plan
-from moe_placement.traces import sample_batches, sample_tokens
+from moe_placement.scoring import phase_batches, score_placements
 
 OBJECTIVE_FIELDS = {
     "moeTime": "moe_time_s",
@@ -103,21 +102,18 @@ def _costs(
     """Per placement: {phase: objective value}, {phase: cost summary}; same batches for all."""
     rng = np.random.default_rng(request.seed)
     profile = _smoothed(request.profile)
-    num_gpus = request.topology.num_gpus
-    objective_values: list[dict[str, float]] = [{} for _ in placements]
-    summaries: list[dict[str, dict[str, float]]] = [{} for _ in placements]
-    for phase in request.phases:
-        tokens = num_gpus * request.tokens_per_gpu[phase] * request.num_batches
-        trace = sample_tokens(profile, tokens, rng, phase=phase)  # type: ignore[arg-type]
-        batches = sample_batches(
-            trace, num_gpus, request.tokens_per_gpu[phase], request.num_batches, phase, rng  # type: ignore[arg-type]
+    batches = {
+        phase: phase_batches(
+            profile, request.topology.num_gpus, request.tokens_per_gpu[phase], request.num_batches, phase, rng  # type: ignore[arg-type]
         )
-        for index, placement in enumerate(placements):
-            report: CostReport = evaluate(
-                placement, request.model, request.topology, batches, router=request.routers[phase], seed=request.seed
-            )
-            objective_values[index][phase] = float(getattr(report, OBJECTIVE_FIELDS[request.objectives[phase]]))
-            summaries[index][phase] = report.summary()
+        for phase in request.phases
+    }
+    reports = score_placements(placements, request.model, request.topology, batches, request.routers, request.seed)  # type: ignore[arg-type]
+    objective_values = [
+        {phase: float(getattr(report, OBJECTIVE_FIELDS[request.objectives[phase]])) for phase, report in costs.items()}
+        for costs in reports
+    ]
+    summaries = [{phase: report.summary() for phase, report in costs.items()} for costs in reports]
     return objective_values, summaries
 
 
@@ -164,8 +160,8 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
     )
     timings["plan_migration"] = time.perf_counter() - started
     bytes_to_move = float(migration.bytes_moved)
-    bandwidth = request.topology.inter_node_gb_s * 1e9 * request.max_concurrent_transfers
-    migration_cost = bytes_to_move / bandwidth / max(request.interval_s, 1e-9)
+    seconds = transfer_seconds(bytes_to_move, request.topology, request.max_concurrent_transfers)
+    migration_cost = seconds / max(request.interval_s, 1e-9)
     net = gain - migration_cost
     apply = net > 0 and net >= request.min_predicted_gain
     reason = (

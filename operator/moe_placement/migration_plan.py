@@ -82,6 +82,14 @@ class MigrationPlan:
         return self.map_after(len(self.stages) - 1)
 
 
+def transfer_seconds(bytes_moved: float, topology: Topology, max_concurrent_transfers: int) -> float:
+    """How long moving ``bytes_moved`` takes over the inter-node links, ``max_concurrent_transfers``
+    copies at once (the gate's estimate: copies are pulled across nodes in the worst case)."""
+    if max_concurrent_transfers <= 0:
+        raise PlacementError(f"max_concurrent_transfers: {max_concurrent_transfers} must be > 0")
+    return bytes_moved / (topology.inter_node_gb_s * 1e9 * max_concurrent_transfers)
+
+
 def link_name(source_slot: int, target_slot: int, topology: Topology) -> str:
     """The link a copy crosses: "intra-gpu", "intra-node" or "nodeA->nodeB"."""
     source_gpu, target_gpu = (

@@ -37,6 +37,7 @@ class SolverInfo:
     status: ``heuristic`` (no solver), ``optimal``, ``feasible`` (stopped with a gap),
     ``time_limit``, or ``fallback`` (the solver failed; the warm start is returned).
     objective and lower_bound are in the policy's own units (stated in ``objective_name``).
+    router: the router the placement is meant for (None: the phase's default).
     """
 
     status: str = "heuristic"
@@ -44,6 +45,7 @@ class SolverInfo:
     lower_bound: float | None = None
     objective_name: str = ""
     notes: list[str] = field(default_factory=list)
+    router: str | None = None
 
     @property
     def gap(self) -> float | None:

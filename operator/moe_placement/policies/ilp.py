@@ -38,6 +38,7 @@ MONOLITHIC_VARIABLES = 2048  # larger packings are decomposed (nodes first, then
 
 
 MIN_SOLVE_S = 0.05  # below this much time left, a subproblem keeps its greedy packing
+PACKING_SHARE = 0.75  # of the time limit for stage 1; stage 2 stops at 0.95 of it
 
 
 def pack_ilp(
@@ -341,18 +342,21 @@ def policy_ilp(
     num_layers = load.shape[0]
     counts = replica_counts(load, topology.num_slots, topology.num_gpus)
     packings: list[LayerPacking] = []
+    granted = 0.0  # solver time handed to the layers packed so far
     for layer in range(num_layers):
-        left = 0.85 * budget - (time.perf_counter() - started)
-        packings.append(
-            pack_layer(load[layer], counts[layer], topology, left / (num_layers - layer))
-        )
+        elapsed = time.perf_counter() - started
+        # building each problem costs time the solver's limit does not count: measured so far
+        overhead = max(elapsed - granted, 0.0) / layer if layer else 0.0
+        share = (PACKING_SHARE * budget - elapsed) / (num_layers - layer) - overhead
+        packings.append(pack_layer(load[layer], counts[layer], topology, share))
+        granted += max(share, 0.0)
     shares = np.stack(
         [p.replicas_on_gpu / counts[layer][:, None] for layer, p in enumerate(packings)]
     )
     flows = group_flows(profile, shares)
     cost = link_cost(topology, model.token_bytes)
     if num_layers > 1 and topology.num_gpus > 1:
-        gpu_of_group, chain, chain_bound = align_layers(flows, cost, started + budget)
+        gpu_of_group, chain, chain_bound = align_layers(flows, cost, started + 0.95 * budget)
     else:
         gpu_of_group = np.tile(np.arange(topology.num_gpus), (num_layers, 1))
         chain = chain_bound = 0.0

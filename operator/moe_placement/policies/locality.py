@@ -53,4 +53,5 @@ def policy_locality(
             f"tokens kept on their node between layers: {after:.1%} (balanced greedy start {before:.1%})",
             f"{int((counts > 1).sum())} (layer, expert) pairs replicated on several nodes",
         ],
+        router="local_first",
     )

@@ -134,7 +134,8 @@ def policy_metro_aware(
        drawn from the profile; slots that do not pay stay empty (their HBM is free for KV cache).
     """
     started = time.perf_counter()
-    deadline = started + options.time_limit_s
+    # the per-layer replica search stops here; what follows it takes well under a tenth
+    deadline = started + 0.9 * options.time_limit_s
     load = profile.load
     num_layers, num_experts = load.shape
     chance = activation_chance(profile)
@@ -167,7 +168,7 @@ def policy_metro_aware(
     extra_slots = topology.num_slots - num_experts
     levels = sorted({0, extra_slots // 4, extra_slots // 2, extra_slots})
     mapping = np.full((num_layers, topology.num_slots), -1, dtype=np.int64)
-    chosen_levels, simulated = [], 0.0
+    chosen_levels, simulated, unsimulated = [], 0.0, 0
     for layer in range(num_layers):
         gpu_of_expert = place_primaries(
             presence[layer], chance[layer], load[layer], capacity, topology
@@ -178,8 +179,13 @@ def policy_metro_aware(
             row[gpu * topology.slots_per_gpu : gpu * topology.slots_per_gpu + len(experts)] = (
                 experts
             )
+        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
+            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
+            unsimulated += 1
+            chosen_levels.append(0)
+            continue
         best_row, best_time, best_level = row, np.inf, 0
-        for level in levels if time.perf_counter() < deadline else [0]:
+        for level in levels:
             candidate = add_replicas(row, chance[layer], load[layer], topology, level)
             seconds = simulated_time(candidate, model, topology, batches[layer])
             if seconds < best_time * (1.0 - 1e-3):  # more replicas only for a real gain
@@ -190,8 +196,11 @@ def policy_metro_aware(
     presence = node_presence(mapping, topology, num_experts)
     kept = locality_score(np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions)
     activated_cap = int(capacity.max())
+    notes = []
+    if unsimulated:
+        notes.append(f"time limit: {unsimulated} layers kept their primaries only, unsimulated")
     return mapping, SolverInfo(
-        status="heuristic",
+        status="time_limit" if unsimulated else "heuristic",
         objective=simulated,
         objective_name="slowest GPU's roofline seconds per step, summed over layers, under METRO "
         "routing on batches drawn from the profile",
@@ -201,5 +210,7 @@ def policy_metro_aware(
             f"{np.mean(chosen_levels):.1f} of {extra_slots} redundant slots on average",
             f"tokens kept on their node between layers: {kept:.1%}",
             f"batch of {profile.batch_size} tokens activates {chance.sum(1).mean():.1f} of {num_experts} experts per layer (expected)",
+            *notes,
         ],
+        router="metro",
     )
