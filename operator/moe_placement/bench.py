@@ -131,13 +131,17 @@ def run_bench(
     heat: dict[tuple[str, str], CostReport] = {}
     for workload in workloads:
         batches = score_batches(workload, topology, options)
+        profiles = {
+            phase: workload.fit.profile(
+                batch_size=topology.num_gpus * _tokens_per_gpu(options, phase), phase=phase
+            )
+            for phase in PHASES
+        }
         for policy in policies:
             results = {
                 phase: plan(
                     policy,
-                    workload.fit.profile(
-                        batch_size=topology.num_gpus * _tokens_per_gpu(options, phase), phase=phase
-                    ),
+                    profiles[phase],
                     model,
                     topology,
                     PolicyOptions(time_limit_s=options.time_limit_s, seed=options.seed),
@@ -159,7 +163,7 @@ def run_bench(
                 row = bench_row(workload.name, results["prefill"], router, costs)
                 row["solve_seconds"] = sum(r.solve_seconds for r in results.values())
                 rows.append(row)
-        profile = workload.fit.profile()
+        profile = profiles["prefill"]
         bound = token_balance_lower_bound(profile.load, topology.num_gpus, topology.num_slots)
         rows.append(
             {
