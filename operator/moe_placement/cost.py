@@ -79,7 +79,6 @@ def layer_cost(
 ) -> LayerCost:
     """Cost of one layer. slots: [B, k] slot serving each (token, choice); source_gpu: [B]."""
     num_gpus = len(layout.node_of_gpu)
-    num_tokens = slots.shape[0]
     gpu_of_slot, node_of_gpu = layout.gpu_of_slot, layout.node_of_gpu
     destination_gpu = gpu_of_slot[slots]
 

@@ -12,8 +12,6 @@ import numpy as np
 import pulp
 
 MIP_GAP = 0.01  # relative gap at which a packing ILP may stop (MoETuner used 0.025 with Gurobi)
-
-
 STATUS_ORDER = ("optimal", "feasible", "time_limit", "fallback")  # better to worse
 
 

@@ -20,8 +20,6 @@ from moe_placement.models import Topology, WorkloadProfile
 from moe_placement.pairs import COACTIVATION_WEIGHT, node_affinity, pair_matrices
 
 BALANCE_TOLERANCE = 0.05  # a node may carry 5% more than the mean tokens
-
-
 MAX_SWEEPS = 3
 
 

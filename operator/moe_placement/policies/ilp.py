@@ -35,8 +35,6 @@ from moe_placement.packing import greedy_packing, replica_counts
 from moe_placement.policies.base import PolicyOptions, SolverInfo
 
 MONOLITHIC_VARIABLES = 2048  # larger packings are decomposed (nodes first, then GPUs)
-
-
 MIN_SOLVE_S = 0.05  # below this much time left, a subproblem keeps its greedy packing
 PACKING_SHARE = 0.75  # of the time limit for stage 1; stage 2 stops at 0.95 of it
 

@@ -20,8 +20,6 @@ from moe_placement.routing import replica_layouts, route_metro
 from moe_placement.traces import sample_tokens
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
-
-
 MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
 
 
@@ -119,6 +117,49 @@ def simulated_time(
     return total / len(batches)
 
 
+def node_tolerance(
+    profile: WorkloadProfile, model: ModelShape, topology: Topology, activated: int
+) -> float:
+    """How many more tokens than the mean a node may carry: where streaming ``activated`` experts
+    takes longer than computing a GPU's tokens (decode), until compute catches up (locality then
+    buys more than token balance), between BALANCE_TOLERANCE and MAX_BALANCE_TOLERANCE."""
+    tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
+    compute = tokens_per_gpu * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
+    memory = activated * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
+    return float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
+
+
+def primaries_row(gpu_of_expert: np.ndarray, topology: Topology) -> np.ndarray:
+    """One layer's slots [N] from each expert's GPU [E]: a GPU's experts in its first slots, by id."""
+    row = np.full(topology.num_slots, -1, dtype=np.int64)
+    for gpu in range(topology.num_gpus):
+        experts = np.sort(np.nonzero(gpu_of_expert == gpu)[0])
+        start = gpu * topology.slots_per_gpu
+        row[start : start + len(experts)] = experts
+    return row
+
+
+def best_replica_level(
+    row: np.ndarray,
+    chance: np.ndarray,
+    load: np.ndarray,
+    model: ModelShape,
+    topology: Topology,
+    batches: np.ndarray,
+    levels: list[int],
+) -> tuple[np.ndarray, float, int]:
+    """Of ``levels`` redundant replicas added to one layer's primaries ``row`` [N], the one with the
+    lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real gain): (row [N],
+    seconds, level). chance, load: [E]."""
+    best_row, best_time, best_level = row, np.inf, 0
+    for level in levels:
+        candidate = add_replicas(row, chance, load, topology, level)
+        seconds = simulated_time(candidate, model, topology, batches)
+        if seconds < best_time * (1.0 - 1e-3):
+            best_row, best_time, best_level = candidate, seconds, level
+    return best_row, best_time, best_level
+
+
 def policy_metro_aware(
     profile: WorkloadProfile, model: ModelShape, topology: Topology, options: PolicyOptions
 ) -> tuple[np.ndarray, SolverInfo]:
@@ -145,18 +186,9 @@ def policy_metro_aware(
     start = np.stack(
         [greedy_nodes(load[layer], ones[layer], node_slots) for layer in range(num_layers)]
     )
-    # Where streaming the experts takes longer than computing the tokens (decode), a node may take
-    # more tokens until compute catches up: locality then buys more than token balance.
-    tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
-    compute = tokens_per_gpu * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
-    memory = capacity.max() * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
-    tolerance = float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
+    tolerance = node_tolerance(profile, model, topology, int(capacity.max()))
     presence = coplace_nodes(
-        profile,
-        ones,
-        node_slots,
-        initial=start,
-        balance_tolerance=tolerance,
+        profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
         deadline=started + 0.5 * options.time_limit_s,
     )
     transitions, _ = pair_matrices(profile)
@@ -173,26 +205,17 @@ def policy_metro_aware(
         gpu_of_expert = place_primaries(
             presence[layer], chance[layer], load[layer], capacity, topology
         )
-        row = np.full(topology.num_slots, -1, dtype=np.int64)
-        for gpu in range(topology.num_gpus):
-            experts = np.sort(np.nonzero(gpu_of_expert == gpu)[0])
-            row[gpu * topology.slots_per_gpu : gpu * topology.slots_per_gpu + len(experts)] = (
-                experts
-            )
+        row = primaries_row(gpu_of_expert, topology)
         if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
             mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
             unsimulated += 1
             chosen_levels.append(0)
             continue
-        best_row, best_time, best_level = row, np.inf, 0
-        for level in levels:
-            candidate = add_replicas(row, chance[layer], load[layer], topology, level)
-            seconds = simulated_time(candidate, model, topology, batches[layer])
-            if seconds < best_time * (1.0 - 1e-3):  # more replicas only for a real gain
-                best_row, best_time, best_level = candidate, seconds, level
-        mapping[layer] = best_row
-        chosen_levels.append(best_level)
-        simulated += best_time
+        mapping[layer], seconds, level = best_replica_level(
+            row, chance[layer], load[layer], model, topology, batches[layer], levels
+        )
+        chosen_levels.append(level)
+        simulated += seconds
     presence = node_presence(mapping, topology, num_experts)
     kept = locality_score(np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions)
     activated_cap = int(capacity.max())

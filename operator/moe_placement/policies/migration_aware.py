@@ -22,14 +22,8 @@ from moe_placement.policies.locality import policy_locality
 from moe_placement.presence import gpu_holders, node_presence
 
 LOCALITY_WEIGHT = 4.0  # one point of flow kept on its node is worth four points of max/mean tokens
-
-
 MOVE_PENALTY = 0.01  # objective points one moved replica must buy (per layer's objective)
-
-
 RETARGET_EXPERTS = 32  # experts considered for a freed slot: the most tokens per replica
-
-
 CANDIDATES_PER_LAYER = 8  # best moves kept per layer, tried in order until one is confirmed
 
 
@@ -49,6 +43,88 @@ class Move:
     moved: int
 
 
+@dataclass(frozen=True)
+class _LayerView:
+    """One layer's map as the move search sees it. row, gpu, node, valid, expert, slot_tokens: [N];
+    holder, excess (replicas beyond the previous map's): [G, E]; node_count: [M, E]; counts,
+    weight (tokens per replica): [E]; tokens: [G]; affinity: [E, M]."""
+
+    layer: int
+    row: np.ndarray
+    num_experts: int
+    num_gpus: int
+    gpu: np.ndarray
+    node: np.ndarray
+    holder: np.ndarray
+    excess: np.ndarray
+    node_count: np.ndarray
+    counts: np.ndarray
+    weight: np.ndarray
+    valid: np.ndarray
+    expert: np.ndarray
+    slot_tokens: np.ndarray
+    tokens: np.ndarray
+    mean: float
+    busiest: float
+    affinity: np.ndarray
+
+    def balance(self, new_max: np.ndarray, square_change: np.ndarray) -> np.ndarray:
+        """Change of max/mean GPU tokens plus a tenth of the change of their spread."""
+        return (new_max - self.busiest) / self.mean + 0.1 * square_change / (
+            self.num_gpus * self.mean * self.mean
+        )
+
+
+def _layer_view(
+    layer: int,
+    mapping: np.ndarray,
+    previous: np.ndarray,
+    load: np.ndarray,
+    presence: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
+    topology: Topology,
+) -> _LayerView:
+    """The ``_LayerView`` of ``layer``; arguments as ``best_moves``."""
+    transitions, coactivation = pairs
+    row, num_experts = mapping[layer], load.shape[1]
+    num_gpus, gpus_per_node = topology.num_gpus, topology.gpus_per_node
+    gpu = np.arange(len(row)) // topology.slots_per_gpu
+    holder = gpu_holders(row, num_gpus, num_experts)
+    counts = holder.sum(0)
+    weight = np.where(counts > 0, load[layer] / np.maximum(counts, 1), 0.0)
+    valid = row >= 0
+    expert = np.maximum(row, 0)
+    slot_tokens = np.where(valid, weight[expert], 0.0)
+    tokens = np.bincount(gpu, weights=slot_tokens, minlength=num_gpus)
+    return _LayerView(
+        layer=layer,
+        row=row,
+        num_experts=num_experts,
+        num_gpus=num_gpus,
+        gpu=gpu,
+        node=gpu // gpus_per_node,
+        holder=holder,
+        excess=holder - gpu_holders(previous[layer], num_gpus, num_experts),
+        node_count=holder.reshape(topology.num_nodes, gpus_per_node, num_experts).sum(1),
+        counts=counts,
+        weight=weight,
+        valid=valid,
+        expert=expert,
+        slot_tokens=slot_tokens,
+        tokens=tokens,
+        mean=max(float(load[layer].sum()) / num_gpus, 1e-12),
+        busiest=float(tokens.max()),
+        affinity=node_affinity(
+            layer,
+            np.minimum(presence, 1),
+            np.maximum(presence.sum(-1), 1),
+            transitions,
+            coactivation,
+            COACTIVATION_WEIGHT,
+        ),
+    )
+
+
 def best_moves(
     layer: int,
     mapping: np.ndarray,
@@ -62,43 +138,27 @@ def best_moves(
     tabu: set[tuple[int, int, int]],
     flow: float,
 ) -> list[Move]:
-    """The best swaps and retargets at ``layer``, best first, by max/mean GPU tokens (plus a tenth of their spread)
-    minus LOCALITY_WEIGHT x the share of the layer's token flow kept on its node, plus ``penalty``
-    per replica moved away from ``previous``, moving at most ``room`` more; ``tabu`` moves
-    (slot, other, expert) are skipped. The locality gain is an estimate (``window_objective`` is
-    exact). mapping, previous [L, N]; load [L, E]; presence [L, E, M] replicas per node; pairs:
-    ``pair_matrices``; flow: ``_mean_flow(pairs)``. At most CANDIDATES_PER_LAYER moves."""
-    transitions, coactivation = pairs
-    row, num_experts = mapping[layer], load.shape[1]
-    num_gpus, gpus_per_node = topology.num_gpus, topology.gpus_per_node
-    gpu = np.arange(len(row)) // topology.slots_per_gpu
-    node = gpu // gpus_per_node
-    holder, previous_holder = (
-        gpu_holders(row, num_gpus, num_experts),
-        gpu_holders(previous[layer], num_gpus, num_experts),
+    """The best swaps and retargets at ``layer``, best first, by max/mean GPU tokens (plus a tenth
+    of their spread) minus LOCALITY_WEIGHT x the share of the layer's token flow kept on its node,
+    plus ``penalty`` per replica moved away from ``previous``, moving at most ``room`` more;
+    ``tabu`` moves (slot, other, expert) are skipped. The locality gain is an estimate
+    (``window_objective`` is exact). mapping, previous [L, N]; load [L, E]; presence [L, E, M]
+    replicas per node; pairs: ``pair_matrices``; flow: ``_mean_flow(pairs)``. At most
+    CANDIDATES_PER_LAYER moves."""
+    view = _layer_view(layer, mapping, previous, load, presence, pairs, topology)
+    candidates = _swap_moves(view, penalty, room, tabu, flow) + _retarget_moves(
+        view, load, penalty, room, tabu, flow
     )
-    excess = holder - previous_holder
-    node_count = holder.reshape(topology.num_nodes, gpus_per_node, num_experts).sum(1)
-    counts = holder.sum(0)
-    weight = np.where(counts > 0, load[layer] / np.maximum(counts, 1), 0.0)
-    valid = row >= 0
-    expert = np.maximum(row, 0)
-    slot_tokens = np.where(valid, weight[expert], 0.0)
-    tokens = np.bincount(gpu, weights=slot_tokens, minlength=num_gpus)
-    mean = max(float(load[layer].sum()) / num_gpus, 1e-12)
-    busiest = float(tokens.max())
-    affinity = node_affinity(
-        layer,
-        np.minimum(presence, 1),
-        np.maximum(presence.sum(-1), 1),
-        transitions,
-        coactivation,
-        COACTIVATION_WEIGHT,
-    )
+    return sorted(candidates, key=lambda move: move.score)[:CANDIDATES_PER_LAYER]
 
-    def balance(new_max: np.ndarray, square_change: np.ndarray) -> np.ndarray:
-        return (new_max - busiest) / mean + 0.1 * square_change / (num_gpus * mean * mean)
 
+def _swap_moves(
+    view: _LayerView, penalty: float, room: float, tabu: set[tuple[int, int, int]], flow: float
+) -> list[Move]:
+    """The best swaps of two slots on different GPUs (as ``best_moves`` scores them)."""
+    row, gpu, node, holder = view.row, view.gpu, view.node, view.holder
+    excess, node_count, valid, expert = view.excess, view.node_count, view.valid, view.expert
+    slot_tokens, tokens, affinity, layer = view.slot_tokens, view.tokens, view.affinity, view.layer
     candidates: list[Move] = []
     # Swaps of two slots on different GPUs.
     fits = ~valid[:, None] | (
@@ -123,7 +183,7 @@ def best_moves(
     came = np.where(valid[:, None] & (excess[gpu[None, :], expert[:, None]] >= 0), 1, 0)
     moved = came + came.T - left[:, None] - left[None, :]
     score = (
-        balance(np.maximum(other_max, np.maximum(new_i, new_j)), square)
+        view.balance(np.maximum(other_max, np.maximum(new_i, new_j)), square)
         - LOCALITY_WEIGHT * kept / flow
         + penalty * moved
     )
@@ -135,7 +195,24 @@ def best_moves(
         i, j = np.unravel_index(flat, score.shape)
         if i < j:  # a swap appears twice, (i, j) and (j, i)
             candidates.append(Move(float(score[i, j]), layer, int(i), int(j), -1, int(moved[i, j])))
+    return candidates
 
+
+def _retarget_moves(
+    view: _LayerView,
+    load: np.ndarray,
+    penalty: float,
+    room: float,
+    tabu: set[tuple[int, int, int]],
+    flow: float,
+) -> list[Move]:
+    """The best retargets: a redundant replica's (or an empty) slot to one of the
+    RETARGET_EXPERTS experts with the most tokens per replica (as ``best_moves`` scores them)."""
+    row, num_gpus, gpu, node = view.row, view.num_gpus, view.gpu, view.node
+    holder, excess, node_count, counts = view.holder, view.excess, view.node_count, view.counts
+    weight, valid, expert, tokens = view.weight, view.valid, view.expert, view.tokens
+    affinity, layer = view.affinity, view.layer
+    candidates: list[Move] = []
     # Retargets: a redundant replica's (or an empty) slot to one of the experts with the most
     # tokens per replica.
     slots = np.nonzero(~valid | (counts[expert] >= 2))[0]
@@ -173,7 +250,7 @@ def best_moves(
             has_old & (excess[gpu[slots], old_e] > 0), 1, 0
         )[:, None]
         score_r = (
-            balance(after.max(-1), square_change)
+            view.balance(after.max(-1), square_change)
             - LOCALITY_WEIGHT * kept_r / flow
             + penalty * moved_r
         )
@@ -198,7 +275,7 @@ def best_moves(
                     int(moved_r[a, b]),
                 )
             )
-    return sorted(candidates, key=lambda move: move.score)[:CANDIDATES_PER_LAYER]
+    return candidates
 
 
 def _smallest(values: np.ndarray, count: int) -> np.ndarray:
@@ -290,41 +367,20 @@ def policy_migration_aware(
     pairs = pair_matrices(profile)
     presence = node_presence(mapping, topology, num_experts)
 
-    def moved_at(layer: int) -> int:
-        holder = gpu_holders(mapping[layer], topology.num_gpus, num_experts)
-        return int(
-            np.clip(
-                holder - gpu_holders(previous[layer], topology.num_gpus, num_experts), 0, None
-            ).sum()
-        )
-
     tabu: list[set[tuple[int, int, int]]] = [set() for _ in range(num_layers)]
     flow = _mean_flow(pairs)
 
     def search(layer: int, room: float) -> list[Move]:
         return best_moves(
-            layer,
-            mapping,
-            previous,
-            profile.load,
-            presence,
-            pairs,
-            topology,
-            penalty,
-            room,
-            tabu[layer],
-            flow,
+            layer, mapping, previous, profile.load, presence, pairs, topology, penalty, room,
+            tabu[layer], flow,
         )
 
     moved_per_layer = np.zeros(num_layers, dtype=np.int64)
     applied = 0
     room = np.inf if budget is None else float(budget)
     candidates = [search(layer, room) for layer in range(num_layers)]
-    stop = (
-        "no move gains more than its penalty"
-        if budget is None
-        else "no move gains within the budget"
-    )
+    stop = f"no move gains {'more than its penalty' if budget is None else 'within the budget'}"
     while True:
         if time.perf_counter() > deadline:
             stop = "time limit"
@@ -339,19 +395,11 @@ def policy_migration_aware(
             break
         layer = min(heads)[1]
         move = candidates[layer].pop(0)
-        row = mapping[layer]
-        before, kept_row = (
-            window_objective(layer, mapping, profile.load, pairs, topology, flow),
-            row.copy(),
+        moved_here = _apply_if_better(
+            move, mapping, previous, profile.load, pairs, topology, flow, penalty,
+            int(moved_per_layer[layer]),
         )
-        if move.other >= 0:
-            row[move.slot], row[move.other] = row[move.other], row[move.slot]
-        else:
-            row[move.slot] = move.expert
-        moved_here = moved_at(layer)
-        change = window_objective(layer, mapping, profile.load, pairs, topology, flow) - before
-        if change + penalty * (moved_here - moved_per_layer[layer]) >= -1e-9:
-            row[:] = kept_row  # the estimate was wrong: undo, and never try this move here again
+        if moved_here is None:  # the estimate was wrong: never try this move here again
             tabu[layer].add((move.slot, move.other, move.expert))
             if not candidates[layer]:
                 candidates[layer] = search(layer, room)
@@ -360,22 +408,52 @@ def policy_migration_aware(
         presence[layer] = node_presence(mapping[layer : layer + 1], topology, num_experts)[0]
         applied += 1
         room = np.inf if budget is None else float(budget - moved_per_layer.sum())
-        # A change alters its layer's and its neighbours' affinities (a smaller room is handled above).
+        # A change alters its layer's and its neighbours' affinities (a smaller room: above).
         for other in range(max(layer - 1, 0), min(layer + 2, num_layers)):
             tabu[other].clear()
             candidates[other] = search(other, room)
     moved = int(moved_per_layer.sum())
+    limit = f"budget {budget}" if budget is not None else f"penalty {MOVE_PENALTY} per replica"
     return mapping, SolverInfo(
         status="heuristic" if stop != "time limit" else "time_limit",
         objective=float(moved),
         objective_name="replicas moved from the previous placement",
-        notes=[
-            f"{applied} changes, {moved} replicas moved"
-            + (
-                f" (budget {budget})"
-                if budget is not None
-                else f" (penalty {MOVE_PENALTY} per replica)"
-            ),
-            f"stopped: {stop}",
-        ],
+        notes=[f"{applied} changes, {moved} replicas moved ({limit})", f"stopped: {stop}"],
     )
+
+
+def _apply_if_better(
+    move: Move,
+    mapping: np.ndarray,
+    previous: np.ndarray,
+    load: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
+    topology: Topology,
+    flow: float,
+    penalty: float,
+    moved_before: int,
+) -> int | None:
+    """Apply ``move`` to ``mapping`` [L, N] if ``window_objective`` falls by more than ``penalty``
+    per replica it moves away from ``previous`` [L, N] (the layer had ``moved_before``): the
+    layer's replicas moved after it, or None with the mapping unchanged."""
+    row = mapping[move.layer]
+    before = window_objective(move.layer, mapping, load, pairs, topology, flow)
+    kept_row = row.copy()
+    if move.other >= 0:
+        row[move.slot], row[move.other] = row[move.other], row[move.slot]
+    else:
+        row[move.slot] = move.expert
+    num_gpus, num_experts = topology.num_gpus, load.shape[1]
+    moved = int(
+        np.clip(
+            gpu_holders(row, num_gpus, num_experts)
+            - gpu_holders(previous[move.layer], num_gpus, num_experts),
+            0,
+            None,
+        ).sum()
+    )
+    change = window_objective(move.layer, mapping, load, pairs, topology, flow) - before
+    if change + penalty * (moved - moved_before) >= -1e-9:
+        row[:] = kept_row
+        return None
+    return moved
