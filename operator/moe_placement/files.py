@@ -48,7 +48,8 @@ class SolverReport(BaseModel):
 
 
 class MigrationStageRecord(BaseModel):
-    """One stage: copies as [layer, expert, source_slot, target_slot], then retired [layer, slot]."""
+    """One stage: copies as [layer, expert, source_slot, target_slot], then retired slots as
+    [layer, slot]."""
 
     model_config = ConfigDict(extra="forbid")
 

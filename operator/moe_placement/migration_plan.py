@@ -71,7 +71,9 @@ class MigrationPlan:
     def map_after(self, index: int) -> np.ndarray:
         """The live map [L, N] after stage ``index`` (0-based)."""
         if not 0 <= index < len(self.stages):
-            raise PlacementError(f"index: {index} is not a stage of a {len(self.stages)}-stage plan")
+            raise PlacementError(
+                f"index: {index} is not a stage of a {len(self.stages)}-stage plan"
+            )
         live = np.array(self.initial_map, dtype=np.int64)
         for stage in self.stages[: index + 1]:
             _apply_in_place(stage, live)
@@ -82,7 +84,9 @@ class MigrationPlan:
         return self.map_after(len(self.stages) - 1)
 
 
-def transfer_seconds(bytes_moved: float, topology: Topology, max_concurrent_transfers: int) -> float:
+def transfer_seconds(
+    bytes_moved: float, topology: Topology, max_concurrent_transfers: int
+) -> float:
     """How long moving ``bytes_moved`` takes over the inter-node links, ``max_concurrent_transfers``
     copies at once (the gate's estimate: copies are pulled across nodes in the worst case)."""
     if max_concurrent_transfers <= 0:
@@ -235,7 +239,8 @@ def _plan_stage(state: _PlannerState, retire_layers: Iterable[int] | None) -> Mi
     retired: list[tuple[int, int]] = []
     for layer in sorted(rows):
         staged_row, after_row = rows[layer]
-        retired += [(layer, slot) for slot in ((staged_row >= 0) & (after_row < 0)).nonzero()[0].tolist()]
+        gone = ((staged_row >= 0) & (after_row < 0)).nonzero()[0]
+        retired += [(layer, slot) for slot in gone.tolist()]
         state.live[layer] = after_row
         state.mismatched[layer] = np.count_nonzero(after_row != state.final[layer])
         state.fillable[layer] = len(

@@ -42,7 +42,9 @@ POLICIES: dict[str, PolicyFn] = {
     "migration_aware": migration_aware.policy_migration_aware,
 }
 
-__all__ = ["POLICIES", "PlanResult", "PolicyFn", "PolicyOptions", "SolverInfo", "get_policy", "plan"]
+__all__ = [
+    "POLICIES", "PlanResult", "PolicyFn", "PolicyOptions", "SolverInfo", "get_policy", "plan"
+]
 
 
 def get_policy(name: str) -> PolicyFn:
