@@ -317,15 +317,17 @@ def sample_batches(
     num_batches: int,
     phase: Phase,
     rng: np.random.Generator,
+    home_gpu: np.ndarray | None = None,
 ) -> list[RoutingBatch]:
     """Forward steps of B = num_gpus * tokens_per_gpu tokens each, expert_ids [L, B, k].
 
     prefill: the trace read as one stream of whole sequences from a random sequence on, wrapping
         around; batch b holds stream tokens b*B .. (b+1)*B-1 (a sequence cut at a batch's end goes
         on in the next, as chunked prefill does). Each sequence of a batch runs on one GPU, its
-        attention DP rank, round robin in order of appearance.
+        attention DP rank: ``home_gpu[sequence]`` (home_gpu [S], a request router's choice), or
+        without it round robin in order of appearance.
     decode: a decode step sees one token of each of many sequences: B tokens from distinct random
-        positions, each on GPU (its sequence index) % num_gpus.
+        positions, each on GPU ``home_gpu[sequence]``, or (its sequence index) % num_gpus.
     A trace of fewer than B tokens is sampled with replacement: the prefill stream wraps within a
     batch and decode positions repeat.
     """
@@ -338,6 +340,14 @@ def sample_batches(
             raise PlacementError(f"{name}: {value} must be > 0")
     if phase not in PHASES:
         raise PlacementError(f"phase: {phase!r} is not prefill or decode")
+    if home_gpu is not None:
+        home_gpu = _integer_array("home_gpu", home_gpu, 1)
+        if len(home_gpu) != trace.num_sequences:
+            raise PlacementError(
+                f"home_gpu: {len(home_gpu)} GPUs for {trace.num_sequences} sequences"
+            )
+        if home_gpu.min() < 0 or home_gpu.max() >= num_gpus:
+            raise PlacementError(f"home_gpu: GPUs must be in 0..{num_gpus - 1}")
     batch_tokens = num_gpus * tokens_per_gpu
     sequence = trace.sequence_of_token()
     batches = []
@@ -350,15 +360,18 @@ def sample_batches(
             new_run[1:] = (sequence[positions[1:]] != sequence[positions[:-1]]) | (
                 positions[1:] == 0
             )
-            source_gpu = (np.cumsum(new_run) - 1) % num_gpus
+            source_gpu = (
+                (np.cumsum(new_run) - 1) % num_gpus
+                if home_gpu is None
+                else home_gpu[sequence[positions]]
+            )
             batches.append(RoutingBatch(trace.expert_ids[:, positions], source_gpu))
     else:
         replace = trace.num_tokens < batch_tokens
         for _ in range(num_batches):
             positions = rng.choice(trace.num_tokens, batch_tokens, replace=replace)
-            batches.append(
-                RoutingBatch(trace.expert_ids[:, positions], sequence[positions] % num_gpus)
-            )
+            homes = sequence[positions] % num_gpus if home_gpu is None else home_gpu[sequence[positions]]
+            batches.append(RoutingBatch(trace.expert_ids[:, positions], homes))
     return batches
 
 
