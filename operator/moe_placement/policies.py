@@ -173,4 +173,5 @@ POLICIES.update(
     locality=_deferred("moe_placement.locality", "policy_locality"),
     auto=_deferred("moe_placement.auto", "policy_auto"),
     migration_aware=_deferred("moe_placement.migration", "policy_migration_aware"),
+    grouped=_deferred("moe_placement.grouped", "policy_grouped"),
 )
