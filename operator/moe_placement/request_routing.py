@@ -25,11 +25,14 @@ import numpy as np
 
 from moe_placement.locality import expert_signature, node_presence
 from moe_placement.models import Placement, PlacementError, Topology, WorkloadProfile
+from moe_placement.traces import Trace
 
 FEATURE_BUCKETS = 1 << 16
 NEW_DOMAIN_SIMILARITY = 0.8  # a reported signature less alike than this to every domain starts one
 MAX_DOMAINS = 16
-LOAD_SLACK_TOKENS = 256.0  # a rank may run this many outstanding tokens ahead of the mean
+REQUEST_ROUTERS = ("round_robin", "signature")
+OWN_SIGNATURE_WEIGHT = 0.0  # share of a prompt's own signature in its predicted one (offline)
+LOAD_CAP = 1.2  # a rank may hold at most this times the mean outstanding tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,20 +50,20 @@ def rank_scores(
     locality: np.ndarray,
     outstanding: np.ndarray,
     tokens: float,
-    slack_tokens: float = LOAD_SLACK_TOKENS,
+    load_cap: float = LOAD_CAP,
 ) -> np.ndarray:
     """Score in [0, 1] of each rank for one request of ``tokens`` tokens; it goes to the highest.
 
     locality [G]: share of the request's expected expert choices on the rank's node;
     outstanding [G]: tokens each rank has queued or running. A rank under the cap (with the request,
-    at most ``slack_tokens`` above the mean; the least loaded rank always is) scores
+    at most ``load_cap`` x the mean outstanding; the least loaded rank always is) scores
     0.5 + 0.49 x locality + 0.01 x (its spare load), so locality decides and load breaks ties within
     a node; a rank over the cap scores below 0.5, the less loaded the higher."""
     outstanding = np.asarray(outstanding, dtype=np.float64)
     busiest = max(float(outstanding.max()), 1.0)
     spare = 1.0 - outstanding / busiest
     mean_after = (outstanding.sum() + tokens) / len(outstanding)
-    under_cap = (outstanding + tokens - mean_after <= slack_tokens) | (
+    under_cap = (outstanding + tokens <= load_cap * mean_after) | (
         outstanding == outstanding.min()
     )
     return np.where(under_cap, 0.5 + 0.49 * np.clip(locality, 0, 1) + 0.01 * spare, 0.49 * spare)
@@ -122,14 +125,14 @@ class RequestRouter:
         num_experts: int,
         *,
         placement: Placement | None = None,
-        slack_tokens: float = LOAD_SLACK_TOKENS,
+        load_cap: float = LOAD_CAP,
         max_domains: int = MAX_DOMAINS,
     ) -> None:
-        if slack_tokens < 0:
-            raise PlacementError(f"slack_tokens: {slack_tokens} must be >= 0")
+        if load_cap < 1:
+            raise PlacementError(f"load_cap: {load_cap} must be >= 1 (a multiple of the mean load)")
         self.topology = topology
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.slack_tokens = float(slack_tokens)
+        self.load_cap = float(load_cap)
         self.max_domains = max_domains
         self.signatures = np.zeros((0, num_layers, num_experts))
         self.signature_weight = np.zeros(0)  # requests (or tokens) behind each centroid, [D]
@@ -223,25 +226,29 @@ class RequestRouter:
         log_prior = np.log((self.signature_weight + 1.0) / (self.signature_weight.sum() + 1.0))
         return int(np.argmax(log_likelihood + log_prior))
 
-    def locality(self, domain: int) -> np.ndarray:
-        """Share of domain ``domain``'s expected choices on each rank's node, [G] (all equal for
-        an unknown domain). Without a placement, each domain's node is its share of
-        ``assign_domain_nodes`` (the placement policy co-places the same way)."""
-        gpus_per_node = self.topology.gpus_per_node
-        if domain < 0:
-            return np.zeros(self.topology.num_gpus)
-        if self.on_node is not None:
+    def locality(self, domain: int = -1, signature: np.ndarray | None = None) -> np.ndarray:
+        """Share of a request's expected choices on each rank's node, [G]: of its predicted
+        ``signature`` [L, E] when given, else of its domain's centroid (all zero for an unknown
+        domain). Without a placement, a domain's locality is its share of ``assign_domain_nodes``
+        (the ``grouped`` placement co-places the same way) and a bare signature counts nowhere."""
+        per_node = np.zeros(self.topology.num_nodes)
+        if self.on_node is not None and signature is not None:
+            per_node = node_locality(np.asarray(signature, dtype=np.float64), self.on_node)
+        elif domain >= 0 and self.on_node is not None:
             per_node = node_locality(self.signatures[domain], self.on_node)
-        else:
+        elif domain >= 0:
             per_node = assign_domain_nodes(self.signature_weight, self.topology.num_nodes)[domain]
-        return np.repeat(per_node, gpus_per_node)
+        return np.repeat(per_node, self.topology.gpus_per_node)
 
     # -- the decision ----------------------------------------------------------------------------
 
-    def route(self, domain: int, tokens: int) -> RouteDecision:
-        """Pick the rank for a request of ``tokens`` prompt tokens taken for ``domain`` (-1:
-        unknown) and count its tokens as outstanding there."""
-        scores = rank_scores(self.locality(domain), self.outstanding, tokens, self.slack_tokens)
+    def route(
+        self, tokens: int, domain: int = -1, signature: np.ndarray | None = None
+    ) -> RouteDecision:
+        """Pick the rank for a request of ``tokens`` prompt tokens, taken for ``domain`` (-1:
+        unknown) with predicted ``signature`` [L, E] (optional), and count its tokens as
+        outstanding there."""
+        scores = rank_scores(self.locality(domain, signature), self.outstanding, tokens, self.load_cap)
         rank = int(np.argmax(scores))
         self.outstanding[rank] += tokens
         if domain >= 0:
@@ -273,15 +280,22 @@ def domain_signatures_of_profile(profile: WorkloadProfile) -> tuple[list[str], n
 
 
 def route_prompts(
-    router: RequestRouter, prompt_ids: np.ndarray, seq_offsets: np.ndarray
+    router: RequestRouter,
+    prompt_ids: np.ndarray,
+    seq_offsets: np.ndarray,
+    own_weight: float = OWN_SIGNATURE_WEIGHT,
 ) -> np.ndarray:
     """Home GPU of every request [R], in order, of their prompts' expert choices [L, T, k] with
-    request r holding tokens seq_offsets[r] .. seq_offsets[r+1]-1; each request's prompt tokens
-    count as outstanding on its rank for the rest of the run (no request finishes)."""
+    request r holding tokens seq_offsets[r] .. seq_offsets[r+1]-1. A request's predicted signature
+    is its nearest domain's, mixed with ``own_weight`` of its prompt's own (its prompt's alone when
+    no domain is known). Each request's prompt tokens count as outstanding on its rank for the rest
+    of the run (no request finishes)."""
     homes = np.empty(len(seq_offsets) - 1, dtype=np.int64)
     for request, (start, stop) in enumerate(zip(seq_offsets[:-1], seq_offsets[1:])):
-        signature = expert_signature(prompt_ids[:, start:stop], router.num_experts)
-        homes[request] = router.route(router.domain_of_signature(signature), int(stop - start)).rank
+        own = expert_signature(prompt_ids[:, start:stop], router.num_experts)
+        domain = router.domain_of_signature(own)
+        predicted = own if domain < 0 else own_weight * own + (1 - own_weight) * router.signatures[domain]
+        homes[request] = router.route(int(stop - start), domain, predicted).rank
     return homes
 
 
@@ -294,3 +308,38 @@ def tokens_per_gpu_imbalance(homes: np.ndarray, lengths: np.ndarray, num_gpus: i
     """Max / mean tokens per GPU of an assignment: homes [R], lengths [R]."""
     per_gpu = np.bincount(homes, weights=lengths, minlength=num_gpus)
     return float(per_gpu.max() / max(per_gpu.mean(), 1e-12))
+
+
+def prompts_of(trace: Trace, prefill_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's first ``prefill_fraction`` of tokens (at least one): expert ids [L, T', k]
+    and offsets [R+1], what a router may see of the requests."""
+    starts, lengths = trace.seq_offsets[:-1], np.diff(trace.seq_offsets)
+    prompt_lengths = np.clip(np.round(lengths * prefill_fraction).astype(np.int64), 1, lengths)
+    tokens = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, prompt_lengths)])
+    return trace.expert_ids[:, tokens], np.concatenate([[0], np.cumsum(prompt_lengths)])
+
+
+def request_homes(
+    request_router: str,
+    requests: Trace,
+    topology: Topology,
+    fit: WorkloadProfile | None = None,
+    placement: Placement | None = None,
+    load_cap: float = LOAD_CAP,
+) -> np.ndarray:
+    """Home GPU of each request of ``requests`` [R] by ``request_router``: ``round_robin``, or
+    ``signature`` (domains from ``fit``, locality from ``placement``, seeing each sequence's first
+    half as its prompt)."""
+    if request_router == "round_robin":
+        return round_robin_homes(requests.num_sequences, topology.num_gpus)
+    if request_router != "signature":
+        raise PlacementError(
+            f"request_router: {request_router!r} is not one of {', '.join(REQUEST_ROUTERS)}"
+        )
+    router = RequestRouter(
+        topology, requests.num_layers, requests.num_experts, placement=placement, load_cap=load_cap
+    )
+    if fit is not None:
+        _, signatures, tokens = domain_signatures_of_profile(fit)
+        router.add_domains(signatures, tokens)
+    return route_prompts(router, *prompts_of(requests))

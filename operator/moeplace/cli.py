@@ -13,7 +13,13 @@ import sys
 
 from moe_placement.models import PlacementError
 
-COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli", "moeplace.demo")
+COMMAND_MODULES = (
+    "moe_placement.cli",
+    "moe_agent.cli",
+    "moe_operator.cli",
+    "moeplace.demo",
+    "moe_router.cli",
+)
 OPTIONAL_DEPENDENCIES = {"torch": "agent", "safetensors": "agent"}
 
 
