@@ -242,13 +242,25 @@ class RequestRouter:
 
     # -- the decision ----------------------------------------------------------------------------
 
+    def scores(self, tokens: int, domain: int = -1, signature: np.ndarray | None = None) -> np.ndarray:
+        """``rank_scores`` of a request of ``tokens`` prompt tokens, [G]; changes nothing."""
+        return rank_scores(self.locality(domain, signature), self.outstanding, tokens, self.load_cap)
+
     def route(
-        self, tokens: int, domain: int = -1, signature: np.ndarray | None = None
+        self,
+        tokens: int,
+        domain: int = -1,
+        signature: np.ndarray | None = None,
+        available: np.ndarray | None = None,
     ) -> RouteDecision:
         """Pick the rank for a request of ``tokens`` prompt tokens, taken for ``domain`` (-1:
-        unknown) with predicted ``signature`` [L, E] (optional), and count its tokens as
-        outstanding there."""
-        scores = rank_scores(self.locality(domain, signature), self.outstanding, tokens, self.load_cap)
+        unknown) with predicted ``signature`` [L, E] (optional), among the ``available`` ranks
+        ([G] bool, default all; at least one), and count its tokens as outstanding there."""
+        scores = self.scores(tokens, domain, signature)
+        if available is not None:
+            if not np.any(available):
+                raise PlacementError("available: no rank to route to")
+            scores = np.where(available, scores, -1.0)
         rank = int(np.argmax(scores))
         self.outstanding[rank] += tokens
         if domain >= 0:
