@@ -352,4 +352,6 @@ def serve(
 ) -> None:
     """Run the service until interrupted."""
     service = RouterService(router, backends, timeout_s)
-    web.run_app(service.app, host=host, port=port, print=None, access_log=None)
+    web.run_app(
+        service.app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5.0
+    )

@@ -76,7 +76,12 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="time each answer takes")
     args = parser.parse_args()
     web.run_app(
-        build_app(args.rank, args.delay_ms / 1e3), host=args.host, port=args.port, print=None, access_log=None
+        build_app(args.rank, args.delay_ms / 1e3),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=1.0,
     )
 
 
