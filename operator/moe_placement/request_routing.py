@@ -137,6 +137,7 @@ class RequestRouter:
         self.signatures = np.zeros((0, num_layers, num_experts))
         self.signature_weight = np.zeros(0)  # requests (or tokens) behind each centroid, [D]
         self.feature_counts = np.zeros((FEATURE_BUCKETS, 0))
+        self.feature_totals = np.zeros(0)  # feature_counts summed over features, [D]
         self.outstanding = np.zeros(topology.num_gpus)
         self.routed_tokens = np.zeros((0, topology.num_nodes))  # prompt tokens per domain and node
         self.on_node: np.ndarray | None = None
@@ -171,6 +172,7 @@ class RequestRouter:
         self.signature_weight = np.concatenate([self.signature_weight, np.asarray(weights, float)])
         extra = len(signatures)
         self.feature_counts = np.pad(self.feature_counts, ((0, 0), (0, extra)))
+        self.feature_totals = np.pad(self.feature_totals, (0, extra))
         self.routed_tokens = np.pad(self.routed_tokens, ((0, extra), (0, 0)))
 
     def learn(self, signature: np.ndarray, prompt: Sequence[int] | Sequence[str] = ()) -> int:
@@ -196,6 +198,7 @@ class RequestRouter:
             self.add_domains(signature[None], np.ones(1))
         if len(prompt):
             np.add.at(self.feature_counts[:, domain], prompt_features(prompt), 1.0)
+            self.feature_totals[domain] += len(prompt)
         return domain
 
     def _similarity(self, signature: np.ndarray) -> np.ndarray:
@@ -221,8 +224,7 @@ class RequestRouter:
         counts = self.feature_counts[prompt_features(prompt)]  # [T, D]
         if counts.sum() == 0:
             return -1
-        totals = self.feature_counts.sum(0)
-        log_likelihood = np.log((counts + 1.0) / (totals + FEATURE_BUCKETS)).sum(0)
+        log_likelihood = np.log((counts + 1.0) / (self.feature_totals + FEATURE_BUCKETS)).sum(0)
         log_prior = np.log((self.signature_weight + 1.0) / (self.signature_weight.sum() + 1.0))
         return int(np.argmax(log_likelihood + log_prior))
 
