@@ -2,8 +2,9 @@
 
 Every policy is scored on the same sampled batches with every router, per phase: prefill batches are
 whole sequences (``prefill_tokens_per_gpu`` per GPU), decode batches one token of many sequences
-(``decode_tokens_per_gpu`` per GPU). Each request router (``round_robin``, ``signature``) decides
-the home GPU of every sequence; the batches keep their tokens and take the homes.
+(``decode_tokens_per_gpu`` per GPU). When request routers are compared (``round_robin``,
+``signature``), each decides the home GPU of every sequence and every rank batches its own
+sequences (``sample_batches`` with ``home_gpu``).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def run_bench(
                 }
                 phase_batches = (
                     batches
-                    if requests == "round_robin"
+                    if len(options.request_routers) == 1 and requests == "round_robin"
                     else {
                         phase: score_batches(workload, topology, options, homes[phase])[phase]
                         for phase in PHASES

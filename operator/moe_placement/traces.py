@@ -324,12 +324,17 @@ def sample_batches(
     prefill: the trace read as one stream of whole sequences from a random sequence on, wrapping
         around; batch b holds stream tokens b*B .. (b+1)*B-1 (a sequence cut at a batch's end goes
         on in the next, as chunked prefill does). Each sequence of a batch runs on one GPU, its
-        attention DP rank: ``home_gpu[sequence]`` (home_gpu [S], a request router's choice), or
-        without it round robin in order of appearance.
+        attention DP rank, round robin in order of appearance.
     decode: a decode step sees one token of each of many sequences: B tokens from distinct random
-        positions, each on GPU ``home_gpu[sequence]``, or (its sequence index) % num_gpus.
+        positions, each on GPU (its sequence index) % num_gpus.
     A trace of fewer than B tokens is sampled with replacement: the prefill stream wraps within a
     batch and decode positions repeat.
+
+    With ``home_gpu`` [S] (each sequence's rank, a request router's choice), every rank batches its
+    own queue, as each DP rank's scheduler does: rank g's part of a batch is ``tokens_per_gpu``
+    tokens of its own sequences (prefill: the next ones of its stream, from a common random
+    fraction of the way in; decode: random positions of its sequences); a rank with no sequence
+    idles.
     """
     for name, value in (
         ("num_gpus", num_gpus),
@@ -348,6 +353,7 @@ def sample_batches(
             )
         if home_gpu.min() < 0 or home_gpu.max() >= num_gpus:
             raise PlacementError(f"home_gpu: GPUs must be in 0..{num_gpus - 1}")
+        return _rank_batches(trace, home_gpu, num_gpus, tokens_per_gpu, num_batches, phase, rng)
     batch_tokens = num_gpus * tokens_per_gpu
     sequence = trace.sequence_of_token()
     batches = []
@@ -360,18 +366,46 @@ def sample_batches(
             new_run[1:] = (sequence[positions[1:]] != sequence[positions[:-1]]) | (
                 positions[1:] == 0
             )
-            source_gpu = (
-                (np.cumsum(new_run) - 1) % num_gpus
-                if home_gpu is None
-                else home_gpu[sequence[positions]]
-            )
+            source_gpu = (np.cumsum(new_run) - 1) % num_gpus
             batches.append(RoutingBatch(trace.expert_ids[:, positions], source_gpu))
     else:
         replace = trace.num_tokens < batch_tokens
         for _ in range(num_batches):
             positions = rng.choice(trace.num_tokens, batch_tokens, replace=replace)
-            homes = sequence[positions] % num_gpus if home_gpu is None else home_gpu[sequence[positions]]
-            batches.append(RoutingBatch(trace.expert_ids[:, positions], homes))
+            batches.append(
+                RoutingBatch(trace.expert_ids[:, positions], sequence[positions] % num_gpus)
+            )
+    return batches
+
+
+def _rank_batches(
+    trace: Trace,
+    home_gpu: np.ndarray,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    num_batches: int,
+    phase: Phase,
+    rng: np.random.Generator,
+) -> list[RoutingBatch]:
+    """``sample_batches`` with each rank batching its own sequences (home_gpu [S])."""
+    token_home = home_gpu[trace.sequence_of_token()]
+    streams = [np.nonzero(token_home == gpu)[0] for gpu in range(num_gpus)]
+    fraction = rng.random()
+    batches = []
+    for batch in range(num_batches):
+        parts, sources = [], []
+        for gpu, stream in enumerate(streams):
+            if not len(stream):
+                continue
+            if phase == "prefill":
+                start = int(fraction * len(stream)) + batch * tokens_per_gpu
+                picked = stream[(start + np.arange(tokens_per_gpu)) % len(stream)]
+            else:
+                picked = rng.choice(stream, tokens_per_gpu, replace=len(stream) < tokens_per_gpu)
+            parts.append(picked)
+            sources.append(np.full(tokens_per_gpu, gpu))
+        positions = np.concatenate(parts)
+        batches.append(RoutingBatch(trace.expert_ids[:, positions], np.concatenate(sources)))
     return batches
 
 
