@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_placement.cost import DATA_FLOWS, DataFlow
 from moe_placement.traces import Trace
 from moe_agent.agent import AgentCore, LiveView
 from moe_agent.model import ReplayMoEModel
@@ -114,6 +115,7 @@ class ReplayEngine:
         seed: int = 0,
         start_time: float | None = None,
         forward_budget: int = 8,
+        data_flow: DataFlow = "home",
     ) -> None:
         if tokens_per_second <= 0 or batch_tokens <= 0:
             raise ValueError("tokens_per_second and batch_tokens must be > 0")
@@ -124,6 +126,9 @@ class ReplayEngine:
         self.batch_tokens = batch_tokens
         self.router_name = router
         self.router = get_router(router)
+        if data_flow not in DATA_FLOWS:
+            raise ValueError(f"data_flow: {data_flow!r} is not one of {', '.join(DATA_FLOWS)}")
+        self.data_flow = data_flow
         self.seed = seed
         self.start_time = time.time() if start_time is None else float(start_time)
         self.forward_budget = forward_budget
@@ -144,10 +149,14 @@ class ReplayEngine:
         return torch.rand(shape, generator=generator, dtype=torch.float64).to(self.core.device)
 
     def _route(self, view: LiveView, ids: torch.Tensor, attention_gpu: torch.Tensor, uniform: torch.Tensor):
-        """Slots [L, B, k] and each layer's source GPU [L, B] (layer 0: attention rank; layer l+1:
-        the GPU of the token's first choice at l, as in the cost model)."""
+        """Slots [L, B, k] and each layer's source GPU [L, B], as in the cost model: the attention
+        rank at every layer (``home``), or at layer 0 and then the GPU of the token's first choice
+        at the layer before (``follow``)."""
         layout = view.layout
         num_layers = ids.shape[0]
+        if self.data_flow == "home":
+            sources = attention_gpu.expand(num_layers, -1)
+            return self.router(layout, ids, sources, uniform), sources
         if self.router_name == "local_first":
             # Its choice depends on where the token is, which depends on the previous layer's.
             slots, sources, source = [], [], attention_gpu

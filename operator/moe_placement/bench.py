@@ -2,7 +2,9 @@
 
 Every policy is scored on the same sampled batches with every router, per phase: prefill batches are
 whole sequences (``prefill_tokens_per_gpu`` per GPU), decode batches one token of many sequences
-(``decode_tokens_per_gpu`` per GPU).
+(``decode_tokens_per_gpu`` per GPU). When request routers are compared (``round_robin``,
+``signature``), each decides the home GPU of every sequence and every rank batches its own
+sequences (``sample_batches`` with ``home_gpu``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from moe_placement.baselines import token_balance_lower_bound
-from moe_placement.cost import CostReport, evaluate
+from moe_placement.cost import CostReport, DataFlow, evaluate
 from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
 from moe_placement.policies import PlanResult, PolicyOptions, plan
-from moe_placement.scoring import TOKENS_PER_GPU, phase_batches
-from moe_placement.traces import Trace, load_profile, load_trace, sample_tokens
-
+from moe_placement.request_routing import request_homes, tokens_per_gpu_imbalance
+from moe_placement.scoring import TOKENS_PER_GPU
+from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
 
 @dataclass(frozen=True)
 class Workload:
@@ -38,6 +40,8 @@ class BenchOptions:
     num_batches: int = 4
     time_limit_s: float = 30.0
     seed: int = 0
+    data_flow: DataFlow = "home"
+    request_routers: tuple[str, ...] = ("round_robin",)
 
 
 def workloads_from_file(
@@ -46,10 +50,12 @@ def workloads_from_file(
     shift: str | None = None,
     seed: int = 0,
     model: str | None = None,
+    mix: bool = False,
 ) -> list[Workload]:
     """Workloads of a trace file: one per domain (first half fits, second half scores), or one for
-    ``task``; ``shift`` ``A:B`` adds fitting on domain A and scoring on domain B. Counts-only files
-    are turned into tokens that keep their per-layer loads."""
+    ``task``; ``shift`` ``A:B`` adds fitting on domain A and scoring on domain B; ``mix`` adds all
+    domains together, sequences interleaved in a random order (first half of each domain fits).
+    Counts-only files are turned into tokens that keep their per-layer loads."""
     name = Path(path).stem
     try:
         trace = load_trace(path)
@@ -67,6 +73,8 @@ def workloads_from_file(
         if len(domains) > 1 or task is not None
         else [Workload(name, *trace.split(0.5))]
     )
+    if mix and len(trace.domain_names) > 1:
+        workloads.append(Workload(f"{name}:mix", *interleaved_split(trace, seed)))
     if shift is not None:
         fit_domain, _, score_domain = shift.partition(":")
         if not score_domain:
@@ -82,32 +90,53 @@ def workloads_from_file(
     return workloads
 
 
+def interleaved_split(trace: Trace, seed: int = 0) -> tuple[Trace, Trace]:
+    """The first and second half of each domain's sequences, each half in a random order that
+    interleaves the domains (a multi-domain mix arriving at one service)."""
+    rng = np.random.default_rng(seed)
+    fit, score = trace.split(0.5)
+    return (
+        fit.select_sequences(rng.permutation(fit.num_sequences)),
+        score.select_sequences(rng.permutation(score.num_sequences)),
+    )
+
+
 def score_batches(
-    workload: Workload, topology: Topology, options: BenchOptions
+    workload: Workload,
+    topology: Topology,
+    options: BenchOptions,
+    home_gpu: np.ndarray | None = None,
 ) -> dict[Phase, list[RoutingBatch]]:
-    """The batches every policy is scored on, per phase."""
+    """The batches every policy is scored on, per phase; ``home_gpu`` [S] (each score sequence's
+    GPU) changes where tokens start, not which tokens a batch holds."""
     rng = np.random.default_rng(options.seed)
     return {
-        phase: phase_batches(
+        phase: sample_batches(
             workload.score,
             topology.num_gpus,
             _tokens_per_gpu(options, phase),
             options.num_batches,
             phase,
             rng,
+            home_gpu,
         )
         for phase in PHASES
     }
 
 
 def bench_row(
-    workload: str, result: PlanResult, router: str, costs: dict[Phase, CostReport]
+    workload: str,
+    result: PlanResult,
+    router: str,
+    costs: dict[Phase, CostReport],
+    requests: str = "round_robin",
 ) -> dict[str, object]:
     """One row of the benchmark's JSON."""
     return {
         "workload": workload,
         "policy": result.policy,
         "router": router,
+        "requests": requests,
         "status": result.solver.status,
         "solve_seconds": result.solve_seconds,
         "gap": result.solver.gap,
@@ -125,13 +154,14 @@ def run_bench(
     options: BenchOptions = BenchOptions(),
     progress: Callable[[str], None] = lambda _message: None,
 ) -> tuple[list[dict[str, object]], dict[tuple[str, str], CostReport]]:
-    """Rows (policy x router per workload) and, for plots, the prefill cost of each (workload, policy)
-    with the first router."""
+    """Rows (policy x request router x router per workload) and, for plots, the prefill cost of each
+    (workload, policy) with the first routers."""
     rows: list[dict[str, object]] = []
     heat: dict[tuple[str, str], CostReport] = {}
     for workload in workloads:
         batches = score_batches(workload, topology, options)
-        profiles = {
+        lengths = np.diff(workload.score.seq_offsets)
+        fit_profiles = {
             phase: workload.fit.profile(
                 batch_size=topology.num_gpus * _tokens_per_gpu(options, phase), phase=phase
             )
@@ -141,7 +171,7 @@ def run_bench(
             results = {
                 phase: plan(
                     policy,
-                    profiles[phase],
+                    fit_profiles[phase],
                     model,
                     topology,
                     PolicyOptions(time_limit_s=options.time_limit_s, seed=options.seed),
@@ -152,18 +182,42 @@ def run_bench(
                 f"{workload.name}: {policy} solved in "
                 f"{sum(r.solve_seconds for r in results.values()):.2f}s"
             )
-            for router in routers:
-                costs = {
-                    phase: evaluate(
-                        results[phase].placement, model, topology, batches[phase], router, options.seed
+            for requests in options.request_routers:
+                homes = {
+                    phase: request_homes(
+                        requests, workload.score, topology, fit_profiles[phase], results[phase].placement
                     )
                     for phase in PHASES
                 }
-                heat.setdefault((workload.name, policy), costs["prefill"])
-                row = bench_row(workload.name, results["prefill"], router, costs)
-                row["solve_seconds"] = sum(r.solve_seconds for r in results.values())
-                rows.append(row)
-        profile = profiles["prefill"]
+                phase_batches = (
+                    batches
+                    if len(options.request_routers) == 1 and requests == "round_robin"
+                    else {
+                        phase: score_batches(workload, topology, options, homes[phase])[phase]
+                        for phase in PHASES
+                    }
+                )
+                for router in routers:
+                    costs = {
+                        phase: evaluate(
+                            results[phase].placement,
+                            model,
+                            topology,
+                            phase_batches[phase],
+                            router,
+                            options.seed,
+                            options.data_flow,
+                        )
+                        for phase in PHASES
+                    }
+                    heat.setdefault((workload.name, policy), costs["prefill"])
+                    row = bench_row(workload.name, results["prefill"], router, costs, requests)
+                    row["solve_seconds"] = sum(r.solve_seconds for r in results.values())
+                    row["home_imbalance"] = tokens_per_gpu_imbalance(
+                        homes["prefill"], lengths, topology.num_gpus
+                    )
+                    rows.append(row)
+        profile = fit_profiles["prefill"]
         bound = token_balance_lower_bound(profile.load, topology.num_gpus, topology.num_slots)
         rows.append(
             {
@@ -188,6 +242,8 @@ TABLE_COLUMNS = (
     ("workload", "workload", "{}"),
     ("policy", "policy", "{}"),
     ("router", "router", "{}"),
+    ("requests", "requests", "{}"),
+    ("home max/mean", "home_imbalance", "{:.2f}"),
     ("tok max/mean", ("prefill", "token_imbalance"), "{:.3f}"),
     ("max act (dec)", ("decode", "max_activated_experts"), "{:.2f}"),
     ("x-node MB", ("prefill", "cross_node_mb"), "{:.1f}"),

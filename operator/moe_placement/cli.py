@@ -36,8 +36,10 @@ from moe_placement.models import (
     Topology,
     placement_hash,
 )
+from moe_placement.cost import DATA_FLOWS
 from moe_placement.policies import POLICIES, PolicyOptions, plan
 from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
+from moe_placement.request_routing import REQUEST_ROUTERS
 from moe_placement.routing import ROUTERS
 from moe_placement.scoring import (
     SCORED_BATCHES,
@@ -90,6 +92,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_parser.add_argument(
         "--decode-tokens-per-gpu", type=int, default=TOKENS_PER_GPU["decode"]
     )
+    bench_parser.add_argument(
+        "--mix", action="store_true", help="also all domains together, their sequences interleaved"
+    )
+    bench_parser.add_argument(
+        "--requests", default="round_robin",
+        help=f"request routers (home GPU of each sequence): {', '.join(REQUEST_ROUTERS)}",
+    )
+    bench_parser.add_argument(
+        "--data-flow", choices=DATA_FLOWS, default="home",
+        help="home: tokens return to their attention rank every layer (SGLang, vLLM); "
+        "follow: a token starts each layer where its first choice was served (MoETuner)",
+    )
     bench_parser.add_argument("--batches", type=int, default=4, help="batches scored per phase")
     bench_parser.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON to write")
     bench_parser.add_argument("--plot", type=Path, help="directory for PNG heatmaps")
@@ -125,7 +139,9 @@ def _synthetic_trace(args: argparse.Namespace) -> Trace:
 
 def _workloads(args: argparse.Namespace) -> list[Workload]:
     if args.trace is not None:
-        return workloads_from_file(args.trace, args.task, args.shift, args.seed, args.model)
+        return workloads_from_file(
+            args.trace, args.task, args.shift, args.seed, args.model, getattr(args, "mix", False)
+        )
     return [Workload(f"synthetic:{args.model}", *_synthetic_trace(args).split(0.5))]
 
 
@@ -223,12 +239,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     topology = parse_topology(args.topology, model.num_experts, args.redundant_slots)
     policies = _csv(args.policies, POLICIES, "policies")
     routers = _csv(args.routers, ROUTERS, "router")
+    request_routers = _csv(args.requests, dict.fromkeys(REQUEST_ROUTERS), "requests")
     options = BenchOptions(
         prefill_tokens_per_gpu=args.prefill_tokens_per_gpu,
         decode_tokens_per_gpu=args.decode_tokens_per_gpu,
         num_batches=args.batches,
         time_limit_s=args.time_limit,
         seed=args.seed,
+        data_flow=args.data_flow,
+        request_routers=tuple(request_routers),
     )
     workloads = _workloads(args)
     rows, heat = run_bench(workloads, model, topology, policies, routers, options, _progress)

@@ -3,9 +3,12 @@
 Per layer and GPU: time = max(tokens x FLOP per token / peak FLOP/s,
 activated slots x expert bytes / HBM bandwidth). Layer time = slowest GPU + all-to-all time.
 
-Data flow (MoETuner's): a token starts layer 0 on its attention data-parallel rank, and each later
-layer from the GPU that served its first choice in the layer before, so placing experts that tokens
-chain between layers on one GPU keeps tokens local. A token is sent once to each GPU it needs and, across
+Data flow, two kinds (``DATA_FLOWS``). ``home`` (SGLang and vLLM with DP attention and DeepEP): a
+token lives on its attention data-parallel rank (its home GPU, ``RoutingBatch.source_gpu``); every
+layer dispatches it from there to its experts and combines it back, so the home decides the
+cross-node bytes. ``follow`` (MoETuner's): a token starts layer 0 on its home and each later layer
+from the GPU that served its first choice in the layer before, so placing experts that tokens chain
+between layers on one GPU keeps tokens local. A token is sent once to each GPU it needs and, across
 nodes, once to each node, to the GPU with the sender's local index there, which forwards it over
 NVLink (DeepEP's rail-aligned internode dispatch); the combine sends the same bytes back, so each
 transfer counts twice.
@@ -17,11 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from moe_placement.models import ModelShape, Placement, PlacementError, RoutingBatch, Topology
 from moe_placement.routing import ReplicaLayout, get_router, replica_layouts
+
+DataFlow = Literal["home", "follow"]
+DATA_FLOWS: tuple[DataFlow, ...] = ("home", "follow")
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,12 @@ def evaluate(
     batches: Sequence[RoutingBatch],
     router: str = "random",
     seed: int = 0,
+    data_flow: DataFlow = "home",
 ) -> CostReport:
-    """Modelled cost of ``placement`` on ``batches`` with tokens routed by ``router``."""
+    """Modelled cost of ``placement`` on ``batches`` with tokens routed by ``router``, each token
+    starting every layer from where ``data_flow`` puts it."""
+    if data_flow not in DATA_FLOWS:
+        raise PlacementError(f"data_flow: {data_flow!r} is not one of {', '.join(DATA_FLOWS)}")
     placement.check_topology(model, topology)
     route = get_router(router)
     layouts = replica_layouts(placement, topology)
@@ -183,7 +194,8 @@ def evaluate(
                 cost.gpu_tokens.max() / max(cost.gpu_tokens.mean(), 1e-12) / num_layers,
                 cost.gpu_activated.max() / num_layers,
             )
-            source_gpu = layout.gpu_of_slot[slots[:, 0]]
+            if data_flow == "follow":
+                source_gpu = layout.gpu_of_slot[slots[:, 0]]
     count = len(batches)
     compute, comm, cross_gpu, cross_node, token_imbalance, max_activated = totals / count
     return CostReport(

@@ -378,7 +378,8 @@ class RoutingBatch:
     """One forward step of the whole EP group: every token's experts at every layer.
 
     expert_ids: [L, B, k] logical expert ids, column 0 the token's first choice.
-    source_gpu: [B] the GPU (attention data-parallel rank) each token starts on.
+    source_gpu: [B] each token's home GPU: the attention data-parallel rank its request was sent to
+        (by a request router, or round robin of sequences over GPUs when none decides).
     """
 
     expert_ids: np.ndarray

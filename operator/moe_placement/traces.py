@@ -317,6 +317,7 @@ def sample_batches(
     num_batches: int,
     phase: Phase,
     rng: np.random.Generator,
+    home_gpu: np.ndarray | None = None,
 ) -> list[RoutingBatch]:
     """Forward steps of B = num_gpus * tokens_per_gpu tokens each, expert_ids [L, B, k].
 
@@ -328,6 +329,12 @@ def sample_batches(
         positions, each on GPU (its sequence index) % num_gpus.
     A trace of fewer than B tokens is sampled with replacement: the prefill stream wraps within a
     batch and decode positions repeat.
+
+    With ``home_gpu`` [S] (each sequence's rank, a request router's choice), every rank batches its
+    own queue, as each DP rank's scheduler does: rank g's part of a batch is ``tokens_per_gpu``
+    tokens of its own sequences (prefill: the next ones of its stream, from a common random
+    fraction of the way in; decode: random positions of its sequences); a rank with no sequence
+    idles.
     """
     for name, value in (
         ("num_gpus", num_gpus),
@@ -338,6 +345,15 @@ def sample_batches(
             raise PlacementError(f"{name}: {value} must be > 0")
     if phase not in PHASES:
         raise PlacementError(f"phase: {phase!r} is not prefill or decode")
+    if home_gpu is not None:
+        home_gpu = _integer_array("home_gpu", home_gpu, 1)
+        if len(home_gpu) != trace.num_sequences:
+            raise PlacementError(
+                f"home_gpu: {len(home_gpu)} GPUs for {trace.num_sequences} sequences"
+            )
+        if home_gpu.min() < 0 or home_gpu.max() >= num_gpus:
+            raise PlacementError(f"home_gpu: GPUs must be in 0..{num_gpus - 1}")
+        return _rank_batches(trace, home_gpu, num_gpus, tokens_per_gpu, num_batches, phase, rng)
     batch_tokens = num_gpus * tokens_per_gpu
     sequence = trace.sequence_of_token()
     batches = []
@@ -359,6 +375,37 @@ def sample_batches(
             batches.append(
                 RoutingBatch(trace.expert_ids[:, positions], sequence[positions] % num_gpus)
             )
+    return batches
+
+
+def _rank_batches(
+    trace: Trace,
+    home_gpu: np.ndarray,
+    num_gpus: int,
+    tokens_per_gpu: int,
+    num_batches: int,
+    phase: Phase,
+    rng: np.random.Generator,
+) -> list[RoutingBatch]:
+    """``sample_batches`` with each rank batching its own sequences (home_gpu [S])."""
+    token_home = home_gpu[trace.sequence_of_token()]
+    streams = [np.nonzero(token_home == gpu)[0] for gpu in range(num_gpus)]
+    fraction = rng.random()
+    batches = []
+    for batch in range(num_batches):
+        parts, sources = [], []
+        for gpu, stream in enumerate(streams):
+            if not len(stream):
+                continue
+            if phase == "prefill":
+                start = int(fraction * len(stream)) + batch * tokens_per_gpu
+                picked = stream[(start + np.arange(tokens_per_gpu)) % len(stream)]
+            else:
+                picked = rng.choice(stream, tokens_per_gpu, replace=len(stream) < tokens_per_gpu)
+            parts.append(picked)
+            sources.append(np.full(tokens_per_gpu, gpu))
+        positions = np.concatenate(parts)
+        batches.append(RoutingBatch(trace.expert_ids[:, positions], np.concatenate(sources)))
     return batches
 
 

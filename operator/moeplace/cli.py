@@ -16,7 +16,7 @@ import sys
 
 from moe_placement.models import PlacementError
 
-COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli")
+COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli", "moe_router.cli")
 DEV_PACKAGE = "moeplace_dev"
 OPTIONAL_DEPENDENCIES = {"torch": "agent", "safetensors": "agent"}
 

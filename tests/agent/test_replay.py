@@ -31,13 +31,15 @@ CONFIG = SyntheticConfig(
 )
 
 
-def build_rank(rank: int, placement: Placement, topology, stream: TokenStream, router: str = "metro") -> ReplayEngine:
+def build_rank(
+    rank: int, placement: Placement, topology, stream: TokenStream, router: str = "metro", data_flow: str = "home"
+) -> ReplayEngine:
     model = ReplayMoEModel(TINY.num_layers, TINY.hidden_size, TINY.num_experts, TINY.top_k, seed=0)
     store = ExpertStore(TINY, topology.slots_per_gpu, rank)
     core = AgentCore(TINY, topology, rank, store, placement, attach(model))
     return ReplayEngine(
         core, model, stream, tokens_per_second=1000.0, batch_tokens=BATCH, router=router, seed=5, start_time=0.0,
-        forward_budget=16,
+        forward_budget=16, data_flow=data_flow,
     )
 
 
@@ -50,18 +52,20 @@ def reference_routing(engine: ReplayEngine, placement: Placement, topology, ids:
     for layer, layout in enumerate(layouts):
         sources.append(source)
         slots.append(route(layout, ids[layer], source, uniform[layer]))
-        source = layout.gpu_of_slot[slots[-1][:, 0]]
+        if engine.data_flow == "follow":
+            source = layout.gpu_of_slot[slots[-1][:, 0]]
     return np.stack(slots), np.stack(sources), layouts
 
 
+@pytest.mark.parametrize("data_flow", ["home", "follow"])
 @pytest.mark.parametrize("router", ["metro", "random", "local_first"])
-def test_ranks_add_up_to_the_global_routing(router):
+def test_ranks_add_up_to_the_global_routing(router, data_flow):
     topology = parse_topology("2x2", TINY.num_experts, 4)  # 4 GPUs on 2 nodes, 3 slots each
     rng = np.random.default_rng(7)
     rows = [rng.permutation(np.concatenate([np.arange(8), rng.integers(-1, 8, 4)])) for _ in range(TINY.num_layers)]
     placement = Placement(np.array(rows), TINY.num_experts, topology.slots_per_gpu)
     stream = TokenStream(generate(CONFIG, seed=1))
-    engines = [build_rank(rank, placement, topology, stream, router) for rank in range(topology.num_gpus)]
+    engines = [build_rank(rank, placement, topology, stream, router, data_flow) for rank in range(topology.num_gpus)]
     for batch_index in (0, 7):  # batch 7 wraps around the 288-token trace
         ids, sequence = stream.batch(batch_index * BATCH, BATCH)
         attention = sequence % topology.num_gpus

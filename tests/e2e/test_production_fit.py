@@ -446,7 +446,7 @@ def tls_prometheus(binaries: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     workdir = tmp_path_factory.mktemp("tls-prometheus")
     ca, cert, key = self_signed_ca_and_server_certificate(workdir)
     registry = CollectorRegistry()
-    tokens = Counter("moeplace_expert_tokens", "tokens", ["layer", "expert"], registry=registry)
+    tokens = Counter("moeplace_expert_tokens", "tokens", ["rank", "layer", "expert"], registry=registry)
     exporter_port = free_port()
     exporter, _thread = prometheus_client.start_http_server(exporter_port, "127.0.0.1", registry=registry)
     stop = threading.Event()
@@ -455,7 +455,7 @@ def tls_prometheus(binaries: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         while not stop.is_set():
             for layer in range(4):
                 for expert in range(16):
-                    tokens.labels(str(layer), str(expert)).inc(10 + expert)
+                    tokens.labels("0", str(layer), str(expert)).inc(10 + expert)
             time.sleep(0.2)
 
     threading.Thread(target=feed, daemon=True).start()
@@ -476,7 +476,7 @@ def tls_prometheus(binaries: Any, tmp_path_factory: pytest.TempPathFactory) -> I
 
         def has_load() -> bool:
             try:
-                return fetch_load(url, 10, {}, 4, 16, auth=auth)[1].used == 64
+                return fetch_load(url, 10, {}, 4, 16, 1, auth=auth)[1].used == 64
             except MetricsUnavailable:
                 return False
 
@@ -491,19 +491,19 @@ def tls_prometheus(binaries: Any, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def test_prometheus_over_tls_works_with_the_ca_file(tls_prometheus: tuple[str, Path]) -> None:
     url, ca = tls_prometheus
-    load, report, _ = fetch_load(url, 10, {}, 4, 16, auth=PrometheusAuth(ca_file=str(ca)))
+    load, report, _ = fetch_load(url, 10, {}, 4, 16, 1, auth=PrometheusAuth(ca_file=str(ca)))
     assert report.used == 64 and load.shape == (4, 16) and (load[:, 15] > load[:, 0]).all()
 
 
 def test_prometheus_over_tls_fails_clearly_without_the_ca(tls_prometheus: tuple[str, Path]) -> None:
     url, _ = tls_prometheus
     with pytest.raises(MetricsUnavailable) as failure:
-        fetch_load(url, 10, {}, 4, 16, auth=PrometheusAuth())
+        fetch_load(url, 10, {}, 4, 16, 1, auth=PrometheusAuth())
     assert failure.value.reason == "PrometheusTLS"
     assert "TLS verification against the system's CAs (set --prometheus-ca-file) failed" in str(failure.value)
     assert "CERTIFICATE_VERIFY_FAILED" in str(failure.value)
     # Skipping verification is possible, but only when asked for.
-    assert fetch_load(url, 10, {}, 4, 16, auth=PrometheusAuth(insecure_skip_verify=True))[1].used == 64
+    assert fetch_load(url, 10, {}, 4, 16, 1, auth=PrometheusAuth(insecure_skip_verify=True))[1].used == 64
 
 
 

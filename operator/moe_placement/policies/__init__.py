@@ -21,6 +21,7 @@ from moe_placement.policies import (
     auto,
     eplb,
     eplb_global,
+    grouped,
     ilp,
     linear,
     locality,
@@ -40,6 +41,7 @@ POLICIES: dict[str, PolicyFn] = {
     "locality": locality.policy_locality,
     "auto": auto.policy_auto,
     "migration_aware": migration_aware.policy_migration_aware,
+    "grouped": grouped.policy_grouped,
 }
 
 __all__ = [
