@@ -129,7 +129,7 @@ def run_plan(args: argparse.Namespace) -> int:
         batches = sample_batches(trace, topology.num_gpus, tokens_per_gpu, 4, phase, rng)
         predicted[phase] = evaluate(result.placement, model, topology, batches, "random").summary()
     if args.format == "sglang":
-        write_sglang(args.out, result.placement)
+        write_sglang(args.out, result.placement, model, profile.load)
     else:
         write_placement(args.out, build_placement_file(result, model, topology, predicted))
     print(

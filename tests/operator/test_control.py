@@ -162,7 +162,7 @@ def test_cycle_rebalances_a_skewed_load(stack):
             assert status["migration"]["state"] == "Completed" and status["migration"]["stage"] == status["migration"]["stages"]
             assert status["lastRebalanceTime"] and status["phase"] == "Ready"
             cm = kube.configmaps["demo-placement"]
-            mapping = json.loads(cm["data"][builders.SGLANG_KEY])["physical_to_logical_map"]
+            mapping = json.loads(cm["data"][builders.PLACEMENT_KEY])["physical_to_logical_map"]
             assert cluster.maps() == {placement_hash(np.asarray(mapping))}
             assert {agent.generation for agent in cluster.agents} == {int(cm["data"]["generation"])}
             assert status["placement"]["generation"] == int(cm["data"]["generation"])
@@ -267,7 +267,7 @@ def test_restarted_operator_resumes_a_recorded_migration(stack):
             assert status["migration"]["state"] == "Interrupted" and status["migration"]["stage"] == 1
             # ...an interrupted migration publishes the intermediate map the agents serve.
             cm = kube.configmaps["demo-placement"]
-            mapping = np.asarray(json.loads(cm["data"][builders.SGLANG_KEY])["physical_to_logical_map"])
+            mapping = np.asarray(json.loads(cm["data"][builders.PLACEMENT_KEY])["physical_to_logical_map"])
             assert cluster.maps() == {placement_hash(mapping)}
             # A migration recorded as Running (operator killed mid-stage) is resumed first.
             assert await ctl.cycle("ns", "demo") == "applied"
