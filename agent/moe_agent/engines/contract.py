@@ -241,3 +241,50 @@ def split_by_rank(load: np.ndarray, live: Placement) -> np.ndarray:
     replicas = on_gpu.sum(axis=1, keepdims=True)
     share = np.divide(on_gpu, replicas, out=np.zeros_like(on_gpu), where=replicas > 0)
     return np.transpose(share * np.asarray(load, dtype=np.float64)[:, None, :], (1, 0, 2))
+
+
+class PlacementAnswer(BaseModel):
+    """The body of ``GET /v1/placement`` (docs/agent-api.md), as an engine sidecar answers it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int
+    generation: int
+    hash: str
+    num_layers: int
+    num_experts: int
+    slots_per_gpu: int
+    num_gpus: int
+    physical_to_logical_map: list[list[int]]
+    slots: list[dict[str, int | str]]
+
+
+def placement_answer(status: EngineStatus, model: ModelShape, topology: Topology) -> PlacementAnswer:
+    """The agent contract's answer for one rank's engine status (its slots are all live)."""
+    live = np.asarray(status.physical_to_logical_map, dtype=np.int64)
+    if live.shape != (model.num_layers, topology.num_slots):
+        raise PlacementError(
+            f"physical_to_logical_map: rank {status.rank} reports shape {live.shape}, the published "
+            f"placement has {(model.num_layers, topology.num_slots)}"
+        )
+    first = status.rank * topology.slots_per_gpu
+    own = live[:, first: first + topology.slots_per_gpu]
+    slots = [
+        {"layer": int(layer), "slot": int(slot), "expert": int(own[layer, slot]), "state": "live"}
+        for layer, slot in zip(*np.nonzero(own >= 0))
+    ]
+    return PlacementAnswer(
+        rank=status.rank, generation=status.generation, hash=status.hash, num_layers=model.num_layers,
+        num_experts=model.num_experts, slots_per_gpu=topology.slots_per_gpu, num_gpus=topology.num_gpus,
+        physical_to_logical_map=status.physical_to_logical_map, slots=slots,
+    )
+
+
+def write_published(directory: Path, data: dict[str, str]) -> None:
+    """Write a placement ConfigMap's ``data`` as files, as the kubelet mounts it (one file per key).
+
+    The kubelet swaps the whole directory at once; here each file is renamed into place, the hash
+    last, so a reader that checks ``hash`` against the map sees either generation whole.
+    """
+    for key in sorted(data, key=lambda key: key == "hash"):
+        write_atomic(directory / key, data[key])
