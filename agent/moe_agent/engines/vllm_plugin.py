@@ -158,13 +158,26 @@ def _report_workspace(model_state: Any, *_: Any, **__: Any) -> None:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point; idempotent (vLLM may call it more than once)."""
-    from vllm.distributed.eplb import eplb_state
+    """The ``vllm.general_plugins`` entry point; idempotent (vLLM may call it more than once).
+
+    vLLM does not catch a plugin's errors here, so the reports, which patch vLLM internals, are
+    installed under a guard: if they fail, the policy still applies the published maps.
+    """
     from vllm.distributed.eplb import policy as eplb_policy
 
     policies = eplb_policy.EPLB_POLICIES
     if getattr(policies["default"], "__name__", "") != "MoeplaceEplbPolicy":
         policies["default"] = make_policy(eplb_policy.DefaultEplbPolicy)
+    try:
+        _wrap_reports()
+    except Exception:
+        logger.exception("moeplace: live-map reports are off (vLLM's EplbState could not be wrapped)")
+    logger.info("moeplace: vLLM EPLB applies the placement published in %s", contract.placement_dir())
+
+
+def _wrap_reports() -> None:
+    from vllm.distributed.eplb import eplb_state
+
     state_class = eplb_state.EplbState
     for name in ("add_model", "rearrange"):
         method = getattr(state_class, name)
@@ -172,4 +185,3 @@ def register() -> None:
             setattr(state_class, name, _after(method, _report_model))
     if not getattr(eplb_state._move_to_workspace, "__moeplace_wrapped__", False):
         eplb_state._move_to_workspace = _after(eplb_state._move_to_workspace, _report_workspace)
-    logger.info("moeplace: vLLM EPLB applies the placement published in %s", contract.placement_dir())
