@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo bench test test-unit clean
+.PHONY: setup system-deps engines-env demo bench test test-unit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ setup: $(STAMP)
 system-deps:
 	scripts/system-deps.sh
 
+# SGLang's and vLLM's Python code for tests/engines (cached; those tests skip when it cannot be built)
+engines-env: setup
+	scripts/engines-env.sh $(VENV) >/dev/null || echo "engines-env: not built; tests/engines will skip" >&2
+
 demo: setup system-deps
 	$(VENV)/bin/moeplace demo --out out/demo
 
@@ -30,7 +34,7 @@ bench: setup
 	$(VENV)/bin/moeplace bench --trace ../shared/traces/esft_lite_intent_law_top6.npz \
 		--model deepseek-v2-lite --topology 2x4 --redundant-slots 16 --json out/bench-esft.json
 
-test: setup system-deps
+test: setup system-deps engines-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: setup

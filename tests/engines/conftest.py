@@ -21,8 +21,8 @@ if str(HERE) not in sys.path:
 @pytest.fixture(scope="session")
 def engines_python() -> Path:
     try:
-        out = subprocess.run([str(REPO / "scripts" / "engines-env.sh")], capture_output=True, text=True,
-                             timeout=900)
+        out = subprocess.run([str(REPO / "scripts" / "engines-env.sh"), sys.prefix], capture_output=True,
+                             text=True, timeout=900)
     except subprocess.TimeoutExpired:
         pytest.skip("scripts/engines-env.sh: building the engines venv took over 15 minutes")
     if out.returncode != 0:
