@@ -79,3 +79,32 @@ def test_the_old_moe_rows_file_shifts_layers_and_counts_empty_slots_as_the_last_
     empty = (placement.physical_to_logical_map < 0).sum(axis=1)
     last_expert = placement.replica_count()[:, -1]
     assert np.array_equal(np.asarray(result["num_valid"])[:, -1], last_expert + empty)
+
+
+def test_sglang_plugin_applies_the_published_map_through_sglangs_metadata(engines_python, tmp_path):
+    from moe_agent.engines import contract
+    from moe_operator import builders
+    from moe_operator.crd import resolve_spec
+    from moe_placement.files import sglang_physical_to_logical_map
+
+    shape = {"numLayers": 3, "numExperts": 8, "topK": 2, "hiddenSize": 64, "expertIntermediateSize": 32,
+             "firstKDenseReplace": 1}
+    resolved = resolve_spec({"model": {"shape": shape}, "topology": {"nodes": 1, "gpusPerNode": 2},
+                             "placement": {"redundantSlots": 2}})
+    owner = {"metadata": {"name": "demo", "namespace": "ns", "uid": "u"}}
+    first, second = (Placement(placement_with_spares(3, 8, 2, seed)[0].physical_to_logical_map, 8, 5)
+                     for seed in (1, 2))  # 2 GPUs x 5 slots
+    data = {generation: builders.build_placement_configmap(owner, placement, generation, "test", resolved)["data"]
+            for generation, placement in ((1, first), (2, second))}
+    contract.write_published(tmp_path / "placement", data[1])
+    args = {"placement_dir": str(tmp_path / "placement"), "engine_dir": str(tmp_path / "engine"),
+            "hf_config": {"num_hidden_layers": 4, "n_routed_experts": 8, "n_group": 1},
+            "ep_size": 2, "redundant": 2, "second": data[2]}
+    result = run_script(engines_python, "sglang_plugin_rebalance.py", json.dumps(args))
+    assert result["started"]["generation"] == 1 and result["started"]["source"] == "published"
+    assert result["unchanged_calls"] == 0
+    moved = result["moved"]
+    assert moved["generation"] == 2 and moved["source"] == "published"
+    assert moved["physical_to_logical_map"] == fill_empty_slots(second).physical_to_logical_map.tolist()
+    assert result["live_full"] == sglang_physical_to_logical_map(second, resolved.model).tolist()
+    assert result["own_algorithm_calls"] == 1
