@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from moe_agent.engines.contract import PlacementAnswer
 from moe_operator.agents import AgentClient, AgentError
+from moe_placement.agent_contract import PlacementAnswer
 from moe_placement.files import fill_empty_slots
 from moe_placement.models import Placement, format_validation_error, placement_hash
 

@@ -19,7 +19,6 @@ Files are written to a temporary name and renamed, so a reader sees a whole file
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moe_placement.agent_contract import PlacementAnswer
 from moe_placement.files import fill_empty_slots
 from moe_placement.models import (
     ModelShape,
@@ -241,22 +241,6 @@ def split_by_rank(load: np.ndarray, live: Placement) -> np.ndarray:
     replicas = on_gpu.sum(axis=1, keepdims=True)
     share = np.divide(on_gpu, replicas, out=np.zeros_like(on_gpu), where=replicas > 0)
     return np.transpose(share * np.asarray(load, dtype=np.float64)[:, None, :], (1, 0, 2))
-
-
-class PlacementAnswer(BaseModel):
-    """The body of ``GET /v1/placement`` (docs/agent-api.md), as an engine sidecar answers it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: int
-    generation: int
-    hash: str
-    num_layers: int
-    num_experts: int
-    slots_per_gpu: int
-    num_gpus: int
-    physical_to_logical_map: list[list[int]]
-    slots: list[dict[str, int | str]]
 
 
 def placement_answer(status: EngineStatus, model: ModelShape, topology: Topology) -> PlacementAnswer:
