@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml dev/pyproject.toml | sha1sum | cut -c1-12)-$(shell echo $(CURDIR) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps generate demo bench test test-unit clean
+.PHONY: setup system-deps generate engines-env demo bench test test-unit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ system-deps:
 generate: setup
 	$(PY) -m moeplace_dev.generate
 
+# SGLang's and vLLM's Python code for tests/engines (cached; those tests skip when it cannot be built)
+engines-env: setup
+	scripts/engines-env.sh $(VENV) >/dev/null || echo "engines-env: not built; tests/engines will skip" >&2
+
 demo: setup system-deps
 	$(VENV)/bin/moeplace demo --out out/demo
 
@@ -35,7 +39,7 @@ bench: setup
 	$(VENV)/bin/moeplace bench --trace ../shared/traces/esft_lite_intent_law_top6.npz \
 		--model deepseek-v2-lite --topology 2x4 --redundant-slots 16 --json out/bench-esft.json
 
-test: setup system-deps
+test: setup system-deps engines-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: setup

@@ -92,7 +92,8 @@ class AgentCore:
                 store.load_live(layer, slot, expert)
         self.live = self._view(0, placement)
         self.metrics = AgentMetrics(
-            rank, shape.num_layers, shape.num_experts, lambda: self.live.hosted, recorder.window_age_seconds
+            rank, shape.num_layers, shape.num_experts, lambda: self.live.hosted, recorder.window_age_seconds,
+            lambda: recorder.hook_errors,
         )
         self._publish()
 

@@ -43,6 +43,21 @@ class _ExpertTokens(Collector):
         yield family
 
 
+class _HookErrors(Collector):
+    """``moeplace_recorder_hook_errors_total{rank}``: recorder hooks that failed (the forward went on)."""
+
+    def __init__(self, rank: str, count: Callable[[], int]):
+        self._rank = rank
+        self._count = count
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "moeplace_recorder_hook_errors", "recorder hooks that failed; the forward pass went on", labels=["rank"]
+        )
+        family.add_metric([self._rank], float(self._count()))
+        yield family
+
+
 class AgentMetrics:
     """Every metric of one agent, in its own registry."""
 
@@ -53,6 +68,7 @@ class AgentMetrics:
         num_experts: int,
         hosted: Callable[[], np.ndarray],
         window_age: Callable[[], float],
+        hook_errors: Callable[[], int] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         label = str(rank)
@@ -91,6 +107,7 @@ class AgentMetrics:
         ).labels(label)
         window = gauge("moeplace_recorder_window_age_seconds", "age of the recorder's current window")
         window.labels(label).set_function(window_age)
+        self.registry.register(_HookErrors(label, hook_errors))
 
     def add_step(
         self,

@@ -16,14 +16,17 @@ previous window and a fresh one starts. A snapshot sums both, so it always cover
 windows of traffic (``RecorderSnapshot.window_seconds`` says exactly how long).
 
 ``attach(model)`` finds the MoE blocks of a torch model (any module with ``gate`` and ``experts``
-children: Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, and ``moe_agent.model``) and
-records what their gates choose through forward hooks.
+children: Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, vLLM's MoE blocks, and
+``moe_agent.model``) and records what their gates choose through forward hooks. A hook never breaks
+its host: any failure in it is counted (``RoutingRecorder.hook_errors``, logged once per kind) and
+the forward pass goes on untouched.
 
 Shapes: L MoE layers, E experts, T tokens, k experts per token.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,8 @@ import torch
 from torch import nn
 
 from moe_placement.models import PlacementError, SparsePairs
+
+logger = logging.getLogger("moe_agent.recorder")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class RoutingRecorder:
         self._last: tuple[int, torch.Tensor] | None = None
         self._pair_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.hook_errors = 0
+        self._logged_errors: set[str] = set()
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -209,6 +216,16 @@ class RoutingRecorder:
         """Keep a hook handle so that ``detach`` removes it."""
         self._hooks.append(handle)
 
+    def hook_failed(self, layer: int, error: Exception) -> None:
+        """Count a failure inside a forward hook; log the first of each kind."""
+        kind = f"{type(error).__name__}: {error}"
+        with self._lock:
+            self.hook_errors += 1
+            first = kind not in self._logged_errors
+            self._logged_errors.add(kind)
+        if first:
+            logger.warning("recorder: layer %d not recorded (%s); the forward pass goes on", layer, kind)
+
     def detach(self) -> None:
         """Remove the forward hooks ``attach`` installed."""
         for handle in self._hooks:
@@ -259,32 +276,88 @@ def _block_experts_and_top_k(block: nn.Module) -> tuple[int, int]:
     num_experts = getattr(gate, "num_experts", None)
     if num_experts is None and isinstance(getattr(gate, "weight", None), torch.Tensor):
         num_experts = gate.weight.shape[0]
-    top_k = getattr(gate, "top_k", None) or getattr(block, "top_k", None)
+    top_k = getattr(gate, "top_k", None) or getattr(block, "top_k", None) or getattr(block.experts, "top_k", None)
     if num_experts is None or top_k is None:
         raise PlacementError(
             f"attach: cannot read the experts and top_k of {type(block).__name__} "
-            "(expected gate.num_experts or gate.weight, and gate.top_k or block.top_k)"
+            "(expected gate.num_experts or gate.weight, and gate.top_k, block.top_k or experts.top_k)"
         )
     return int(num_experts), int(top_k)
 
 
-def topk_ids_of_gate_output(output: object, top_k: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Routing:
+    """How a block turns its gate's logits into top-k choices, when the gate returns logits only.
+
+    softmax: Mixtral, Qwen-MoE, DeepSeek-V2. sigmoid + correction bias [E] + group-limited top-k
+    (top ``topk_group`` of ``num_groups`` groups, each scored by its two best experts): DeepSeek-V3,
+    as vLLM's ``grouped_topk`` (vllm/model_executor/layers/fused_moe/router/grouped_topk_router.py)
+    and Hugging Face's ``DeepseekV3TopkRouter`` compute it.
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    bias: torch.Tensor | None = None
+    num_groups: int = 1
+    topk_group: int = 1
+
+    def topk_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [T, E] -> ids [T, k]."""
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        if self.bias is not None:
+            scores = scores + self.bias.to(scores.device, torch.float32)
+        if self.num_groups > 1:
+            tokens, experts = scores.shape
+            grouped = scores.view(tokens, self.num_groups, experts // self.num_groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1) if self.bias is not None else grouped.amax(-1)
+            chosen = torch.topk(group_scores, self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
+            scores = scores.masked_fill(~keep.repeat_interleave(experts // self.num_groups, dim=1), float("-inf"))
+        return torch.topk(scores, self.top_k, dim=-1).indices
+
+
+def _first_attr(objects: tuple[object, ...], *names: str) -> object:
+    for candidate in objects:
+        for name in names:
+            value = getattr(candidate, name, None)
+            if value is not None:
+                return value
+    return None
+
+
+def routing_of(block: nn.Module, top_k: int) -> Routing:
+    """The routing a block applies to its gate's logits: read from the gate, the experts and the
+    experts' router (Hugging Face: ``gate.{num_group, topk_group, e_score_correction_bias}``; vLLM:
+    ``gate.e_score_correction_bias``, ``experts.router.{num_expert_group, topk_group, scoring_func}``)."""
+    experts = getattr(block, "experts", None)
+    parts = (block.gate, experts, getattr(experts, "router", None), block)
+    bias = _first_attr(parts, "e_score_correction_bias")
+    scoring = _first_attr(parts, "scoring_func") or ("sigmoid" if bias is not None else "softmax")
+    num_groups = _first_attr(parts, "num_expert_group", "num_group", "n_group") or 1
+    topk_group = _first_attr(parts, "topk_group") or num_groups
+    return Routing(
+        top_k=top_k, scoring=str(scoring), bias=bias if isinstance(bias, torch.Tensor) else None,
+        num_groups=int(num_groups), topk_group=int(topk_group),
+    )
+
+
+def topk_ids_of_gate_output(output: object, routing: Routing) -> torch.Tensor:
     """The [T, k] expert ids a gate's output stands for.
 
     Gates that choose (Hugging Face 5.x routers return (logits, weights, ids); DeepSeek's original
     code returns (ids, weights, aux)) give the ids themselves, so the recorder sees exactly what the
-    model used. A gate that is a plain linear layer returns logits [T, E]; its block takes the top-k of
-    their softmax, as Mixtral and Qwen-MoE did before transformers 5, so we do the same.
+    model used. A gate that is a linear layer returns logits [T, E] (vLLM's ``ReplicatedLinear``:
+    the tuple (logits, bias)); the ids are then the block's routing of them (``Routing``).
     """
     if isinstance(output, (tuple, list)):
         for item in output:
             if isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() >= 2:
                 return item
-        raise PlacementError("attach: the gate returned no integer tensor of expert ids")
+        output = next((item for item in output if isinstance(item, torch.Tensor)), None)
     if isinstance(output, torch.Tensor) and output.is_floating_point():
-        logits = output.reshape(-1, output.shape[-1])
-        return torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1).indices
-    raise PlacementError(f"attach: unsupported gate output {type(output).__name__}")
+        return routing.topk_ids(output)
+    raise PlacementError(f"attach: the gate returned no expert ids nor logits ({type(output).__name__})")
 
 
 def attach(
@@ -322,12 +395,17 @@ def attach(
             f"model has {len(blocks)} MoE layers x {num_experts} experts"
         )
     for layer, ((_, block), (_, top_k)) in enumerate(zip(blocks, shapes)):
-        recorder.add_hook(block.gate.register_forward_hook(_gate_hook(recorder, layer, top_k)))
+        hook = _gate_hook(recorder, layer, routing_of(block, top_k))
+        recorder.add_hook(block.gate.register_forward_hook(hook))
     return recorder
 
 
-def _gate_hook(recorder: RoutingRecorder, layer: int, top_k: int) -> Callable[..., None]:
+def _gate_hook(recorder: RoutingRecorder, layer: int, routing: Routing) -> Callable[..., None]:
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        recorder.record(layer, topk_ids_of_gate_output(output, top_k))
+        try:
+            with torch.no_grad():
+                recorder.record(layer, topk_ids_of_gate_output(output, routing))
+        except Exception as error:  # noqa: BLE001 - the host's forward pass must never fail here
+            recorder.hook_failed(layer, error)
 
     return hook

@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -41,45 +38,13 @@ from moe_placement.models import format_validation_error
 from moe_agent.agent import AgentCore, AgentError, Fetch, Fetched
 from moe_placement.agent_api import ActivateRequest, RetireRequest, StageRequest, StageSource, StatsAnswer
 from moe_agent.store import WeightsError, read_checkpoint, sha256_hex
+from moe_agent.tokens import TokenSource
 
-TOKEN_ENV = "MOEPLACE_AGENT_TOKEN"
 SHA256_HEADER = "X-Moeplace-Sha256"
 CHUNK_BYTES = 1 << 20
 REQUEST_LOG_SIZE = 4096
 
 Answer = tuple[int, dict]
-
-
-class TokenSource:
-    """The bearer token: from a file (re-read when its mtime changes) or a fixed value (the env)."""
-
-    def __init__(self, path: str | Path | None = None, value: str | None = None):
-        if path is None and not value:
-            raise ValueError(f"token: give --token-file or set {TOKEN_ENV}")
-        self._path = Path(path) if path is not None else None
-        self._value = value or ""
-        self._mtime: float | None = None
-        self.current()  # fail at start, not at the first request, when the file is unreadable
-
-    @staticmethod
-    def from_env_or_file(path: str | Path | None) -> TokenSource:
-        return TokenSource(path, None if path is not None else os.environ.get(TOKEN_ENV))
-
-    def current(self) -> str:
-        if self._path is not None:
-            mtime = self._path.stat().st_mtime
-            if mtime != self._mtime:
-                value = self._path.read_text().strip()
-                if not value:
-                    raise ValueError(f"token: {self._path} is empty")
-                self._value, self._mtime = value, mtime
-        return self._value
-
-    def accepts(self, header: str | None) -> bool:
-        scheme, _, presented = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return False
-        return hmac.compare_digest(presented.strip().encode(), self.current().encode())
 
 
 class RequestLog:

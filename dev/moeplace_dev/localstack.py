@@ -162,7 +162,7 @@ class Api:
         if configmap is None:
             return None
         data = configmap["data"]
-        mapping = json.loads(data[builders.SGLANG_KEY])["physical_to_logical_map"]
+        mapping = json.loads(data[builders.PLACEMENT_KEY])["physical_to_logical_map"]
         return np.asarray(mapping), int(data["generation"])
 
     def announce(self, namespace: str, name: str, ports: dict[int, int], token: str) -> None:

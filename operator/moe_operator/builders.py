@@ -20,7 +20,7 @@ Endpoints object at the annotated host instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from pydantic.alias_generators import to_camel
 
 from moe_operator import settings
 from moe_operator.crd import API_VERSION, KIND, AlertsSpec, ResolvedSpec
+from moe_placement.files import sglang_json
 from moe_placement.models import ModelShape, Placement, Topology, format_validation_error, placement_hash
 
 MANAGED_BY = "moeplace-operator"
@@ -127,11 +128,6 @@ def _metadata(owner: Mapping[str, Any], name: str, component: str, **extra: Any)
 # Placement ConfigMaps
 
 
-def map_json(mapping: np.ndarray | Sequence[Sequence[int]]) -> str:
-    """SGLang's ``--init-expert-location`` JSON: ``{"physical_to_logical_map": [[...]]}``."""
-    return json.dumps({"physical_to_logical_map": np.asarray(mapping).tolist()}, separators=(",", ":"))
-
-
 def build_placement_document(
     placement: Placement,
     generation: int,
@@ -175,7 +171,7 @@ def build_placement_configmap(
             annotations={ANNOTATION_GENERATION: str(generation), ANNOTATION_HASH: digest},
         ),
         "data": {
-            SGLANG_KEY: map_json(placement.physical_to_logical_map),
+            SGLANG_KEY: sglang_json(placement, resolved.model),
             PLACEMENT_KEY: json.dumps(document, separators=(",", ":")),
             "generation": str(generation),
             "hash": digest,
@@ -189,12 +185,12 @@ def parse_placement_configmap(
 ) -> tuple[Placement, int, str]:
     """(placement, generation, policy) of a placement ConfigMap; raises ValueError/PlacementError."""
     data = configmap.get("data") or {}
-    mapping = json.loads(data[SGLANG_KEY])["physical_to_logical_map"]
+    mapping = json.loads(data[PLACEMENT_KEY])["physical_to_logical_map"]
     placement = Placement(np.asarray(mapping, dtype=np.int64), num_experts, slots_per_gpu)
     generation = int(data.get("generation", "0"))
     digest = data.get("hash")
     if digest and digest != placement_hash(placement.physical_to_logical_map):
-        raise ValueError(f"{SGLANG_KEY}: hash {digest} does not match the map")
+        raise ValueError(f"{PLACEMENT_KEY}: hash {digest} does not match the map")
     return placement, generation, data.get("policy", "")
 
 
@@ -588,7 +584,7 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
                     # come from outside the pod's loopback
                     f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
                     f" --redundant-slots {resolved.spec.placement.redundant_slots}"
-                    f" --placement {placement_file} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
+                    f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
                     + " ".join(engine.agent_args)
                 ],
                 "env": [

@@ -187,7 +187,7 @@ def run_plan(args: argparse.Namespace) -> int:
     predicted = {phase: cost.summary() for phase, cost in costs.items()}
     migration = _migration(args, previous, result.placement, model, topology)
     if args.format == "sglang":
-        write_sglang(args.out, result.placement)
+        write_sglang(args.out, result.placement, model, profile.load)
     else:
         write_placement(
             args.out, build_placement_file(result, model, topology, predicted, migration)

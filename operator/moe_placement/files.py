@@ -9,7 +9,11 @@ moeplace JSON (``format: moeplace.placement/v1``)::
      "predicted": {"prefill": {metric: value}, "decode": {...}},
      "migration": {from a previous placement: stages of copies and retirements, bytes, time}}
 
-SGLang JSON: ``{"physical_to_logical_map": [[...] per layer]}`` with every slot filled.
+SGLang JSON: ``{"physical_to_logical_map": [[...] per transformer layer]}``: SGLang indexes the map by
+absolute layer id (``ExpertLocationMetadata.num_layers`` is the model's ``num_hidden_layers``), so
+dense layers get a row too (SGLang's own trivial row, ``arange(slots) % E``), and it reads a ``-1``
+as the last expert (``_compute_logical_to_all_physical_map`` appends the slot to
+``map[layer][-1]``), so every slot is filled. vLLM's maps have MoE rows only and no empty slot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moe_placement.models import (
@@ -170,11 +175,78 @@ def read_placement(path: str | Path) -> PlacementFile:
     return placement_file
 
 
-def write_sglang(path: str | Path, placement: Placement) -> None:
-    """Write the ``physical_to_logical_map`` JSON that SGLang's ``--init-expert-location`` reads."""
-    if (placement.physical_to_logical_map < 0).any():
+def fill_empty_slots(placement: Placement, load: np.ndarray | None = None) -> Placement:
+    """The placement with every empty slot (-1) holding one more replica of a hot expert.
+
+    Each empty slot, in slot order, goes to the expert of its layer with the most load per replica
+    (load: [L, E]; without one, replica counts stand in for the load, as the policies replicate the
+    hot experts, and the most-replicated experts win the ties), skipping experts its GPU already
+    holds while another is left. Deterministic: ties go to the lower expert id. A full placement is returned
+    as is.
+    """
+    mapping = placement.physical_to_logical_map
+    if (mapping >= 0).all():
+        return placement
+    num_layers, num_experts = placement.num_layers, placement.num_experts
+    if load is not None and np.shape(load) != (num_layers, num_experts):
+        raise PlacementError(f"load: shape {np.shape(load)} != placement ({num_layers}, {num_experts})")
+    original = placement.replica_count()
+    weight = original.astype(np.float64) if load is None else np.asarray(load, dtype=np.float64)
+    filled = mapping.copy()
+    counts = original.copy()
+    grid = placement.gpu_expert_matrix()
+    slots_per_gpu = placement.slots_per_gpu
+    expert_ids = np.arange(num_experts)
+    for layer, slot in zip(*np.nonzero(mapping < 0)):
+        gpu = slot // slots_per_gpu
+        per_replica = weight[layer] / counts[layer]
+        # lexsort: last key first; maximise per-replica load, then original replicas, then low id
+        order = np.lexsort((expert_ids, -original[layer], -per_replica))
+        absent = order[grid[layer, gpu, order] == 0]
+        expert = int(absent[0] if len(absent) else order[0])
+        filled[layer, slot] = expert
+        counts[layer, expert] += 1
+        grid[layer, gpu, expert] += 1
+    return Placement(filled, num_experts, slots_per_gpu)
+
+
+def sglang_physical_to_logical_map(
+    placement: Placement, model: ModelShape, load: np.ndarray | None = None
+) -> np.ndarray:
+    """SGLang's map, shape [num_hidden_layers, G*S]: MoE layers from the filled placement, dense
+    layers SGLang's trivial row."""
+    if placement.num_layers != model.num_layers:
         raise PlacementError(
-            "physical_to_logical_map: SGLang needs every slot filled; this placement has empty slots"
+            f"physical_to_logical_map: {placement.num_layers} layers, model has {model.num_layers} MoE layers"
         )
-    payload = {"physical_to_logical_map": placement.physical_to_logical_map.tolist()}
-    Path(path).write_text(json.dumps(payload) + "\n")
+    filled = fill_empty_slots(placement, load).physical_to_logical_map
+    rows = np.tile(np.arange(placement.num_slots) % placement.num_experts, (model.num_hidden_layers, 1))
+    rows[model.moe_layer_ids()] = filled
+    return rows
+
+
+def moe_rows(engine_map: np.ndarray, model: ModelShape) -> np.ndarray:
+    """The MoE rows [L, G*S] of a map indexed by transformer layer, shape [num_hidden_layers, G*S]
+    (SGLang's); a map that already has L rows (vLLM's) is returned as is."""
+    engine_map = np.asarray(engine_map, dtype=np.int64)
+    if engine_map.ndim == 2 and engine_map.shape[0] == model.num_layers:
+        return engine_map
+    if engine_map.ndim != 2 or engine_map.shape[0] != model.num_hidden_layers:
+        raise PlacementError(
+            f"physical_to_logical_map: shape {engine_map.shape}, expected {model.num_layers} MoE rows "
+            f"or {model.num_hidden_layers} transformer-layer rows"
+        )
+    return engine_map[model.moe_layer_ids()]
+
+
+def sglang_json(placement: Placement, model: ModelShape, load: np.ndarray | None = None) -> str:
+    """The ``{"physical_to_logical_map": [[...]]}`` JSON of ``sglang_physical_to_logical_map``."""
+    rows = sglang_physical_to_logical_map(placement, model, load)
+    return json.dumps({"physical_to_logical_map": rows.tolist()}, separators=(",", ":"))
+
+
+def write_sglang(
+    path: str | Path, placement: Placement, model: ModelShape, load: np.ndarray | None = None
+) -> None:
+    """Write the JSON that SGLang's ``--init-expert-location`` reads (see ``sglang_json``)."""
+    Path(path).write_text(sglang_json(placement, model, load) + "\n")

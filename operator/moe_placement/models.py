@@ -59,6 +59,13 @@ class ModelShape(BoundaryModel):
 
     name: str = Field("custom", description="Model name, for reports.")
     num_layers: int = Field(gt=0, le=1024, description="Number of MoE layers.")
+    first_k_dense_replace: int = Field(
+        0, ge=0, le=1024,
+        description="Leading dense (non-MoE) transformer layers (DeepSeek's first_k_dense_replace).",
+    )
+    dense_layers: tuple[int, ...] = Field(
+        (), description="Absolute ids of further dense transformer layers (Qwen's mlp_only_layers)."
+    )
     num_experts: int = Field(gt=0, le=4096, description="Routed experts per MoE layer.")
     top_k: int = Field(gt=0, le=64, description="Experts each token is routed to.")
     hidden_size: int = Field(gt=0, description="Model width (size of a token's activation).")
@@ -72,7 +79,28 @@ class ModelShape(BoundaryModel):
     def _top_k_fits(self) -> ModelShape:
         if self.top_k > self.num_experts:
             raise ValueError(f"topK ({self.top_k}) exceeds numExperts ({self.num_experts})")
+        dense = sorted(self.dense_layers)
+        if len(set(dense)) != len(dense):
+            raise ValueError(f"denseLayers: {list(self.dense_layers)} repeats a layer")
+        if dense and not self.first_k_dense_replace <= dense[0] <= dense[-1] < self.num_hidden_layers:
+            raise ValueError(
+                f"denseLayers: {list(self.dense_layers)} must lie in {self.first_k_dense_replace}.."
+                f"{self.num_hidden_layers - 1} (after the firstKDenseReplace leading dense layers)"
+            )
         return self
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Transformer layers, dense and MoE (the model config's ``num_hidden_layers``)."""
+        return self.num_layers + self.first_k_dense_replace + len(self.dense_layers)
+
+    def moe_layer_ids(self) -> np.ndarray:
+        """Transformer layer id of every MoE layer, shape [L]: row l of an [L, ...] array is layer
+        ``moe_layer_ids()[l]`` of the model (the engines index their maps by this id)."""
+        dense = np.zeros(self.num_hidden_layers, dtype=bool)
+        dense[: self.first_k_dense_replace] = True
+        dense[list(self.dense_layers)] = True
+        return np.flatnonzero(~dense)
 
     @property
     def expert_bytes(self) -> float:

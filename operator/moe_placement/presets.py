@@ -6,18 +6,20 @@ import re
 
 from moe_placement.models import GpuSpec, ModelShape, PlacementError, Topology, lookup
 
-# Routed experts only (shared experts are dense and never move). Sizes from the models' configs.
+# Routed experts only (shared experts are dense and never move). Sizes and dense layers from the
+# models' config.json: DeepSeek-V2-Lite has 27 transformer layers, the first dense; DeepSeek-V3 61,
+# the first 3 dense; Mixtral and Qwen3-MoE have no dense layer.
 MODEL_PRESETS: dict[str, ModelShape] = {
     "mixtral-8x7b": ModelShape(
         name="mixtral-8x7b", num_layers=32, num_experts=8, top_k=2,
         hidden_size=4096, expert_intermediate_size=14336,
     ),
     "deepseek-v2-lite": ModelShape(
-        name="deepseek-v2-lite", num_layers=26, num_experts=64, top_k=6,
+        name="deepseek-v2-lite", num_layers=26, first_k_dense_replace=1, num_experts=64, top_k=6,
         hidden_size=2048, expert_intermediate_size=1408,
     ),
     "deepseek-v3": ModelShape(
-        name="deepseek-v3", num_layers=58, num_experts=256, top_k=8,
+        name="deepseek-v3", num_layers=58, first_k_dense_replace=3, num_experts=256, top_k=8,
         hidden_size=7168, expert_intermediate_size=2048,
     ),
     "qwen3-30b-a3b": ModelShape(

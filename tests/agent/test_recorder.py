@@ -12,7 +12,7 @@ from torch import nn
 
 from moe_placement.models import PlacementError
 from moe_agent.model import ReplayMoEModel
-from moe_agent.recorder import RoutingRecorder, attach, find_moe_blocks, topk_ids_of_gate_output
+from moe_agent.recorder import RoutingRecorder, attach, find_moe_blocks, routing_of, topk_ids_of_gate_output
 from moe_agent.store import ExpertStore
 
 from agent_helpers import TINY
@@ -106,7 +106,7 @@ def test_attach_records_hugging_face_models(build):
     ids_per_layer = []
     with torch.no_grad():
         for layer, (_, block) in enumerate(blocks):
-            chosen = [topk_ids_of_gate_output(block.gate(x), TOP_K) for x in gate_inputs[layer::moe_layers]]
+            chosen = [topk_ids_of_gate_output(block.gate(x), routing_of(block, TOP_K)) for x in gate_inputs[layer::moe_layers]]
             ids_per_layer.append(torch.cat(chosen).numpy())
 
     tokens = sum(batch.numel() for batch in batches)
@@ -165,6 +165,81 @@ def test_linear_gates_route_by_softmax_top_k():
         recorder.detach()
         expected = [torch.topk(torch.softmax(block.gate(hidden), -1), 2).indices.numpy() for block in model]
     np.testing.assert_array_equal(load, brute_force(expected, 6)[0])
+
+
+class _ReplicatedLinearGate(nn.Linear):
+    """A gate shaped like vLLM's ``ReplicatedLinear`` (vllm/model_executor/layers/linear.py): its
+    forward returns the tuple (output, output_bias), the bias None unless skip_bias_add."""
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(hidden), None
+
+
+class _VllmStyleBlock(nn.Module):
+    """A DeepSeek-V3 block as vLLM builds it (vllm/model_executor/models/deepseek_v2.py): the gate
+    holds ``e_score_correction_bias``; the experts' router holds the grouped top-k settings."""
+
+    def __init__(self, hidden: int, experts: int, top_k: int, groups: int, topk_group: int):
+        super().__init__()
+        self.gate = _ReplicatedLinearGate(hidden, experts, bias=False)
+        self.gate.e_score_correction_bias = nn.Parameter(torch.randn(experts) * 0.5, requires_grad=False)
+        self.experts = nn.Module()
+        self.experts.top_k = top_k
+        self.experts.router = nn.Module()
+        self.experts.router.num_expert_group, self.experts.router.topk_group = groups, topk_group
+        self.experts.router.scoring_func = "sigmoid"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.gate(hidden)
+        return hidden + logits.sum()
+
+
+def test_vllm_tuple_gates_with_deepseek_v3_routing_match_hugging_faces_router():
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V3")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    torch.manual_seed(0)
+    block = _VllmStyleBlock(32, 16, 4, groups=4, topk_group=2)
+    model = nn.Sequential(block)
+    recorder = attach(model)
+    hidden = torch.randn(64, 32)
+    with torch.no_grad():
+        model(hidden)
+    config = transformers.DeepseekV3Config(
+        hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True
+    )
+    reference = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        reference.weight.copy_(block.gate.weight)
+        reference.e_score_correction_bias.copy_(block.gate.e_score_correction_bias)
+        hf_ids = reference(hidden)[-1]
+    assert recorder.hook_errors == 0
+    np.testing.assert_array_equal(recorder.snapshot().load, brute_force([hf_ids.numpy()], 16)[0])
+
+
+class _BrokenGateBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 4)
+        self.gate.top_k = 2
+        self.experts = nn.ModuleList()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.gate(hidden)
+
+
+def test_a_failing_hook_is_counted_and_logged_once_and_the_forward_pass_goes_on(caplog):
+    block = _BrokenGateBlock()
+    recorder = attach(block)
+    recorder.num_layers = 0  # every record() now raises: layer 0 out of range
+    hidden = torch.randn(5, 8)
+    with caplog.at_level("WARNING", logger="moe_agent.recorder"):
+        outputs = [block(hidden) for _ in range(3)]
+    expected = nn.functional.linear(hidden, block.gate.weight, block.gate.bias)
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert recorder.hook_errors == 3
+    assert len([record for record in caplog.records if "not recorded" in record.message]) == 1
 
 
 def test_attach_refuses_models_without_moe_blocks():

@@ -17,7 +17,7 @@ from moe_agent.cli import add_arguments  # the agent's flags (no torch import)
 from moe_operator import builders
 from moe_operator.crd import resolve_spec
 from moe_placement.baselines import linear_placement
-from moe_placement.files import PlacementFile
+from moe_placement.files import PlacementFile, sglang_json
 from moe_placement.models import Placement, placement_hash
 
 SHAPE = {"numLayers": 4, "numExperts": 16, "topK": 2, "hiddenSize": 64, "expertIntermediateSize": 32}
@@ -53,7 +53,8 @@ def test_placement_configmap_round_trip_and_sglang_key():
     cm = builders.build_placement_configmap(OWNER, placement(), 7, "eplb", resolved())
     assert cm["metadata"]["name"] == "demo-placement"
     data = cm["data"]
-    assert json.loads(data[builders.SGLANG_KEY]) == {"physical_to_logical_map": placement().physical_to_logical_map.tolist()}
+    # SGLang's key is written by moe_placement's SGLang writer (every transformer layer, no -1)
+    assert data[builders.SGLANG_KEY] == sglang_json(placement(), resolved().model)
     assert data["generation"] == "7" and data["hash"] == placement_hash(placement().physical_to_logical_map)
     # moeplace's placement file format, readable by moe_placement.files
     document = PlacementFile.model_validate(json.loads(data[builders.PLACEMENT_KEY]))
@@ -144,7 +145,7 @@ def test_engine_agents_listen_on_every_address_with_their_rank_and_port(tmp_path
             assert container["readinessProbe"]["httpGet"]["port"] == args.port
             assert args.rank == ordinal * 2 + local
             assert args.topology == "2x2" and args.redundant_slots == 4
-            assert str(args.placement) == f"{builders.PLACEMENT_MOUNT}/{builders.SGLANG_KEY}"
+            assert str(args.placement) == f"{builders.PLACEMENT_MOUNT}/{builders.PLACEMENT_KEY}"
             assert args.router == "metro"
             assert str(args.token_file) == f"{builders.TOKEN_MOUNT}/token"
     # agentArgs come last, so a deployment can still choose another address.

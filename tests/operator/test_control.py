@@ -140,7 +140,7 @@ class Stack:
 
     def published(self) -> tuple[np.ndarray, int]:
         cm = self.kube.configmaps["demo-placement"]
-        return np.asarray(json.loads(cm["data"][builders.SGLANG_KEY])["physical_to_logical_map"]), int(cm["data"]["generation"])
+        return np.asarray(json.loads(cm["data"][builders.PLACEMENT_KEY])["physical_to_logical_map"]), int(cm["data"]["generation"])
 
     def reasons(self) -> list[str]:
         return [reason for _, reason, _ in self.events]

@@ -79,8 +79,14 @@ def test_plan_writes_moeplace_and_sglang_files(tmp_path, traces):
     result = moeplace("plan", "--trace", str(traces["good"]), "--redundant-slots", "16", "--format", "sglang",
                       "--out", str(sglang), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert np.array_equal(json.loads(sglang.read_text())["physical_to_logical_map"],
-                          placement_file.physical_to_logical_map)
+    from moe_placement.files import moe_rows
+
+    rows = np.asarray(json.loads(sglang.read_text())["physical_to_logical_map"])
+    model = placement_file.model
+    # every transformer layer (DeepSeek-V2-Lite: 27, the first dense), indexed by layer id
+    assert rows.shape == (model.num_hidden_layers, placement_file.topology.num_slots) == (27, 80)
+    assert (rows >= 0).all()
+    assert np.array_equal(moe_rows(rows, model), placement_file.physical_to_logical_map)
 
 
 def test_plan_with_previous_writes_the_operators_migration_plan(tmp_path, traces):
@@ -113,3 +119,4 @@ def test_plan_with_previous_writes_the_operators_migration_plan(tmp_path, traces
             live[layer, slot] = -1
     assert np.array_equal(live, after.physical_to_logical_map)
     assert record.estimated_seconds > 0 and set(record.bytes_per_link)
+
