@@ -38,6 +38,7 @@ from moe_operator.agents import AgentClient
 from moe_operator.credentials import AgentTokenError, deployment_token
 from moe_operator.crd import PlacementStatus, ResolvedSpec, SpecError, resolve_spec
 from moe_operator.discovery import EndpointsError, discover_agents
+from moe_operator.engine_backend import engine_map
 from moe_operator.kube import Kube, KubeError
 from moe_operator.metrics_source import MetricsReport, MetricsUnavailable, build_profile, fetch_load, parse_stats
 from moe_operator.outcomes import (
@@ -450,6 +451,8 @@ class Controller:
         published = loaded.published
         view = ctx.view
         assert view is not None
+        if ctx.resolved.spec.serving.engine_kind != "agent":
+            return self._engine_serves(ctx, view, published)
         placement_status = loaded.writer.observed.placement or PlacementStatus()
         if not placement_status.confirmed:
             adopted = self._common_map(view, ctx.resolved)
@@ -477,6 +480,21 @@ class Controller:
         ctx.writer.condition("Ready", True, "AgentsServing", f"placement generation {target_generation} live on all agents")
         ctx.metrics.set(om.PLACEMENT_GENERATION, target_generation)
         return target_generation
+
+    def _engine_serves(self, ctx: CycleContext, view: AgentsView, published: Published) -> int | CycleOutcome:
+        """An engine applies the published map itself: check that every rank's sidecar reports it."""
+        expected = placement_hash(engine_map(published.placement).physical_to_logical_map)
+        lagging = sorted(rank for rank, answer in view.answers.items() if answer.hash != expected)
+        if lagging:
+            message = f"the engine does not serve published generation {published.generation} on ranks {lagging} yet"
+            return waiting(
+                CycleResult.ENGINE_APPLYING, message,
+                conditions=(ConditionChange("Degraded", True, "EngineApplying", message),),
+            )
+        ctx.writer.condition("Degraded", False, "AgentsServing", f"the engine serves generation {published.generation}")
+        ctx.writer.condition("Ready", True, "AgentsServing", f"placement generation {published.generation} live")
+        ctx.metrics.set(om.PLACEMENT_GENERATION, published.generation)
+        return published.generation
 
     async def _profile(self, ctx: CycleContext, published: Published) -> Profiled | CycleOutcome:
         """Load from Prometheus and transitions from the agents -> profile, imbalance, conditions."""

@@ -147,6 +147,15 @@ class ServingSpec(SpecModel):
 
     engine: EngineSpec | None = Field(None, description="Deploy this engine with agent sidecars.")
     workload_ref: WorkloadRef | None = Field(None, description="Use this existing workload's pods.")
+    engine_kind: Literal["agent", "sglang", "vllm"] = Field(
+        "agent",
+        description=(
+            "Who moves expert weights. agent: moeplace's agents copy them over HTTP (the replay engine, "
+            "plain HF/torch models). sglang, vllm: the engine moves them itself, applying the published "
+            "map through moeplace's plugin (docs/engines.md); the operator publishes and waits until "
+            "the engine's sidecars report it live."
+        ),
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> ServingSpec:
@@ -216,6 +225,11 @@ class MigrationSpec(SpecModel):
     step_retries: int = Field(2, ge=0, le=20, description="Retries of a failed step before rolling back.")
     stage_pause_seconds: float = Field(
         0.0, ge=0, le=3600, description="Pause after each stage (lets engines settle)."
+    )
+    engine_apply_timeout_seconds: float = Field(
+        900.0, gt=0, le=86400,
+        description="engineKind sglang/vllm: how long the engine may take to serve a published map "
+        "before the operator publishes the previous one again.",
     )
 
 

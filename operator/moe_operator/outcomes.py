@@ -37,6 +37,7 @@ class CycleResult(enum.StrEnum):
     SOLVER_FAILED = "solver failed"
     SKIPPED = "skipped"
     APPLIED = "applied"
+    ENGINE_APPLYING = "engine applying"
     INTERRUPTED = "interrupted"
     ROLLED_BACK = "rolled back"
     ROLLING_BACK = "rolling back"

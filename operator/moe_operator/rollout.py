@@ -12,11 +12,20 @@ ConfigMap (the plan is deterministic in them), its progress in ``status.migratio
 * **Interrupted** (spec changed, paused, operator stopping): stopped at a stage boundary, the map
   that is live published, not counted as a rebalance.
 * **Stalled** (a final activation failed): recorded progress kept, resumed next cycle.
+
+With ``spec.serving.engineKind`` sglang or vllm the engine moves the weights itself: the target is
+published at once (the engine's plugin reads the mounted ConfigMap and applies it at its next
+rebalance), and each cycle waits up to ``ENGINE_POLL_S`` for every rank's sidecar to report the
+engine serving it (the target with its empty slots filled, ``engine_backend.engine_map``). Live:
+Completed. Not live within ``engineApplyTimeoutSeconds`` of the start, or a rank answering what
+waiting cannot fix: the source map is published again and the migration is Failed (Degraded); the
+engine goes back to it at its next rebalance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ import numpy as np
 
 from moe_operator import builders
 from moe_operator import metrics as om
+from moe_operator.engine_backend import EngineLive, EngineTimedOut, engine_map, wait_until_live
 from moe_operator.crd import MigrationStatus, PlacementStatus, ResolvedSpec
 from moe_operator.kube import Kube
 from moe_operator.outcomes import ConditionChange, CycleContext, CycleOutcome, CycleResult, Event, waiting
@@ -46,7 +56,18 @@ from moe_placement.models import Placement, PlacementError, placement_hash
 
 logger = logging.getLogger("moe_operator.rollout")
 
+# An engine migration is waited for in slices of this long, so a cycle never holds its lock for long.
+ENGINE_POLL_S = 20.0
+
 EventFn = Callable[[Any, str, str, str], None]
+
+
+def _seconds_since(timestamp: str | None) -> float:
+    """Seconds since an RFC 3339 status timestamp (0 when there is none)."""
+    if not timestamp:
+        return 0.0
+    started = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return max((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 0.0)
 
 
 def _placement(mapping: Any, resolved: ResolvedSpec) -> Placement:
@@ -70,6 +91,8 @@ class Rollout:
         should_stop: Callable[[], bool],
     ) -> CycleOutcome:
         """Record and run a migration to ``target`` that the gate accepted."""
+        if ctx.resolved.spec.serving.engine_kind != "agent":
+            return await self._engine_start(ctx, source, target, generation, result)
         policy = ctx.resolved.spec.placement.policy
         record = self._record(ctx, source, target, generation, policy)
         migration = MigrationStatus(
@@ -132,6 +155,8 @@ class Rollout:
                 event=Event("Warning", "MigrationAbandoned", message),
                 status={"migration": migration.model_copy(update={"state": "Failed", "message": message})},
             )
+        if ctx.resolved.spec.serving.engine_kind != "agent":
+            return await self._engine_wait(ctx, record, migration)
         view = ctx.view
         if view is not None and len({answer.hash for answer in view.answers.values()}) > 1:
             return await self._diverged(ctx, record, migration, published, should_stop)
@@ -193,6 +218,76 @@ class Rollout:
         if outcome.state == RunState.COMPLETED:
             return await self._completed(ctx, record, current, outcome)
         return await self._interrupted(ctx, record, current, outcome)
+
+    async def _engine_start(
+        self, ctx: CycleContext, source: Placement, target: Placement, generation: int, result: SolveResult
+    ) -> CycleOutcome:
+        """Publish ``target`` for the engine to apply, record the migration, and wait for it."""
+        policy = ctx.resolved.spec.placement.policy
+        record = self._record(ctx, source, target, generation, policy)
+        migration = MigrationStatus(
+            plan_id=record.plan_id, state="Running",
+            target_hash=placement_hash(engine_map(target).physical_to_logical_map), from_generation=generation,
+            stages=1, bytes_total=result.bytes_to_move, started_at=now_iso(),
+            message=f"{ctx.resolved.spec.serving.engine_kind} applies it: {result.reason}",
+            policy=policy, solver_status=result.solver_status,
+        )
+        await self.kube.put_configmap(builders.build_migration_configmap(ctx.body, record))
+        ctx.writer.condition("Migrating", True, "EngineApplying", f"plan {record.plan_id}: published for the engine")
+        solver = {"status": result.solver_status}
+        await self.publish(ctx, target, generation + 1, policy, solver, migration=migration)
+        return await self._engine_wait(ctx, record, migration)
+
+    async def _engine_wait(
+        self, ctx: CycleContext, record: builders.MigrationRecord, migration: MigrationStatus
+    ) -> CycleOutcome:
+        """Wait a slice for the engine to serve the target; finish, keep waiting, or give up."""
+        target = _placement(record.target, ctx.resolved)
+        elapsed = _seconds_since(migration.started_at)
+        remaining = ctx.resolved.spec.migration.engine_apply_timeout_seconds - elapsed
+        ctx.metrics.migrating(True)
+        try:
+            outcome = await wait_until_live(ctx.client, ctx.agents, target, max(min(remaining, ENGINE_POLL_S), 0.0))
+        finally:
+            ctx.metrics.migrating(False)
+        name = builders.migration_configmap_name(ctx.name)
+        if isinstance(outcome, EngineLive):
+            await self.kube.delete_configmap(ctx.namespace, name)
+            ctx.metrics.rebalance("applied")
+            done = migration.model_copy(update={"state": "Completed", "stage": 1, "message": f"live on {len(outcome.ranks)} ranks"})
+            message = f"plan {record.plan_id}: the engine serves it on every rank after {elapsed + outcome.seconds:.0f}s"
+            return CycleOutcome(
+                CycleResult.APPLIED, message,
+                conditions=(
+                    ConditionChange("Migrating", False, "MigrationCompleted", message),
+                    ConditionChange("Degraded", False, "AgentsServing", message),
+                ),
+                event=Event("Normal", "MigrationCompleted", message),
+                status={"migration": done, "lastRebalanceTime": now_iso()},
+            )
+        if isinstance(outcome, EngineTimedOut) and remaining > ENGINE_POLL_S:
+            lagging = ", ".join(f"rank {rank}: {why}" for rank, why in sorted(outcome.lagging.items())[:4])
+            return waiting(CycleResult.ENGINE_APPLYING, f"plan {record.plan_id}: waiting for the engine ({lagging})")
+        why = (
+            f"not served within {ctx.resolved.spec.migration.engine_apply_timeout_seconds:.0f}s"
+            if isinstance(outcome, EngineTimedOut) else f"rank {outcome.rank}: {outcome.message}"
+        )
+        message = f"plan {record.plan_id}: {why}; the previous map is published again for the engine"
+        source = _placement(record.source, ctx.resolved)
+        published = ctx.writer.observed.placement
+        generation = (published.generation if published is not None else record.from_generation) + 1
+        failed = migration.model_copy(update={"state": "Failed", "message": message})
+        await self.publish(ctx, source, generation, record.policy, migration=failed)
+        await self.kube.delete_configmap(ctx.namespace, name)
+        ctx.metrics.rebalance("failed")
+        return waiting(
+            CycleResult.ROLLED_BACK, message, error="agent",
+            conditions=(
+                ConditionChange("Migrating", False, "EngineApplyFailed", message),
+                ConditionChange("Degraded", True, "EngineApplyFailed", message),
+            ),
+            event=Event("Warning", "EngineApplyFailed", message),
+        )
 
     async def _diverged(
         self,

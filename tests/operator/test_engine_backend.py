@@ -155,3 +155,73 @@ def test_soak_many_generations_in_a_row(standin):
         outcome = wait(standin, target)
         assert isinstance(outcome, engine_backend.EngineLive), (generation, outcome)
         assert set(outcome.ranks.values()) == {generation}
+
+
+def test_the_operator_drives_an_engine_backend_without_copying_weights(tmp_path, monkeypatch):
+    """The control loop with spec.serving.engineKind sglang and the stand-in engine (a real process):
+    the gate accepts a new placement, the operator publishes it (the test mounts the ConfigMap's data
+    where the engine reads it, as the kubelet would), never calls a stage or activation, and completes
+    once every rank's sidecar reports the filled target; the next cycle sees it served."""
+    from fake_kube import FakeKube
+
+    from moe_operator import control, settings
+    from moe_operator.metrics_source import MetricsReport
+    from moe_operator.outcomes import CycleResult
+    from moe_placement.models import placement_hash
+
+    standin = Standin(tmp_path, move_delay=0.3)
+    try:
+        initial = Placement(linear_placement(3, 8, 12), 8, 3)
+        publish(standin.placement_dir, initial, 0)
+        spec = {
+            "model": {"shape": SHAPE}, "topology": {"nodes": 1, "gpusPerNode": 4},
+            "serving": {"engineKind": "sglang"},
+            "placement": {"policy": "eplb_global", "redundantSlots": 4, "minPredictedGain": 0.01,
+                          "evaluationBatches": 1,
+                          "objective": {"prefill": "tokenImbalance", "decode": "tokenImbalance",
+                                        "prefillRouter": "random", "decodeRouter": "random"}},
+            "metrics": {"prometheusUrl": "http://prom.invalid:9090", "windowSeconds": 30},
+        }
+        kube = FakeKube({**OWNER, "spec": spec}, token=TOKEN)
+        put = kube.put_configmap
+
+        async def put_and_mount(configmap):
+            await put(configmap)
+            if configmap["metadata"]["name"] == "demo-placement":
+                contract.write_published(standin.placement_dir, configmap["data"])
+
+        kube.put_configmap = put_and_mount
+        kube.endpoints["demo-agents"] = builders.build_external_endpoints(
+            "demo", "ns", {rank: ("127.0.0.1", int(url.rsplit(":", 1)[1])) for rank, url in standin.announced.items()}
+        )
+
+        def skewed(*_args, **_kwargs):
+            load = np.ones((3, 8)) * 10
+            load[:, :2] = 400  # the hot experts share GPU 0 in the linear placement
+            return load, MetricsReport(series=24, used=24), 3.0
+
+        monkeypatch.setattr(control, "fetch_load", skewed)
+        monkeypatch.setattr(settings, "_current", settings.OperatorSettings(agent_host_override=True))
+
+        async def go():
+            ctl = control.Controller(kube, pool=None)
+            try:
+                await ctl.reconcile(kube.body)
+                first = await ctl.cycle("ns", "demo")
+                second = await ctl.cycle("ns", "demo")
+                return first, second
+            finally:
+                await ctl.close()
+
+        first, second = asyncio.run(go())
+        assert first.result == CycleResult.APPLIED, first
+        status = kube.body["status"]
+        assert status["migration"]["state"] == "Completed" and status["lastRebalanceTime"]
+        published = builders.parse_placement_configmap(kube.configmaps["demo-placement"], 8, 3)[0]
+        assert not np.array_equal(published.physical_to_logical_map, initial.physical_to_logical_map)
+        expected = placement_hash(engine_backend.engine_map(published).physical_to_logical_map)
+        assert status["migration"]["targetHash"] == expected
+        assert contract.read_status(standin.engine_dir, 0).hash == expected
+        assert second.result in (CycleResult.SKIPPED, CycleResult.APPLIED), second
+    finally:
+        standin.stop()
