@@ -135,8 +135,8 @@ def previous_cost_model():
 def bench_cycle(reference: bool) -> dict:
     model, topology, profile, previous = setup()
     request = SolveRequest(
-        policy="eplb", profile=profile, model=model, topology=topology, previous=previous,
-        min_predicted_gain=0.0, max_copies_per_stage=8,
+        policy="eplb", profile=profile, model=model, topology=topology,
+        options=PolicyOptions(previous=previous, time_limit_s=10.0), min_predicted_gain=0.0, max_copies_per_stage=8,
     )
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:

@@ -202,13 +202,13 @@ def bench_cycle(workdir: Path, policy: str, redundant: int, scrapes: int = 5) ->
                 break
             time.sleep(1)
         started = time.perf_counter()
-        load, report, _ = fetch_load(prometheus.url, 30, {}, model.num_layers, model.num_experts)
+        load, report, _ = fetch_load(prometheus.url, 30, {}, model.num_layers, model.num_experts, topology.num_gpus)
         queried = time.perf_counter()
         profile = build_profile(load, model.top_k, phase="decode")
         previous = Placement(exporter.mapping, model.num_experts, topology.slots_per_gpu)
         request = SolveRequest(
-            policy=policy, profile=profile, model=model, topology=topology, previous=previous,
-            time_limit_s=resolved.spec.placement.solver_time_limit_seconds, min_predicted_gain=0.0,
+            policy=policy, profile=profile, model=model, topology=topology,
+            options=resolved.spec.placement.policy_options(previous, seed=0), min_predicted_gain=0.0,
             interval_s=300, max_copies_per_stage=resolved.spec.migration.max_steps_in_flight,
         )
         result = pool.submit(solve_and_gate, request).result()

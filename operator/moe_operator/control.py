@@ -591,9 +591,7 @@ class Controller:
             profile=profiled.profile,
             model=resolved.model,
             topology=resolved.topology,
-            previous=published,
-            time_limit_s=placement.solver_time_limit_seconds,
-            move_budget=placement.move_budget,
+            options=placement.policy_options(published, seed=int(body["metadata"].get("generation", 0))),
             phases=phases,
             objectives={"prefill": objective.prefill, "decode": objective.decode},
             routers={"prefill": objective.prefill_router, "decode": objective.decode_router},
@@ -603,7 +601,6 @@ class Controller:
             interval_s=placement.rebalance_interval_seconds,
             max_concurrent_transfers=resolved.spec.migration.max_concurrent_transfers,
             max_copies_per_stage=resolved.spec.migration.max_steps_in_flight,
-            seed=int(body["metadata"].get("generation", 0)),
             keep_layers=profiled.missing_layers,
         )
 
@@ -612,7 +609,7 @@ class Controller:
         loop = asyncio.get_running_loop()
         if self.pool is None:
             return await asyncio.to_thread(solve_and_gate, request)
-        deadline = request.time_limit_s * 4 + 120
+        deadline = request.options.time_limit_s * 4 + 120
         try:
             return await asyncio.wait_for(loop.run_in_executor(self.pool, solve_and_gate, request), deadline)
         except (BrokenExecutor, TimeoutError) as error:

@@ -29,12 +29,13 @@ from pydantic.alias_generators import to_camel
 from moe_placement.models import (
     GpuSpec,
     ModelShape,
+    Placement,
     PlacementError,
     Topology,
     check_fits,
     format_validation_error,
 )
-from moe_placement.policies import POLICIES
+from moe_placement.policies import POLICIES, PolicyOptions
 from moe_placement.presets import GPU_PRESETS, MODEL_PRESETS, gpu_preset, model_preset, slots_per_gpu
 from moe_placement.routing import ROUTERS
 
@@ -210,6 +211,16 @@ class PlacementSpec(SpecModel):
     decode_tokens_per_gpu: int = Field(
         16, ge=1, le=65536, description="Tokens per GPU of a sampled decode batch."
     )
+
+    def policy_options(self, previous: Placement, seed: int) -> PolicyOptions:
+        """The policy's knobs from this spec: the one place a placement knob of the CRD reaches
+        ``moe_placement.policies.PolicyOptions``."""
+        return PolicyOptions(
+            time_limit_s=self.solver_time_limit_seconds,
+            previous=previous,
+            move_budget=self.move_budget,
+            seed=seed,
+        )
 
 
 class MigrationSpec(SpecModel):

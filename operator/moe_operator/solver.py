@@ -37,9 +37,7 @@ class SolveRequest:
     profile: WorkloadProfile
     model: ModelShape
     topology: Topology
-    previous: Placement
-    time_limit_s: float = 10.0
-    move_budget: int | None = None
+    options: PolicyOptions
     phases: tuple[str, ...] = ("prefill", "decode")
     objectives: dict[str, str] = field(default_factory=lambda: {"prefill": "moeTime", "decode": "moeTime"})
     routers: dict[str, str] = field(default_factory=lambda: {"prefill": "local_first", "decode": "metro"})
@@ -49,7 +47,6 @@ class SolveRequest:
     interval_s: float = 300.0
     max_concurrent_transfers: int = 4
     max_copies_per_stage: int = 8
-    seed: int = 0
     keep_layers: tuple[int, ...] = ()
 
 
@@ -101,7 +98,7 @@ def _costs(
     request: SolveRequest, placements: list[Placement]
 ) -> tuple[list[dict[str, float]], list[dict[str, dict[str, float]]]]:
     """Per placement: {phase: objective value}, {phase: cost summary}; same batches for all."""
-    rng = np.random.default_rng(request.seed)
+    rng = np.random.default_rng(request.options.seed)
     profile = _smoothed(request.profile)
     batches = {
         phase: phase_batches(
@@ -109,7 +106,7 @@ def _costs(
         )
         for phase in request.phases
     }
-    reports = score_placements(placements, request.model, request.topology, batches, request.routers, request.seed)  # type: ignore[arg-type]
+    reports = score_placements(placements, request.model, request.topology, batches, request.routers, request.options.seed)  # type: ignore[arg-type]
     objective_values = [
         {phase: float(getattr(report, OBJECTIVE_FIELDS[request.objectives[phase]])) for phase, report in costs.items()}
         for costs in reports
@@ -129,6 +126,9 @@ def _keep_rows(new: Placement, previous: Placement, layers: tuple[int, ...]) -> 
 
 def solve_and_gate(request: SolveRequest) -> SolveResult:
     """Solve with the policy, predict the gain on sampled batches, plan the migration, and gate."""
+    previous = request.options.previous
+    if previous is None:
+        raise ValueError("options.previous: the gate compares against the published placement; none given")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     result = plan(
@@ -136,28 +136,23 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
         request.profile,
         request.model,
         request.topology,
-        PolicyOptions(
-            time_limit_s=request.time_limit_s,
-            previous=request.previous,
-            move_budget=request.move_budget,
-            seed=request.seed,
-        ),
+        request.options,
     )
     timings["solve"] = time.perf_counter() - started
-    new = _keep_rows(result.placement, request.previous, request.keep_layers)
+    new = _keep_rows(result.placement, previous, request.keep_layers)
     common = dict(
         solver_status=result.solver.status,
         gap=result.solver.gap,
         solve_seconds=result.solve_seconds,
         timings=timings,
     )
-    if placement_hash(new.physical_to_logical_map) == placement_hash(request.previous.physical_to_logical_map):
+    if placement_hash(new.physical_to_logical_map) == placement_hash(previous.physical_to_logical_map):
         return SolveResult(
             apply=False, reason="no change", mapping=None, old_cost={}, new_cost={}, gain=0.0,
             migration_cost=0.0, net_gain=0.0, bytes_to_move=0.0, stages=0, **common,
         )
     started = time.perf_counter()
-    (old_cost, new_cost), (old_summary, new_summary) = _costs(request, [request.previous, new])
+    (old_cost, new_cost), (old_summary, new_summary) = _costs(request, [previous, new])
     timings["evaluate"] = time.perf_counter() - started
     gains = [
         (old_cost[phase] - new_cost[phase]) / old_cost[phase] if old_cost[phase] > 0 else 0.0
@@ -166,7 +161,7 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
     gain = float(np.mean(gains)) if gains else 0.0
     started = time.perf_counter()
     migration = plan_migration(
-        request.previous, new, request.model, request.topology, max_copies_per_stage=request.max_copies_per_stage
+        previous, new, request.model, request.topology, max_copies_per_stage=request.max_copies_per_stage
     )
     timings["plan_migration"] = time.perf_counter() - started
     bytes_to_move = float(migration.bytes_moved)

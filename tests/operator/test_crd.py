@@ -145,3 +145,21 @@ def test_a_placement_too_big_for_its_configmap_is_invalid_at_once(model, topolog
     message = str(error.value)
     assert message.startswith("spec.model and spec.topology:") and "ConfigMap" in message
     assert "spec.placement.redundantSlots" in message
+
+
+def test_a_placement_knob_reaches_the_policy_options():
+    """The one path of a CRD placement knob: spec -> PlacementSpec.policy_options -> PolicyOptions."""
+    from moe_operator.crd import resolve_spec
+    from moe_placement.baselines import linear_placement
+    from moe_placement.models import Placement
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "moedeployment.yaml").read_text())["spec"]
+    spec["placement"] = {**spec.get("placement", {}), "moveBudget": 7, "solverTimeLimitSeconds": 3}
+    resolved = resolve_spec(spec)
+    previous = Placement(
+        linear_placement(resolved.model.num_layers, resolved.model.num_experts, resolved.topology.num_slots),
+        resolved.model.num_experts, resolved.topology.slots_per_gpu,
+    )
+    options = resolved.spec.placement.policy_options(previous, seed=5)
+    assert (options.move_budget, options.time_limit_s, options.seed) == (7, 3, 5)
+    assert options.previous is previous

@@ -9,6 +9,7 @@ import numpy as np
 from moe_operator.solver import SolveRequest, solve_and_gate, token_imbalance
 from moe_placement.baselines import linear_placement
 from moe_placement.models import ModelShape, Placement, WorkloadProfile
+from moe_placement.policies import PolicyOptions
 from moe_placement.presets import parse_topology
 
 MODEL = ModelShape(name="t", num_layers=4, num_experts=16, top_k=2, hidden_size=256, expert_intermediate_size=512)
@@ -39,7 +40,7 @@ def test_token_imbalance():
 def request(**extra):
     values = dict(
         policy="eplb_global", profile=WorkloadProfile(load=skewed_load(), top_k=2), model=MODEL, topology=TOPOLOGY,
-        previous=linear(), objectives={"prefill": "tokenImbalance", "decode": "moeTime"}, min_predicted_gain=0.05,
+        options=PolicyOptions(previous=linear(), time_limit_s=10.0), objectives={"prefill": "tokenImbalance", "decode": "moeTime"}, min_predicted_gain=0.05,
         interval_s=60, num_batches=1,
     )
     values.update(extra)
@@ -69,5 +70,5 @@ def test_gate_refuses_small_gains_and_costly_moves(planner):
 def test_no_change_is_skipped(planner):
     first = solve_and_gate(request())
     applied = Placement(first.mapping, 16, 5)
-    again = solve_and_gate(request(previous=applied))
+    again = solve_and_gate(request(options=PolicyOptions(previous=applied, time_limit_s=10.0)))
     assert not again.apply and again.reason == "no change"
