@@ -409,6 +409,21 @@ def _threshold(value: float) -> str:
     return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(float(value))
 
 
+def _alert(
+    name: str, expr: str, severity: str, summary: str, description: str, runbook_base_url: str,
+    for_seconds: float | None = None,
+) -> dict[str, Any]:
+    """One Prometheus alerting rule with its runbook link."""
+    rule: dict[str, Any] = {"alert": name, "expr": expr}
+    if for_seconds is not None:
+        rule["for"] = prometheus_duration(for_seconds)
+    rule["labels"] = {"severity": severity}
+    rule["annotations"] = {
+        "summary": summary, "description": description, "runbook_url": f"{runbook_base_url}{name}.md"
+    }
+    return rule
+
+
 def deployment_alert_rules(
     alerts: AlertsSpec | None = None,
     namespace: str | None = None,
@@ -433,62 +448,39 @@ def deployment_alert_rules(
     missing = alerts.metrics_missing_seconds
     in_progress = series("moeplace_operator_migration_in_progress")
     return [
-        {
-            "alert": ALERT_IMBALANCE,
-            # The operator's live imbalance (max / mean GPU load, mean over layers) has stayed above
-            # the threshold: the rebalancer is not keeping up, is paused, or its gain gate rejects
-            # every new placement.
-            "expr": f"{series('moeplace_operator_imbalance')} > {imbalance}{rest}",
-            "for": prometheus_duration(IMBALANCE_FOR_SECONDS),
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": "Expert load imbalance stays high.",
-                "description": (
-                    f"MoEDeployment {_WHO} has a token imbalance of {{{{ $value | printf \"%.2f\" }}}} "
-                    f"(max / mean GPU load; threshold {imbalance}) for more than "
-                    f"{human_duration(IMBALANCE_FOR_SECONDS)}."
-                ),
-                "runbook_url": f"{runbook_base_url}{ALERT_IMBALANCE}.md",
-            },
-        },
-        {
-            "alert": ALERT_MIGRATION_STALLED,
-            # A migration has run for the whole window (it was running already at its start) and
-            # completed no step in it: an expert copy hangs or keeps failing, and the deployment sits
-            # between two placements.
-            "expr": (
-                f"min_over_time({in_progress}[{prometheus_duration(stalled)}]) == 1"
-                f" and on (namespace, deployment) ({in_progress} offset {prometheus_duration(stalled)}) == 1"
-                f" unless on (namespace, deployment)"
-                f" (time() - {series('moeplace_operator_migration_last_progress_timestamp_seconds')}) < {stalled}"
-                f"{rest}"
-            ),
-            "labels": {"severity": "critical"},
-            "annotations": {
-                "summary": "Expert migration makes no progress.",
-                "description": (
-                    f"The migration of MoEDeployment {_WHO} has not completed a step for more than "
-                    f"{human_duration(stalled)}."
-                ),
-                "runbook_url": f"{runbook_base_url}{ALERT_MIGRATION_STALLED}.md",
-            },
-        },
-        {
-            "alert": ALERT_METRICS_MISSING,
-            # Without usable load statistics the operator cannot re-solve the placement; it keeps
-            # the live one.
-            "expr": f"{series('moeplace_operator_metrics_available')} == 0{rest}",
-            "for": prometheus_duration(missing),
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": "The operator gets no usable expert load from Prometheus.",
-                "description": (
-                    f"The operator's Prometheus queries for MoEDeployment {_WHO} have returned no usable "
-                    f"expert load for more than {human_duration(missing)}; rebalancing is suspended."
-                ),
-                "runbook_url": f"{runbook_base_url}{ALERT_METRICS_MISSING}.md",
-            },
-        },
+        # The operator's live imbalance (max / mean GPU load, mean over layers) has stayed above the
+        # threshold: the rebalancer is not keeping up, is paused, or its gain gate rejects every
+        # new placement.
+        _alert(
+            ALERT_IMBALANCE, f"{series('moeplace_operator_imbalance')} > {imbalance}{rest}", "warning",
+            "Expert load imbalance stays high.",
+            f"MoEDeployment {_WHO} has a token imbalance of {{{{ $value | printf \"%.2f\" }}}} "
+            f"(max / mean GPU load; threshold {imbalance}) for more than {human_duration(IMBALANCE_FOR_SECONDS)}.",
+            runbook_base_url, IMBALANCE_FOR_SECONDS,
+        ),
+        # A migration has run for the whole window (it was running already at its start) and
+        # completed no step in it: an expert copy hangs or keeps failing, and the deployment sits
+        # between two placements.
+        _alert(
+            ALERT_MIGRATION_STALLED,
+            f"min_over_time({in_progress}[{prometheus_duration(stalled)}]) == 1"
+            f" and on (namespace, deployment) ({in_progress} offset {prometheus_duration(stalled)}) == 1"
+            f" unless on (namespace, deployment)"
+            f" (time() - {series('moeplace_operator_migration_last_progress_timestamp_seconds')}) < {stalled}"
+            f"{rest}",
+            "critical", "Expert migration makes no progress.",
+            f"The migration of MoEDeployment {_WHO} has not completed a step for more than {human_duration(stalled)}.",
+            runbook_base_url,
+        ),
+        # Without usable load statistics the operator cannot re-solve the placement; it keeps the
+        # live one.
+        _alert(
+            ALERT_METRICS_MISSING, f"{series('moeplace_operator_metrics_available')} == 0{rest}", "warning",
+            "The operator gets no usable expert load from Prometheus.",
+            f"The operator's Prometheus queries for MoEDeployment {_WHO} have returned no usable expert load "
+            f"for more than {human_duration(missing)}; rebalancing is suspended.",
+            runbook_base_url, missing,
+        ),
     ]
 
 
@@ -529,24 +521,70 @@ def engine_selector(name: str) -> dict[str, str]:
     return {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "engine"}
 
 
-def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
-    """One pod per node: the engine container plus one agent sidecar per GPU (local rank r on
-    agentPort + r, global rank = pod ordinal * gpusPerNode + r); the placement ConfigMap is mounted
-    and named to the engine by ``MOEPLACE_PLACEMENT`` (SGLang's ``--init-expert-location``)."""
-    meta = owner["metadata"]
-    name = meta["name"]
-    engine = resolved.spec.serving.engine
-    if engine is None:
-        raise ValueError("spec.serving.engine: not set")
-    topology = resolved.topology
-    model = resolved.model
-    gpus = topology.gpus_per_node
+def _engine_container(engine: Any, gpus: int) -> dict[str, Any]:
+    """The engine's container: its image, command, env, GPUs and the placement ConfigMap mounted."""
     resources = json.loads(json.dumps(engine.resources)) if engine.resources else {}
     resources.setdefault("limits", {}).setdefault("nvidia.com/gpu", gpus)
     for kind in ("limits", "requests"):  # quantities are strings in the API
         if isinstance(resources.get(kind), dict):
             resources[kind] = {name: str(value) for name, value in resources[kind].items()}
-    placement_file = f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"
+    container = {
+        "name": "engine",
+        "image": engine.image,
+        "env": [{"name": "MOEPLACE_PLACEMENT", "value": f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"}]
+        + [{"name": var.name, "value": var.value} for var in engine.env],
+        "resources": resources,
+        "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
+    }
+    if engine.command:
+        container["command"] = list(engine.command)
+    if engine.args:
+        container["args"] = list(engine.args)
+    return container
+
+
+def _agent_sidecar(resolved: ResolvedSpec, local: int) -> dict[str, Any]:
+    """The agent of local rank ``local``: global rank = pod ordinal * gpusPerNode + local."""
+    engine = resolved.spec.serving.engine
+    topology = resolved.topology
+    gpus = topology.gpus_per_node
+    port = resolved.spec.metrics.agent_port + local
+    return {
+        "name": f"agent-{local}",
+        "image": engine.agent_image,
+        "command": ["sh", "-c"],
+        "args": [
+            "exec python -m moe_agent agent"
+            f" --rank $(( ${{POD_NAME##*-}} * {gpus} + {local} ))"
+            # the agent listens on 127.0.0.1 by default: in a pod, probes and scrapes come from
+            # outside the pod's loopback
+            f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
+            f" --redundant-slots {resolved.spec.placement.redundant_slots}"
+            f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
+            + " ".join(engine.agent_args)
+        ],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "MOEPLACE_MODEL", "value": json.dumps(resolved.model.model_dump(by_alias=True))},
+        ],
+        "ports": [{"name": f"{RANK_PORT_PREFIX}{local}", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5},
+        "volumeMounts": [
+            {"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True},
+            {"name": "agent-token", "mountPath": TOKEN_MOUNT, "readOnly": True},
+        ],
+    }
+
+
+def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
+    """One pod per node: the engine container plus one agent sidecar per GPU (local rank r on
+    agentPort + r, global rank = pod ordinal * gpusPerNode + r); the placement ConfigMap is mounted
+    and named to the engine by ``MOEPLACE_PLACEMENT`` (SGLang's ``--init-expert-location``)."""
+    name = owner["metadata"]["name"]
+    engine = resolved.spec.serving.engine
+    if engine is None:
+        raise ValueError("spec.serving.engine: not set")
+    gpus = resolved.topology.gpus_per_node
     token_secret, token_key = agent_token_source(owner, resolved)
     # A mounted file, not an env var: kubelet refreshes it when the token rotates and the agent re-reads it.
     volumes: list[dict[str, Any]] = [
@@ -556,61 +594,18 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
             "secret": {"secretName": token_secret, "items": [{"key": token_key, "path": AGENT_TOKEN_KEY}]},
         },
     ]
-    engine_container = {
-        "name": "engine",
-        "image": engine.image,
-        "env": [{"name": "MOEPLACE_PLACEMENT", "value": placement_file}]
-        + [{"name": var.name, "value": var.value} for var in engine.env],
-        "resources": resources,
-        "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
-    }
-    if engine.command:
-        engine_container["command"] = list(engine.command)
-    if engine.args:
-        engine_container["args"] = list(engine.args)
-    containers = [engine_container]
-    base_port = resolved.spec.metrics.agent_port
-    for local in range(gpus):
-        port = base_port + local
-        containers.append(
-            {
-                "name": f"agent-{local}",
-                "image": engine.agent_image,
-                "command": ["sh", "-c"],
-                "args": [
-                    "exec python -m moe_agent agent"
-                    f" --rank $(( ${{POD_NAME##*-}} * {gpus} + {local} ))"
-                    # the agent listens on 127.0.0.1 by default: in a pod, probes and scrapes
-                    # come from outside the pod's loopback
-                    f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
-                    f" --redundant-slots {resolved.spec.placement.redundant_slots}"
-                    f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
-                    + " ".join(engine.agent_args)
-                ],
-                "env": [
-                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                    {"name": "MOEPLACE_MODEL", "value": json.dumps(model.model_dump(by_alias=True))},
-                ],
-                "ports": [{"name": f"{RANK_PORT_PREFIX}{local}", "containerPort": port, "protocol": "TCP"}],
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5},
-                "volumeMounts": [
-                    {"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True},
-                    {"name": "agent-token", "mountPath": TOKEN_MOUNT, "readOnly": True},
-                ],
-            }
-        )
-    labels = {**labels_for(name, "engine")}
+    containers = [_engine_container(engine, gpus)] + [_agent_sidecar(resolved, local) for local in range(gpus)]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": _metadata(owner, engine_statefulset_name(name), "engine"),
         "spec": {
             "serviceName": agents_service_name(name),
-            "replicas": topology.num_nodes,
+            "replicas": resolved.topology.num_nodes,
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": engine_selector(name)},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": {**labels_for(name, "engine")}},
                 "spec": {"containers": containers, "volumes": volumes},
             },
         },

@@ -78,23 +78,34 @@ async def deployment_token(kube: Kube, body: Mapping[str, Any], resolved: Resolv
     return await _managed_token(kube, body)
 
 
+async def _created_or_existing(kube: Kube, body: Mapping[str, Any], rotation: str) -> tuple[str | None, Any]:
+    """(the new token, None) when this call created the Secret; else (None, the Secret there)."""
+    meta = body["metadata"]
+    namespace, secret_name = meta["namespace"], builders.agent_token_secret_name(meta["name"])
+    secret = await kube.get_secret(namespace, secret_name)
+    if secret is not None:
+        return None, secret
+    token = new_token()
+    try:
+        await kube.create_secret(builders.build_agent_token_secret(body, token, rotation))
+        return token, None
+    except KubeError as error:
+        if error.status != 409:
+            raise
+    secret = await kube.get_secret(namespace, secret_name)
+    if secret is None:
+        raise AgentTokenError(f"secret {namespace}/{secret_name}: created and deleted concurrently; retrying")
+    return None, secret
+
+
 async def _managed_token(kube: Kube, body: Mapping[str, Any]) -> str:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     secret_name = builders.agent_token_secret_name(name)
     rotation = (meta.get("annotations") or {}).get(builders.ANNOTATION_ROTATE_TOKEN, "")
-    secret = await kube.get_secret(namespace, secret_name)
-    if secret is None:
-        token = new_token()
-        try:
-            await kube.create_secret(builders.build_agent_token_secret(body, token, rotation))
-            return token
-        except KubeError as error:
-            if error.status != 409:
-                raise
-        secret = await kube.get_secret(namespace, secret_name)
-        if secret is None:
-            raise AgentTokenError(f"secret {namespace}/{secret_name}: created and deleted concurrently; retrying")
+    created, secret = await _created_or_existing(kube, body, rotation)
+    if created is not None:
+        return created
     if not labelled_for(secret, name):
         raise AgentTokenError(
             f"secret {namespace}/{secret_name} exists but is not labelled {builders.LABEL_AGENT_TOKEN_FOR}={name}: "
