@@ -29,6 +29,7 @@ RUN pip install --no-deps -r requirements/image.txt
 # the same index.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}+${TORCH_VARIANT}"
 COPY pyproject.toml README.md ./
+# Not dev/: the local dev stack (moeplace_dev) reads files of the git checkout and is no part of the image.
 COPY operator operator
 COPY agent agent
 RUN pip install --no-deps . && pip check

@@ -9,7 +9,7 @@
    query -> profile -> solve (in a worker process, as the operator does) -> predicted gain ->
    migration plan. Time from query to plan, per step.
 
-    PYTHONPATH=operator:agent python3 benchmarks/operator_bench.py [--deployments 100] [--json out/operator-bench.json]
+    PYTHONPATH=operator:agent:dev python3 benchmarks/operator_bench.py [--deployments 100] [--json out/operator-bench.json]
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO / "operator", REPO / "agent", REPO / "tests" / "operator"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import numpy as np
+import urllib3
 
-import numpy as np  # noqa: E402
-import urllib3  # noqa: E402
+from moeplace_dev.cluster import free_port, start_control_plane, start_prometheus
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-
-from moe_operator.cluster import free_port, start_control_plane, start_prometheus  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # 1. Many deployments
@@ -60,16 +55,15 @@ def children(pid: int) -> list[int]:
 
 
 def bench_many(count: int, workdir: Path) -> dict:
-    from e2e_support import AGENT_TOKEN, Api, Operator, manifest
+    from moeplace_dev.localstack import Api, OperatorProcess
+    from moeplace_dev.manifests import manifest
 
     with start_control_plane(workdir / "control-plane") as cluster:
         api = Api(cluster.kubeconfig)
         api.install_crd()
         api.bind_operator_role("operator")
         namespace = api.namespace("bench")
-        token = workdir / "agent-token"
-        token.write_text(AGENT_TOKEN + "\n")
-        operator = Operator(workdir, cluster.kubeconfig_for("operator"), token, solver_workers=1)
+        operator = OperatorProcess(workdir, cluster.kubeconfig_for("operator"), solver_workers=1)
         operator.start()
         try:
             time.sleep(3)  # the operator's start-up (imports, login) is not what is measured

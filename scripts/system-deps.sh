@@ -4,7 +4,7 @@
 #
 # Idempotent: apt installs only missing packages, and the whole build (toolchain, source, compile) is
 # skipped while the cached binary exists and answers --version. Runs without stdin (CI). Needs root or
-# passwordless sudo for apt. See /work/shared/ENVIRONMENT.md for why each step exists.
+# passwordless sudo for apt.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive

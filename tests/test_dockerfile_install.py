@@ -163,6 +163,14 @@ def test_final_image_is_non_root_with_both_entrypoints() -> None:
     assert f"--from=builder {venv} {venv}" in final.args("COPY")
 
 
+def test_image_leaves_out_the_dev_stack() -> None:
+    _, builder, _ = dockerfile()
+    sources = [source for args in builder.args("COPY") for source in shlex.split(args)[:-1]]
+    assert not [source for source in sources if source.split("/")[0] == "dev"], sources
+    where = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert "dev" not in where["where"], "moeplace_dev is its own distribution (dev/pyproject.toml)"
+
+
 def host_index_url() -> str:
     """The index this machine's pip uses, for TORCH_INDEX_URL (the pytorch.org index is not reachable
     here; the machine's find-links hold the same CPU wheel)."""
@@ -239,7 +247,14 @@ def test_image_install_commands_give_a_working_moeplace(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, f"moeplace {' '.join(argv)}:\n{result.stdout}\n{result.stderr}"
         assert "usage: moeplace" in result.stdout
-    probe = "import torch, moe_agent, moe_operator, moe_placement; print(torch.__version__)"
+        if argv == ["--help"]:
+            commands = set(re.findall(r"^    (\w+)", result.stdout, re.MULTILINE))
+            assert {"operator", "agent"} <= commands and not {"cluster", "demo"} & commands, commands
+    probe = (
+        "import importlib.util, torch, moe_agent, moe_operator, moe_placement; "
+        "assert importlib.util.find_spec('moeplace_dev') is None, 'the dev stack is in the image'; "
+        "print(torch.__version__)"
+    )
     result = subprocess.run(
         [str(bin_dir / "python"), "-c", probe], env=env, capture_output=True, text=True, timeout=120
     )

@@ -10,6 +10,7 @@ Shapes: L layers, E experts, N = G*S slots, S slots of this rank.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_placement.agent_api import PlacementAnswer, RetireAnswer, SlotEntry, StageAnswer
 from moe_placement.models import ModelShape, Placement, PlacementError, Topology, placement_hash
 from moe_agent.metrics import AgentMetrics
 from moe_agent.recorder import RoutingRecorder
 from moe_agent.router import TorchLayout
 from moe_agent.store import ExpertStore, ExpertWeights, Slot, SlotBusy, WeightsError
-
 
 
 @dataclass(frozen=True)
@@ -122,25 +123,36 @@ class AgentCore:
     def _publish(self) -> None:
         self.metrics.set_placement(self.live.generation, self.store.occupancy())
 
-    def placement_answer(self) -> dict:
+    def placement_answer(self) -> PlacementAnswer:
         """The body of ``GET /v1/placement``."""
         live = self.live
-        slots = [
-            {"layer": layer, "slot": slot, "expert": entry.expert, "state": entry.state}
-            for layer, slot, entry in self.store.items()
-            if entry.state != "empty"
-        ]
-        return {
-            "rank": self.rank,
-            "generation": live.generation,
-            "hash": live.hash,
-            "num_layers": self.shape.num_layers,
-            "num_experts": self.shape.num_experts,
-            "slots_per_gpu": self.topology.slots_per_gpu,
-            "num_gpus": self.topology.num_gpus,
-            "physical_to_logical_map": live.placement.physical_to_logical_map.tolist(),
-            "slots": slots,
-        }
+        return PlacementAnswer(
+            rank=self.rank,
+            generation=live.generation,
+            hash=live.hash,
+            num_layers=self.shape.num_layers,
+            num_experts=self.shape.num_experts,
+            slots_per_gpu=self.topology.slots_per_gpu,
+            num_gpus=self.topology.num_gpus,
+            physical_to_logical_map=live.placement.physical_to_logical_map.tolist(),
+            slots=[
+                SlotEntry(layer=layer, slot=slot, expert=entry.expert, state=entry.state)
+                for layer, slot, entry in self.store.items()
+                if entry.state != "empty"
+            ],
+            retired=[
+                SlotEntry(layer=layer, slot=slot, expert=entry.expert, state="empty")
+                for layer, slot, entry in self.store.retired()
+            ],
+        )
+
+    def collect(self, retired_grace_seconds: float, staged_ttl_seconds: float) -> int:
+        """Expire retired weights and orphan staged slots (see ``ExpertStore.collect``)."""
+        dropped = self.store.collect(retired_grace_seconds, staged_ttl_seconds)
+        if dropped:
+            self.metrics.staged_collected(dropped)
+            self._publish()
+        return dropped
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -170,11 +182,14 @@ class AgentCore:
 
     # -- migration steps -------------------------------------------------------------------------
 
-    async def stage(self, layer: int, slot: int, expert: int, fetch: Fetch) -> dict:
+    async def stage(
+        self, layer: int, slot: int, expert: int, fetch: Fetch, timeout_seconds: float | None = None
+    ) -> StageAnswer:
         """Pull an expert into an empty slot of this rank and keep it staged once verified.
 
         Whatever goes wrong (the source fails or vanishes, the bytes do not match their sha256 or
-        are not this model's expert) the slot ends empty: nothing half-staged, nothing live.
+        are not this model's expert, ``timeout_seconds`` passes) the slot ends empty: nothing
+        half-staged, nothing live.
         """
         self.check_layer(layer)
         self.check_expert(expert)
@@ -185,7 +200,12 @@ class AgentCore:
             raise AgentError(409, str(error)) from None
         started = time.monotonic()
         try:
-            fetched = await fetch()
+            try:
+                fetched = await asyncio.wait_for(fetch(), timeout_seconds)
+            except TimeoutError:
+                raise AgentError(
+                    504, f"timeout_seconds: the copy took longer than {timeout_seconds}s; slot {slot} stays empty"
+                ) from None
             if fetched.sha256 != fetched.expected_sha256:
                 raise AgentError(
                     502,
@@ -200,17 +220,17 @@ class AgentCore:
         finally:
             self.store.release(layer, slot)
         self._publish()
-        return {
-            "layer": layer,
-            "slot": slot,
-            "expert": expert,
-            "state": "staged",
-            "bytes": len(fetched.data),
-            "sha256": fetched.sha256,
-            "seconds": round(time.monotonic() - started, 6),
-        }
+        return StageAnswer(
+            layer=layer,
+            slot=slot,
+            expert=expert,
+            state="staged",
+            bytes=len(fetched.data),
+            sha256=fetched.sha256,
+            seconds=round(time.monotonic() - started, 6),
+        )
 
-    def retire(self, layer: int, slot: int) -> dict:
+    def retire(self, layer: int, slot: int) -> RetireAnswer:
         """Drop a staged slot's weights (rollback of an abandoned copy)."""
         self.check_layer(layer)
         self.check_slot(slot)
@@ -221,20 +241,16 @@ class AgentCore:
         expert = entry.expert
         self.store.drop(layer, slot)
         self._publish()
-        return {"layer": layer, "slot": slot, "expert": expert, "state": "empty"}
+        return RetireAnswer(layer=layer, slot=slot, expert=expert, state="empty")
 
-    def activate(self, generation: int, physical_to_logical_map: list[list[int]]) -> dict:
+    def activate(self, generation: int, physical_to_logical_map: list[list[int]]) -> PlacementAnswer:
         """Make a new map live (two-phase: its slots on this rank must hold live or staged weights
-        of the expert the map gives them). Slots whose expert changes or becomes -1 are dropped."""
+        of the expert the map gives them, or retired weights of it still in their grace period).
+        Slots whose expert changes or becomes -1 are retired: dropped, their weights kept for the
+        grace period, so activating the previous map again undoes this one."""
         live = self.live
-        mapping = np.asarray(physical_to_logical_map, dtype=np.int64)
-        expected = (self.shape.num_layers, self.topology.num_slots)
-        if mapping.shape != expected:
-            raise AgentError(400, f"physical_to_logical_map: shape {list(mapping.shape)}, expected {list(expected)}")
-        try:
-            placement = Placement(mapping, self.shape.num_experts, self.topology.slots_per_gpu)
-        except PlacementError as error:
-            raise AgentError(400, str(error)) from None
+        placement = self._parse_map(physical_to_logical_map)
+        mapping = placement.physical_to_logical_map
         same_map = np.array_equal(mapping, live.placement.physical_to_logical_map)
         if generation < live.generation or (generation == live.generation and not same_map):
             raise AgentError(
@@ -242,24 +258,45 @@ class AgentCore:
             )
         if generation == live.generation:
             return self.placement_answer()
+        keep, drop = self._slots_for(mapping)
+        for layer, slot, entry in keep:
+            if entry.state == "staged":
+                self.store.set_live(layer, slot)
+        for layer, slot, entry in drop:
+            if entry.state != "empty":
+                self.store.drop(layer, slot, keep=True)
+        self.live = self._view(generation, placement)
+        self._publish()
+        return self.placement_answer()
 
+    def _parse_map(self, physical_to_logical_map: list[list[int]]) -> Placement:
+        """The map [L, N] as a placement of this model and topology; 400 naming the problem."""
+        mapping = np.asarray(physical_to_logical_map, dtype=np.int64)
+        expected = (self.shape.num_layers, self.topology.num_slots)
+        if mapping.shape != expected:
+            raise AgentError(400, f"physical_to_logical_map: shape {list(mapping.shape)}, expected {list(expected)}")
+        try:
+            return Placement(mapping, self.shape.num_experts, self.topology.slots_per_gpu)
+        except PlacementError as error:
+            raise AgentError(400, str(error)) from None
+
+    def _slots_for(self, mapping: np.ndarray) -> tuple[list[tuple[int, int, Slot]], list[tuple[int, int, Slot]]]:
+        """This rank's slots the map keeps and those it drops; 409 when a kept slot lacks its
+        expert's weights (retired weights of it are restored first)."""
         keep, drop = [], []
         for layer, slot, entry in self.store.items():
             wanted = int(mapping[layer, slot])
-            if wanted >= 0 and (entry.expert != wanted or entry.state == "empty"):
+            if wanted < 0:
+                drop.append((layer, slot, entry))
+                continue
+            if entry.state == "empty" and self.store.restore(layer, slot, wanted):
+                entry = self.store.slot(layer, slot)
+            if entry.expert != wanted or entry.state == "empty":
                 held = f"expert {entry.expert} ({entry.state})" if entry.state != "empty" else "nothing"
                 raise AgentError(
                     409,
                     f"physical_to_logical_map: layer {layer} slot {slot} needs expert {wanted}, "
                     f"rank {self.rank} holds {held} there",
                 )
-            (keep if wanted >= 0 else drop).append((layer, slot, entry))
-        for layer, slot, entry in keep:
-            if entry.state == "staged":
-                self.store.set_live(layer, slot)
-        for layer, slot, entry in drop:
-            if entry.state != "empty":
-                self.store.drop(layer, slot)
-        self.live = self._view(generation, placement)
-        self._publish()
-        return self.placement_answer()
+            keep.append((layer, slot, entry))
+        return keep, drop

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="domain shift: replay --task (default: the first domain, the synthetic "
                         "config's order or the trace's) until then, --shift-to after")
     source.add_argument("--shift-to", help="domain after the shift (default: the next domain)")
+    source.add_argument("--alternate", action="store_true",
+                        help="keep shifting: the two domains take turns every --shift-after-seconds")
     source.add_argument("--start-time", type=float,
                         help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
     source.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace, weights and draws")
@@ -98,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file holding the bearer token (default: $MOEPLACE_AGENT_TOKEN)")
     server.add_argument("--transfer-timeout", type=float, default=30.0,
                         help="seconds a peer may stay silent during a transfer (default 30)")
+    server.add_argument("--staged-ttl-seconds", type=float, default=600.0,
+                        help="drop a staged slot that no activation claimed within this time (default 600)")
+    server.add_argument("--retired-grace-seconds", type=float, default=120.0,
+                        help="keep a retired slot's weights this long for an undo (default 120)")
     server.add_argument("--test-throttle-bytes-per-second", type=float, help=argparse.SUPPRESS)
     server.add_argument("--test-corrupt-transfers", action="store_true", help=argparse.SUPPRESS)
 
@@ -166,6 +172,7 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
         trace.select_domain(before),
         trace.select_domain(after),
         shift_at=int(args.shift_after_seconds * args.tokens_per_second),
+        alternate=args.alternate,
     )
 
 
@@ -222,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         )
     options = ServerOptions(
         transfer_timeout_seconds=args.transfer_timeout,
+        staged_ttl_seconds=args.staged_ttl_seconds,
+        retired_grace_seconds=args.retired_grace_seconds,
         throttle_bytes_per_second=args.test_throttle_bytes_per_second,
         corrupt_transfers=args.test_corrupt_transfers,
     )

@@ -102,6 +102,9 @@ class AgentMetrics:
             for result in ("ok", "error"):
                 self._steps.labels(label, kind, result)  # present at 0 from the start, for rate()
         self._migration_bytes = counter("moeplace_migration_bytes", "expert bytes received").labels(label)
+        self._staged_collected = counter(
+            "moeplace_staged_slots_collected", "staged slots dropped because no activation claimed them in time"
+        ).labels(label)
         window = gauge("moeplace_recorder_window_age_seconds", "age of the recorder's current window")
         window.labels(label).set_function(window_age)
         self.registry.register(_HookErrors(label, hook_errors))
@@ -127,6 +130,9 @@ class AgentMetrics:
         self._generation.set(generation)
         for state, gauge in self._slots.items():
             gauge.set(occupancy[state])
+
+    def staged_collected(self, count: int) -> None:
+        self._staged_collected.inc(count)
 
     def migration(self, kind: str, ok: bool, received_bytes: int = 0) -> None:
         self._steps.labels(self._rank_label, kind, "ok" if ok else "error").inc()

@@ -46,7 +46,8 @@ MAX_LAG_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class TokenStream:
-    """An endless stream of tokens: a trace looped, or one trace until ``shift_at`` and another after.
+    """An endless stream of tokens: a trace looped, or one trace until ``shift_at`` and another after
+    (``alternate``: the two take turns, ``shift_at`` tokens each, for as long as the stream runs).
 
     Stream token p is trace token p mod T; its sequence number (for the attention rank) counts the
     sequences of the earlier loops too, so sequences spread over ranks the same way in every loop.
@@ -55,15 +56,21 @@ class TokenStream:
     before: Trace
     after: Trace | None = None
     shift_at: int | None = None
+    alternate: bool = False
 
     def batch(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens start .. start+count-1: expert_ids [L, B, k] and sequence numbers [B]."""
         position = np.arange(start, start + count)
         if self.after is None or self.shift_at is None:
             return _take(self.before, position)
-        early = position < self.shift_at
+        if self.alternate:
+            early = (position // self.shift_at) % 2 == 0
+            offset = 0
+        else:
+            early = position < self.shift_at
+            offset = self.shift_at
         ids_before, seq_before = _take(self.before, position[early])
-        ids_after, seq_after = _take(self.after, position[~early] - self.shift_at)
+        ids_after, seq_after = _take(self.after, position[~early] - offset)
         return (
             np.concatenate([ids_before, ids_after], axis=1),
             np.concatenate([seq_before, seq_after]),
@@ -84,8 +91,6 @@ class StepResult:
     own_tokens: tokens of this rank's attention; forward_pairs: pairs the expert FFNs ran on.
     """
 
-    batch_index: int
-    generation: int
     served: np.ndarray
     activated: np.ndarray
     own_tokens: int
@@ -122,8 +127,6 @@ class ReplayEngine:
         self.seed = seed
         self.start_time = time.time() if start_time is None else float(start_time)
         self.forward_budget = forward_budget
-        self.skipped_batches = 0
-        self.last_result: StepResult | None = None
         device = core.device
         generator = torch.Generator().manual_seed(seed)
         self._hidden = torch.randn(HIDDEN_POOL, core.shape.hidden_size, generator=generator).to(device)
@@ -196,8 +199,6 @@ class ReplayEngine:
 
         forward_pairs = self._forward(view, ids, on_me, local_slot, start)
         result = StepResult(
-            batch_index=batch_index,
-            generation=view.generation,
             served=served.cpu().numpy(),
             activated=activated.cpu().numpy(),
             own_tokens=own_tokens,
@@ -206,7 +207,6 @@ class ReplayEngine:
             forward_pairs=forward_pairs,
         )
         core.metrics.add_step(result.served, result.activated, own_tokens, cross_gpu, cross_node)
-        self.last_result = result
         return result
 
     def _cross_bytes(self, destination: torch.Tensor, source: torch.Tensor, num_gpus: int) -> tuple[float, float]:
@@ -274,7 +274,6 @@ class ReplayEngine:
                 continue
             if -wait > MAX_LAG_SECONDS:
                 caught_up = self.current_batch(time.time())
-                self.skipped_batches += caught_up - batch_index
                 log.warning("replay: %d s behind; skipping %d batches", int(-wait), caught_up - batch_index)
                 batch_index = caught_up
                 continue

@@ -221,8 +221,3 @@ ROUTERS: dict[str, Router] = {
 def get_router(name: str) -> Router:
     """The torch router called ``name``."""
     return lookup(ROUTERS, name, "router")
-
-
-def as_numpy_slots(slots: torch.Tensor) -> np.ndarray:
-    """Slots on the host, int64 (for comparisons with the numpy reference)."""
-    return slots.cpu().numpy().astype(np.int64)

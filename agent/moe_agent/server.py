@@ -7,7 +7,10 @@
   runs again; a repeat that arrives while the first call still runs waits for its answer. Only
   answers of calls that succeeded are remembered: a failed call changed nothing, so repeating its id
   runs it again (the operator's retry after a peer failure). An id reused with a different body is
-  a 409.
+  a 409. Callers make ids unique per plan execution (docs/agent-api.md).
+* A stage call carries ``timeout_seconds``: past it the agent abandons the copy and the slot stays
+  empty. A background task drops staged slots that no activation claimed within
+  ``staged_ttl_seconds`` and forgets retired weights after ``retired_grace_seconds``.
 * Expert weights stream out as safetensors bytes with their sha256 in ``X-Moeplace-Sha256``, and
   stream in from a peer (checked against that header and the model's tensor shapes) or from a
   checkpoint directory.
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 
 from moe_placement.models import format_validation_error
 from moe_agent.agent import AgentCore, AgentError, Fetch, Fetched
-from moe_agent.api import ActivateRequest, RetireRequest, StageRequest, StageSource
+from moe_placement.agent_api import ActivateRequest, RetireRequest, StageRequest, StageSource, StatsAnswer
 from moe_agent.store import WeightsError, read_checkpoint, sha256_hex
 from moe_agent.tokens import TokenSource
 
@@ -80,6 +83,8 @@ class ServerOptions:
     """Transfer settings; the two test-only faults are described in the module docstring."""
 
     transfer_timeout_seconds: float = 30.0
+    staged_ttl_seconds: float = 600.0
+    retired_grace_seconds: float = 120.0
     throttle_bytes_per_second: float | None = None
     corrupt_transfers: bool = False
 
@@ -88,7 +93,7 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _body_fingerprint(kind: str, body: BaseModel) -> str:
+def body_fingerprint(kind: str, body: BaseModel) -> str:
     payload = body.model_dump(mode="json", exclude={"request_id"})
     return hashlib.sha256(json.dumps([kind, payload], sort_keys=True).encode()).hexdigest()
 
@@ -116,6 +121,7 @@ class AgentServer:
             ]
         )
         self.app.on_cleanup.append(self._close_session)
+        self.app.cleanup_ctx.append(self._collector)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -132,6 +138,19 @@ class AgentServer:
                 return error_response(error.status, f"{request.method} {request.path}: {error.reason}")
             raise
 
+    async def _collector(self, _app: web.Application):
+        """Expire orphan staged slots and retired weights in the background."""
+        period = max(0.05, min(self.options.staged_ttl_seconds, self.options.retired_grace_seconds, 20.0) / 4)
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(period)
+                self.core.collect(self.options.retired_grace_seconds, self.options.staged_ttl_seconds)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+
     async def _close_session(self, _app: web.Application) -> None:
         if self._session is not None:
             await self._session.close()
@@ -147,9 +166,11 @@ class AgentServer:
     @staticmethod
     async def _parse(request: web.Request, model: type[BaseModel]) -> BaseModel:
         try:
-            raw = await request.json()
+            raw = json.loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise AgentError(400, "body: not a JSON document") from None
+        except RecursionError:
+            raise AgentError(400, "body: nested too deeply") from None
         if not isinstance(raw, dict):
             raise AgentError(400, "body: not a JSON object")
         try:
@@ -158,7 +179,11 @@ class AgentServer:
             raise AgentError(400, format_validation_error(error)) from None
 
     async def _mutation(
-        self, request: web.Request, kind: str, model: type[BaseModel], action: Callable[[BaseModel], Awaitable[dict]]
+        self,
+        request: web.Request,
+        kind: str,
+        model: type[BaseModel],
+        action: Callable[[BaseModel], Awaitable[BaseModel]],
     ) -> web.Response:
         """Parse, deduplicate by request id, run, count in the metrics, answer."""
         try:
@@ -173,10 +198,11 @@ class AgentServer:
             except AgentError as error:
                 self.core.metrics.migration(kind, ok=False)
                 return error.status, {"error": error.message}
-            self.core.metrics.migration(kind, ok=True, received_bytes=answer.get("bytes", 0) if kind == "stage" else 0)
-            return 200, answer
+            payload = answer.model_dump(mode="json")
+            self.core.metrics.migration(kind, ok=True, received_bytes=payload.get("bytes", 0))
+            return 200, payload
 
-        status, payload = await self.requests.run(body.request_id, _body_fingerprint(kind, body), run)
+        status, payload = await self.requests.run(body.request_id, body_fingerprint(kind, body), run)
         return web.json_response(payload, status=status)
 
     # -- open endpoints --------------------------------------------------------------------------
@@ -190,7 +216,7 @@ class AgentServer:
     # -- reads -----------------------------------------------------------------------------------
 
     async def placement(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.core.placement_answer())
+        return web.json_response(self.core.placement_answer().model_dump(mode="json"))
 
     async def stats(self, request: web.Request) -> web.Response:
         try:
@@ -209,18 +235,17 @@ class AgentServer:
                 "count": [int(c) for c in sparse.count],
             }
 
-        return web.json_response(
-            {
-                "rank": self.core.rank,
-                "window_seconds": round(snapshot.window_seconds, 3),
-                "tokens": snapshot.tokens,
-                "num_layers": self.core.shape.num_layers,
-                "num_experts": self.core.shape.num_experts,
-                "load": snapshot.load.tolist(),
-                "transitions": pairs(snapshot.transitions),
-                "coactivation": pairs(snapshot.coactivation),
-            }
+        answer = StatsAnswer(
+            rank=self.core.rank,
+            window_seconds=round(snapshot.window_seconds, 3),
+            tokens=snapshot.tokens,
+            num_layers=self.core.shape.num_layers,
+            num_experts=self.core.shape.num_experts,
+            load=snapshot.load.tolist(),
+            transitions=pairs(snapshot.transitions),
+            coactivation=pairs(snapshot.coactivation),
         )
+        return web.json_response(answer.model_dump(mode="json"))
 
     async def weights(self, request: web.Request) -> web.StreamResponse:
         layer = _path_int(request, "layer")
@@ -258,20 +283,20 @@ class AgentServer:
     # -- migration steps -------------------------------------------------------------------------
 
     async def stage(self, request: web.Request) -> web.Response:
-        async def action(body: StageRequest) -> dict:
+        async def action(body: StageRequest) -> BaseModel:
             fetch = self._fetch_peer(body, body.source) if body.source.peer else self._fetch_checkpoint(body, body.source)
-            return await self.core.stage(body.layer, body.slot, body.expert, fetch)
+            return await self.core.stage(body.layer, body.slot, body.expert, fetch, body.timeout_seconds)
 
         return await self._mutation(request, "stage", StageRequest, action)
 
     async def retire(self, request: web.Request) -> web.Response:
-        async def action(body: RetireRequest) -> dict:
+        async def action(body: RetireRequest) -> BaseModel:
             return self.core.retire(body.layer, body.slot)
 
         return await self._mutation(request, "retire", RetireRequest, action)
 
     async def activate(self, request: web.Request) -> web.Response:
-        async def action(body: ActivateRequest) -> dict:
+        async def action(body: ActivateRequest) -> BaseModel:
             return self.core.activate(body.generation, body.physical_to_logical_map)
 
         return await self._mutation(request, "activate", ActivateRequest, action)

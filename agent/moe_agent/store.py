@@ -13,7 +13,10 @@ and, beside each, ``layer{L}_expert{E}.safetensors.sha256`` with the hex digest.
 
 A slot is ``empty``, ``staged`` (weights present and verified, not serving) or ``live``. While a
 transfer into an empty slot runs, the slot is *reserved*: still empty to everyone else, but no second
-transfer may start into it.
+transfer may start into it. A live slot that an activation drops is *retired*: empty, but its weights
+are kept for a grace period so that activating the previous map again brings them back without a copy
+(an activation that went wrong can be undone). A staged slot that no activation claims within its
+time to live is dropped (the plan that staged it is gone).
 
 Shapes: L layers, S slots of this rank per layer.
 """
@@ -22,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +84,7 @@ class Slot:
     weights: ExpertWeights | None = None
     sha256: str | None = None
     reserved: bool = False
+    since: float = field(default_factory=time.monotonic)
 
 
 class SlotBusy(Exception):
@@ -114,6 +119,7 @@ class ExpertStore:
         self.hidden_size = shape.hidden_size
         self.intermediate_size = math.ceil(shape.expert_intermediate_size / expert_scale)
         self._slots = [[Slot() for _ in range(slots_per_gpu)] for _ in range(shape.num_layers)]
+        self._retired: dict[tuple[int, int], Slot] = {}
 
     # -- shapes and initial weights -------------------------------------------------------------
 
@@ -186,13 +192,47 @@ class ExpertStore:
         """Fill a reserved slot with verified weights, as staged."""
         self._slots[layer][slot - self.first_slot] = Slot("staged", expert, weights, sha256)
 
-    def drop(self, layer: int, slot: int) -> None:
-        """Empty a slot (its weights are freed once nothing else refers to them)."""
+    def drop(self, layer: int, slot: int, keep: bool = False) -> None:
+        """Empty a slot; ``keep``: remember a live slot's weights as retired (see ``restore``)."""
+        entry = self.slot(layer, slot)
+        if keep and entry.state == "live":
+            self._retired[(layer, slot)] = Slot("staged", entry.expert, entry.weights, entry.sha256)
         self._slots[layer][slot - self.first_slot] = Slot()
+
+    def restore(self, layer: int, slot: int, expert: int) -> bool:
+        """Put a retired slot's weights back, staged, when they are ``expert``'s and the slot is free."""
+        retired = self._retired.get((layer, slot))
+        entry = self.slot(layer, slot)
+        if retired is None or retired.expert != expert or entry.state != "empty" or entry.reserved:
+            return False
+        del self._retired[(layer, slot)]
+        self._slots[layer][slot - self.first_slot] = Slot("staged", expert, retired.weights, retired.sha256)
+        return True
+
+    def retired(self) -> Iterator[tuple[int, int, Slot]]:
+        """(layer, global slot, retired weights) kept for the grace period."""
+        for (layer, slot), entry in sorted(self._retired.items()):
+            yield layer, slot, entry
+
+    def collect(self, retired_grace_seconds: float, staged_ttl_seconds: float) -> int:
+        """Forget retired weights older than the grace period and drop staged slots older than their
+        time to live; returns how many staged slots were dropped."""
+        now = time.monotonic()
+        for key, entry in list(self._retired.items()):
+            if now - entry.since > retired_grace_seconds:
+                del self._retired[key]
+        expired = [
+            (layer, slot) for layer, slot, entry in self.items()
+            if entry.state == "staged" and now - entry.since > staged_ttl_seconds
+        ]
+        for layer, slot in expired:
+            self.drop(layer, slot)
+        return len(expired)
 
     def set_live(self, layer: int, slot: int) -> None:
         """Make a staged slot live."""
-        self.slot(layer, slot).state = "live"
+        entry = self.slot(layer, slot)
+        entry.state, entry.since = "live", time.monotonic()
 
     def holding(self, layer: int, expert: int) -> Slot | None:
         """A live slot holding ``expert`` of ``layer``, else a staged one, else None."""

@@ -1,24 +1,30 @@
-"""Async HTTP client of the agents' API (docs/agent-api.md) and the Endpoints -> rank mapping.
-
-The rank mapping of the agents Service's Endpoints is explained in ``moe_operator.builders``.
+"""Async HTTP client of the agents' API (docs/agent-api.md). Where the agents are (the rank mapping of
+the agents Service's EndpointSlices or Endpoints) is ``moe_operator.discovery``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
-import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from moe_operator.builders import ANNOTATION_AGENT_HOST, RANK_PORT_PREFIX
+from moe_placement.agent_api import (
+    ActivateRequest,
+    ErrorAnswer,
+    PlacementAnswer,
+    RetireAnswer,
+    RetireRequest,
+    StageAnswer,
+    StageRequest,
+    StatsAnswer,
+)
+from moe_placement.models import format_validation_error
 
-_ORDINAL = re.compile(r"-(\d+)$")
-
+AnswerModel = TypeVar("AnswerModel", bound=BaseModel)
 
 class AgentError(RuntimeError):
     """An agent call failed: ``status`` is the HTTP status (0: no answer), ``message`` the agent's error."""
@@ -30,53 +36,11 @@ class AgentError(RuntimeError):
         self.status = status
         self.message = message
 
-    @property
-    def unreachable(self) -> bool:
-        return self.status == 0
-
-
-class EndpointsError(ValueError):
-    """The agents' Endpoints do not map to ranks cleanly (duplicate rank, bad port name)."""
-
-
-def agents_from_endpoints(endpoints: Mapping[str, Any] | None, gpus_per_node: int) -> dict[int, str]:
-    """Global rank -> base URL (``http://ip:port``) of every agent announced in an Endpoints object.
-
-    Only ready addresses count (``notReadyAddresses`` are agents not answering yet).
-    """
-    agents: dict[int, str] = {}
-    annotations = ((endpoints or {}).get("metadata") or {}).get("annotations") or {}
-    host_override = annotations.get(ANNOTATION_AGENT_HOST)
-    for subset in (endpoints or {}).get("subsets") or []:
-        ports = []
-        for port in subset.get("ports") or []:
-            name = port.get("name") or ""
-            if not name.startswith(RANK_PORT_PREFIX):
-                continue
-            local = name[len(RANK_PORT_PREFIX):]
-            if not local.isdigit():
-                raise EndpointsError(f"endpoints port {name!r}: expected rank-<integer>")
-            ports.append((int(local), int(port["port"])))
-        for address in subset.get("addresses") or []:
-            node = 0
-            pod = (address.get("targetRef") or {}).get("name") or address.get("hostname") or ""
-            match = _ORDINAL.search(pod)
-            if match:
-                node = int(match.group(1))
-            ip = host_override or address["ip"]
-            host = f"[{ip}]" if ":" in ip else ip
-            for local, port in ports:
-                rank = node * gpus_per_node + local if match else local
-                url = f"http://{host}:{port}"
-                if agents.get(rank, url) != url:
-                    raise EndpointsError(f"rank {rank} announced twice ({agents[rank]} and {url})")
-                agents[rank] = url
-    return agents
-
 
 @dataclass
 class AgentClient:
-    """Calls to agents; one aiohttp session, bearer token on ``/v1`` calls."""
+    """Calls to agents; one aiohttp session, bearer token on ``/v1`` calls. Bodies and answers are
+    the models of ``moe_placement.agent_api``."""
 
     token: str | None
     timeout_s: float = 30.0
@@ -98,62 +62,54 @@ class AgentClient:
             await self._session.close()
 
     async def _call(
-        self, url: str, call: str, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None,
+        self,
+        url: str,
+        call: str,
+        answer: type[AnswerModel],
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        params: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
-    ) -> Any:
+    ) -> AnswerModel:
         session = await self.session()
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
         try:
             async with session.request(
-                method, url + path, json=body, params=params, headers=self._headers(), timeout=timeout
+                method, url + path, json=payload, params=params, headers=self._headers(), timeout=timeout
             ) as response:
                 text = await response.text()
                 if response.status >= 400:
-                    message = text
-                    try:
-                        message = _json(text).get("error", text)
-                    except Exception:  # noqa: BLE001 - a non-JSON error body is shown as is
-                        pass
-                    raise AgentError(url, call, response.status, str(message)[:500])
-                return _json(text)
+                    raise AgentError(url, call, response.status, _error_message(text))
         except AgentError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
             raise AgentError(url, call, 0, f"{type(error).__name__}: {error}") from None
+        try:
+            return answer.model_validate_json(text)
+        except ValidationError as error:
+            raise AgentError(url, call, 0, f"answer: {format_validation_error(error)}") from None
 
-    async def placement(self, url: str) -> dict[str, Any]:
-        return await self._call(url, "placement", "GET", "/v1/placement")
+    async def placement(self, url: str) -> PlacementAnswer:
+        return await self._call(url, "placement", PlacementAnswer, "GET", "/v1/placement")
 
-    async def stats(self, url: str, top: int = 256) -> dict[str, Any]:
-        return await self._call(url, "stats", "GET", "/v1/stats", params={"top": str(top)})
+    async def stats(self, url: str, top: int = 256) -> StatsAnswer:
+        return await self._call(url, "stats", StatsAnswer, "GET", "/v1/stats", params={"top": str(top)})
 
-    async def stage(
-        self, url: str, request_id: str, layer: int, slot: int, expert: int, peer: str,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        body = {
-            "request_id": request_id,
-            "layer": int(layer),
-            "slot": int(slot),
-            "expert": int(expert),
-            "source": {"peer": peer},
-        }
-        return await self._call(url, "stage", "POST", "/v1/experts/stage", body, timeout_s=timeout_s)
+    async def stage(self, url: str, body: StageRequest, timeout_s: float | None = None) -> StageAnswer:
+        return await self._call(url, "stage", StageAnswer, "POST", "/v1/experts/stage", body, timeout_s=timeout_s)
 
-    async def retire(self, url: str, request_id: str, layer: int, slot: int) -> dict[str, Any]:
-        body = {"request_id": request_id, "layer": int(layer), "slot": int(slot)}
-        return await self._call(url, "retire", "POST", "/v1/experts/retire", body)
+    async def retire(self, url: str, body: RetireRequest) -> RetireAnswer:
+        return await self._call(url, "retire", RetireAnswer, "POST", "/v1/experts/retire", body)
 
-    async def activate(
-        self, url: str, request_id: str, generation: int, mapping: np.ndarray | Sequence[Sequence[int]]
-    ) -> dict[str, Any]:
-        body = {
-            "request_id": request_id,
-            "generation": int(generation),
-            "physical_to_logical_map": np.asarray(mapping).tolist(),
-        }
-        return await self._call(url, "activate", "POST", "/v1/placement/activate", body)
+    async def activate(self, url: str, body: ActivateRequest) -> PlacementAnswer:
+        return await self._call(url, "activate", PlacementAnswer, "POST", "/v1/placement/activate", body)
 
 
-def _json(text: str) -> Any:
-    return json.loads(text) if text else {}
+def _error_message(text: str) -> str:
+    """The agent's ``error`` field, or the body as it is when it is not the agent's error JSON."""
+    try:
+        return ErrorAnswer.model_validate_json(text).error[:500]
+    except ValidationError:
+        return text[:500]

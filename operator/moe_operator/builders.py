@@ -24,10 +24,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
+from moe_operator import settings
 from moe_operator.crd import API_VERSION, KIND, AlertsSpec, ResolvedSpec
 from moe_placement.files import sglang_json
-from moe_placement.models import ModelShape, Placement, Topology, placement_hash
+from moe_placement.models import ModelShape, Placement, Topology, format_validation_error, placement_hash
 
 MANAGED_BY = "moeplace-operator"
 LABEL_DEPLOYMENT = "moeplace.io/deployment"
@@ -45,6 +48,11 @@ RANK_PORT_PREFIX = "rank-"
 ANNOTATION_AGENT_HOST = "moeplace.io/agent-host"
 PLACEHOLDER_IP = "192.0.2.1"
 
+AGENT_TOKEN_KEY = "token"
+LABEL_AGENT_TOKEN_FOR = "moeplace.io/agent-token-for"
+ANNOTATION_ROTATE_TOKEN = "moeplace.io/rotate-agent-token"
+ANNOTATION_TOKEN_ROTATION = "moeplace.io/agent-token-rotation"
+
 
 def placement_configmap_name(name: str) -> str:
     return f"{name}-placement"
@@ -60,6 +68,10 @@ def agents_service_name(name: str) -> str:
 
 def engine_statefulset_name(name: str) -> str:
     return f"{name}-engine"
+
+
+def agent_token_secret_name(name: str) -> str:
+    return f"{name}-agent-token"
 
 
 def podmonitor_name(name: str) -> str:
@@ -92,12 +104,20 @@ def build_owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def object_labels(name: str, component: str) -> dict[str, str]:
+    """Labels of an object the operator creates: the operator-wide inherited labels
+    (``--inherited-label``, e.g. the ``release`` label kube-prometheus-stack selects by) and
+    ``labels_for``. Selectors use ``labels_for`` alone, so changing the inherited labels never
+    orphans pods."""
+    return {**settings.current().inherited_labels, **labels_for(name, component)}
+
+
 def _metadata(owner: Mapping[str, Any], name: str, component: str, **extra: Any) -> dict[str, Any]:
     meta = owner["metadata"]
     metadata = {
         "name": name,
         "namespace": meta["namespace"],
-        "labels": labels_for(meta["name"], component),
+        "labels": object_labels(meta["name"], component),
         "ownerReferences": [build_owner_reference(owner)],
     }
     metadata.update(extra)
@@ -174,34 +194,74 @@ def parse_placement_configmap(
     return placement, generation, data.get("policy", "")
 
 
-def build_migration_configmap(
-    owner: Mapping[str, Any],
-    plan_id: str,
-    source: Placement,
-    target: Placement,
-    from_generation: int,
-    policy: str,
-    max_copies_per_stage: int,
-) -> dict[str, Any]:
-    """The in-flight migration's source and target maps, so a restarted operator re-derives the plan."""
-    document = {
-        "planId": plan_id,
-        "policy": policy,
-        "fromGeneration": from_generation,
-        "maxCopiesPerStage": max_copies_per_stage,
-        "sourceHash": placement_hash(source.physical_to_logical_map),
-        "targetHash": placement_hash(target.physical_to_logical_map),
-        "source": source.physical_to_logical_map.tolist(),
-        "target": target.physical_to_logical_map.tolist(),
-    }
+class MigrationRecord(BaseModel):
+    """The in-flight migration's source and target maps [L, N] (``target.json`` of the migration
+    ConfigMap), so a restarted operator re-derives the plan; ``rollbackOf`` names the plan whose
+    source map this migration returns to."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    plan_id: str
+    policy: str = ""
+    from_generation: int = 0
+    max_copies_per_stage: int = Field(ge=1)
+    rollback_of: str = ""
+    source: list[list[int]]
+    target: list[list[int]]
+
+
+def build_migration_configmap(owner: Mapping[str, Any], record: MigrationRecord) -> dict[str, Any]:
+    """The ConfigMap holding ``record``."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(
-            owner, migration_configmap_name(owner["metadata"]["name"]), "migration"
-        ),
-        "data": {TARGET_KEY: json.dumps(document, separators=(",", ":")), "planId": plan_id},
+        "metadata": _metadata(owner, migration_configmap_name(owner["metadata"]["name"]), "migration"),
+        "data": {TARGET_KEY: record.model_dump_json(by_alias=True), "planId": record.plan_id},
     }
+
+
+def parse_migration_configmap(configmap: Mapping[str, Any] | None) -> MigrationRecord:
+    """The record of a migration ConfigMap; ValueError naming the key when it is missing or malformed."""
+    data = (configmap or {}).get("data") or {}
+    if TARGET_KEY not in data:
+        raise ValueError(f"{TARGET_KEY}: missing")
+    try:
+        return MigrationRecord.model_validate_json(data[TARGET_KEY])
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, prefix=TARGET_KEY)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The deployment's agent token
+
+
+def build_agent_token_secret(owner: Mapping[str, Any], token: str, rotation: str) -> dict[str, Any]:
+    """The operator-managed bearer token of one MoEDeployment's agents (``<name>-agent-token``).
+
+    Labelled ``moeplace.io/agent-token-for: <name>`` (the operator sends a Secret's token only to the
+    agents of the deployment it is labelled for) and annotated with the ``moeplace.io/rotate-agent-token``
+    value of the MoEDeployment it was generated for: a new value there rotates the token."""
+    name = owner["metadata"]["name"]
+    metadata = _metadata(
+        owner, agent_token_secret_name(name), "agent-token", annotations={ANNOTATION_TOKEN_ROTATION: rotation}
+    )
+    metadata["labels"][LABEL_AGENT_TOKEN_FOR] = name
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata,
+        "stringData": {AGENT_TOKEN_KEY: token},
+    }
+
+
+def agent_token_source(owner: Mapping[str, Any], resolved: ResolvedSpec) -> tuple[str, str]:
+    """(Secret name, key) of the deployment's agent token: ``spec.metrics.tokenSecretRef`` or the
+    operator-managed ``<name>-agent-token``."""
+    ref = resolved.spec.metrics.token_secret_ref
+    if ref is not None:
+        return ref.name, ref.key
+    return agent_token_secret_name(owner["metadata"]["name"]), AGENT_TOKEN_KEY
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +379,6 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
 #   thresholds, with or without the chart; without the operator's rule (no prometheus-operator, or a
 #   Prometheus that does not select it) the chart's defaults apply.
 
-RUNBOOK_BASE_URL = "https://github.com/moeplace/moeplace/blob/main/docs/runbooks/"
 DEPLOYMENT_ALERTS_MARKER = "moeplace:deployment_alerts:info"
 ALERT_IMBALANCE = "MoEPlaceImbalanceHigh"
 ALERT_MIGRATION_STALLED = "MoEPlaceMigrationStalled"
@@ -351,11 +410,15 @@ def _threshold(value: float) -> str:
 
 
 def deployment_alert_rules(
-    alerts: AlertsSpec | None = None, namespace: str | None = None, deployment: str | None = None
+    alerts: AlertsSpec | None = None,
+    namespace: str | None = None,
+    deployment: str | None = None,
+    runbook_base_url: str = settings.DEFAULT_RUNBOOK_BASE_URL,
 ) -> list[dict[str, Any]]:
     """The alerts that ``spec.alerts`` parameterises, with ``alerts``' thresholds (default: the
     CRD's). With ``namespace`` and ``deployment``: scoped to that MoEDeployment's series (the
-    operator's PrometheusRule); without: every deployment that has no rule of its own (the chart)."""
+    operator's PrometheusRule); without: every deployment that has no rule of its own (the chart).
+    Runbook links start with ``runbook_base_url`` (the chart swaps the default prefix of its copy)."""
     alerts = alerts if alerts is not None else AlertsSpec()
     if (namespace is None) != (deployment is None):
         raise ValueError("deployment_alert_rules: give both namespace and deployment, or neither")
@@ -385,7 +448,7 @@ def deployment_alert_rules(
                     f"(max / mean GPU load; threshold {imbalance}) for more than "
                     f"{human_duration(IMBALANCE_FOR_SECONDS)}."
                 ),
-                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_IMBALANCE}.md",
+                "runbook_url": f"{runbook_base_url}{ALERT_IMBALANCE}.md",
             },
         },
         {
@@ -407,7 +470,7 @@ def deployment_alert_rules(
                     f"The migration of MoEDeployment {_WHO} has not completed a step for more than "
                     f"{human_duration(stalled)}."
                 ),
-                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_MIGRATION_STALLED}.md",
+                "runbook_url": f"{runbook_base_url}{ALERT_MIGRATION_STALLED}.md",
             },
         },
         {
@@ -423,7 +486,7 @@ def deployment_alert_rules(
                     f"The operator's Prometheus queries for MoEDeployment {_WHO} have returned no usable "
                     f"expert load for more than {human_duration(missing)}; rebalancing is suspended."
                 ),
-                "runbook_url": f"{RUNBOOK_BASE_URL}{ALERT_METRICS_MISSING}.md",
+                "runbook_url": f"{runbook_base_url}{ALERT_METRICS_MISSING}.md",
             },
         },
     ]
@@ -448,7 +511,9 @@ def build_prometheusrule(owner: Mapping[str, Any], resolved: ResolvedSpec) -> di
                             "expr": "vector(1)",
                             "labels": {"namespace": namespace, "deployment": name},
                         },
-                        *deployment_alert_rules(resolved.spec.alerts, namespace, name),
+                        *deployment_alert_rules(
+                            resolved.spec.alerts, namespace, name, settings.current().runbook_base_url
+                        ),
                     ],
                 }
             ]
@@ -482,15 +547,15 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
         if isinstance(resources.get(kind), dict):
             resources[kind] = {name: str(value) for name, value in resources[kind].items()}
     placement_file = f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"
-    token_env: list[dict[str, Any]] = []
+    token_secret, token_key = agent_token_source(owner, resolved)
+    # A mounted file, not an env var: kubelet refreshes it when the token rotates and the agent re-reads it.
     volumes: list[dict[str, Any]] = [
-        {"name": "placement", "configMap": {"name": placement_configmap_name(name)}}
+        {"name": "placement", "configMap": {"name": placement_configmap_name(name)}},
+        {
+            "name": "agent-token",
+            "secret": {"secretName": token_secret, "items": [{"key": token_key, "path": AGENT_TOKEN_KEY}]},
+        },
     ]
-    ref = resolved.spec.metrics.token_secret_ref
-    if ref is not None:
-        token_env = [
-            {"name": "MOEPLACE_AGENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-        ]
     engine_container = {
         "name": "engine",
         "image": engine.image,
@@ -519,17 +584,19 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
                     # come from outside the pod's loopback
                     f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
                     f" --redundant-slots {resolved.spec.placement.redundant_slots}"
-                    f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} "
+                    f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
                     + " ".join(engine.agent_args)
                 ],
                 "env": [
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                     {"name": "MOEPLACE_MODEL", "value": json.dumps(model.model_dump(by_alias=True))},
-                ]
-                + token_env,
+                ],
                 "ports": [{"name": f"{RANK_PORT_PREFIX}{local}", "containerPort": port, "protocol": "TCP"}],
                 "readinessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5},
-                "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
+                "volumeMounts": [
+                    {"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True},
+                    {"name": "agent-token", "mountPath": TOKEN_MOUNT, "readOnly": True},
+                ],
             }
         )
     labels = {**labels_for(name, "engine")}

@@ -10,18 +10,18 @@ in owned ConfigMaps, so a restarted operator picks up where the last one stopped
 * ``<name>-migration``: while a migration runs, its source and target maps (the plan is
   deterministic in them), with ``status.migration`` holding the stage reached and the bytes moved.
 
-A cycle: agents from the Service's Endpoints -> their live placements (resume a recorded migration
-first; bring lagging agents onto the published map) -> per-expert load from Prometheus and
-transitions from the agents' ``/v1/stats`` -> profile -> solve, predict and gate in a worker
-process -> migrate stage by stage through the agents -> publish -> status, conditions, events,
-metrics. One lock per resource: never two cycles (so never two migrations) at once.
+A cycle is a chain of steps, each returning either what the next step needs or a ``CycleOutcome``
+that ends the cycle: load (resource, spec, published map) -> agents (Endpoints, token, their live
+placements; a recorded migration is resumed first) -> converge (lagging agents onto the published
+map) -> profile (Prometheus load, agents' transitions) -> gate (solve, predict, compare, in a worker
+process) -> migrate (``moe_operator.rollout``). ``Controller._apply`` writes an outcome's status,
+conditions, events and metrics in one place. One lock per resource: never two cycles (so never two
+migrations) at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -34,143 +34,31 @@ import numpy as np
 
 from moe_operator import builders
 from moe_operator import metrics as om
-from moe_operator.agents import AgentClient, EndpointsError, agents_from_endpoints
-from moe_operator.crd import ResolvedSpec, SpecError, resolve_spec
+from moe_operator.agents import AgentClient
+from moe_operator.credentials import AgentTokenError, deployment_token
+from moe_operator.crd import PlacementStatus, ResolvedSpec, SpecError, resolve_spec
+from moe_operator.discovery import EndpointsError, discover_agents
 from moe_operator.kube import Kube, KubeError
-from moe_operator.metrics_source import (
-    MetricsUnavailable,
-    build_profile,
-    fetch_load,
-    parse_stats,
+from moe_operator.metrics_source import MetricsReport, MetricsUnavailable, build_profile, fetch_load, parse_stats
+from moe_operator.outcomes import (
+    NO_AGENTS_INTERVAL_S,
+    ConditionChange,
+    CycleContext,
+    CycleOutcome,
+    CycleResult,
+    Event,
+    waiting,
 )
-from moe_operator.migrate import (
-    ExecOptions,
-    Executor,
-    Progress,
-    Snapshot,
-    converge,
-    execute,
-    plan_id_of,
-    snapshot,
-)
-from moe_operator.solver import SolveRequest, SolveResult, plan_migration, solve_and_gate, token_imbalance
+from moe_operator.plan_runner import AgentsView, converge, read_agents
+from moe_operator.rollout import Rollout
+from moe_operator.solver import SolveRequest, SolveResult, solve_and_gate, token_imbalance
+from moe_operator.status import StatusWriter, condition_reason, now_iso
 from moe_placement.baselines import linear_placement
-from moe_placement.models import Placement, PlacementError, placement_hash
+from moe_placement.models import Placement, PlacementError, WorkloadProfile, placement_hash
 
 logger = logging.getLogger("moe_operator")
 
-CONDITION_TYPES = ("Ready", "Balanced", "Migrating", "MetricsAvailable", "Degraded")
-
 EventFn = Callable[[Mapping[str, Any], str, str, str], None]
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def set_condition(
-    conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str = ""
-) -> list[dict[str, Any]]:
-    """The conditions with ``kind`` set; lastTransitionTime changes only when the status does."""
-    result = []
-    found = False
-    for condition in conditions:
-        if condition.get("type") == kind:
-            found = True
-            changed = condition.get("status") != status
-            condition = {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message[:1000],
-                "lastTransitionTime": now_iso() if changed else condition.get("lastTransitionTime", now_iso()),
-            }
-        result.append(condition)
-    if not found:
-        result.append(
-            {"type": kind, "status": status, "reason": reason, "message": message[:1000], "lastTransitionTime": now_iso()}
-        )
-    order = {name: index for index, name in enumerate(CONDITION_TYPES)}
-    return sorted(result, key=lambda c: order.get(c.get("type"), len(order)))
-
-
-def condition_status(conditions: list[dict[str, Any]], kind: str) -> str | None:
-    for condition in conditions:
-        if condition.get("type") == kind:
-            return condition.get("status")
-    return None
-
-
-def phase_of(conditions: list[dict[str, Any]], migration: Mapping[str, Any] | None) -> str:
-    if migration and migration.get("state") == "Running":
-        return "Migrating"
-    if condition_status(conditions, "Degraded") == "True":
-        return "Degraded"
-    if condition_status(conditions, "Ready") == "True":
-        return "Ready"
-    return "Pending"
-
-
-def _no_empty_strings(value: Any, in_list: bool = False) -> Any:
-    """kube-apiserver 1.20 (as built here) reads an empty string back as null and then refuses it as
-    "must be of type string": drop empty strings (a null in a merge patch deletes the key)."""
-    if isinstance(value, dict):
-        result = {}
-        for key, item in value.items():
-            if item == "":
-                if not in_list:
-                    result[key] = None
-                continue
-            result[key] = _no_empty_strings(item)
-        return result
-    if isinstance(value, list):
-        return [_no_empty_strings(item, in_list=True) for item in value]
-    return value
-
-
-class StatusWriter:
-    """Accumulates conditions and writes merge patches of the status subresource."""
-
-    def __init__(self, kube: Kube, body: Mapping[str, Any]) -> None:
-        self.kube = kube
-        self.namespace = body["metadata"]["namespace"]
-        self.name = body["metadata"]["name"]
-        status = dict(body.get("status") or {})
-        self.conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
-        self.migration: dict[str, Any] | None = status.get("migration")
-
-    def condition(self, kind: str, status: bool | None, reason: str, message: str = "") -> None:
-        text = "Unknown" if status is None else ("True" if status else "False")
-        self.conditions = set_condition(self.conditions, kind, text, reason, message)
-
-    async def patch(self, message: str | None = None, **fields: Any) -> None:
-        if "migration" in fields:
-            self.migration = fields["migration"]
-        patch: dict[str, Any] = dict(fields)
-        patch["conditions"] = self.conditions
-        if "phase" not in patch:
-            patch["phase"] = phase_of(self.conditions, self.migration)
-        if message is not None:
-            patch["message"] = message[:1000]
-        await self.kube.patch_status(self.namespace, self.name, _no_empty_strings(patch))
-
-
-@dataclass
-class CycleContext:
-    body: dict[str, Any]
-    resolved: ResolvedSpec
-    writer: StatusWriter
-    metrics: om.DeploymentMetrics
-    client: AgentClient
-    agents: dict[int, str]
-
-    @property
-    def namespace(self) -> str:
-        return self.body["metadata"]["namespace"]
-
-    @property
-    def name(self) -> str:
-        return self.body["metadata"]["name"]
 
 
 class Retry(Exception):
@@ -181,12 +69,30 @@ class Retry(Exception):
         self.delay = delay
 
 
-def _default_token() -> str | None:
-    path = os.environ.get("MOEPLACE_AGENT_TOKEN_FILE")
-    if path and os.path.exists(path):
-        with open(path) as handle:
-            return handle.read().strip()
-    return os.environ.get("MOEPLACE_AGENT_TOKEN")
+@dataclass
+class Published:
+    """The placement the deployment's ConfigMap publishes."""
+
+    placement: Placement
+    generation: int
+    policy: str
+
+
+@dataclass
+class Loaded:
+    """What the first step of a cycle read."""
+
+    body: dict[str, Any]
+    resolved: ResolvedSpec
+    writer: StatusWriter
+    published: Published
+
+
+@dataclass
+class Profiled:
+    profile: WorkloadProfile
+    imbalance: float
+    missing_layers: tuple[int, ...]
 
 
 class Controller:
@@ -197,7 +103,6 @@ class Controller:
         kube: Kube,
         pool: PoolExecutor | None = None,
         event: EventFn | None = None,
-        agent_token: str | None = None,
         agent_timeout_s: float = 10.0,
         prometheus_url: str | None = None,
         pool_factory: Callable[[], PoolExecutor] | None = None,
@@ -209,7 +114,7 @@ class Controller:
         )
         self.pool = pool
         self.event = event or (lambda body, kind, reason, message: None)
-        self.agent_token = agent_token if agent_token is not None else _default_token()
+        self.rollout = Rollout(kube, self.event)
         self.agent_timeout_s = agent_timeout_s
         self._clients: dict[tuple[str | None, float], AgentClient] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -226,12 +131,10 @@ class Controller:
         om.DeploymentMetrics(namespace, name).forget()
 
     async def _client(self, body: Mapping[str, Any], resolved: ResolvedSpec) -> AgentClient:
-        ref = resolved.spec.metrics.token_secret_ref
-        token = self.agent_token
-        if ref is not None:
-            token = await self.kube.get_secret_value(body["metadata"]["namespace"], ref.name, ref.key)
-            if token is None:
-                raise Retry(f"spec.metrics.tokenSecretRef: secret {ref.name} has no key {ref.key}")
+        try:
+            token = await deployment_token(self.kube, body, resolved)
+        except AgentTokenError as error:
+            raise Retry(str(error)) from None
         timeout = max(resolved.spec.migration.step_timeout_seconds, self.agent_timeout_s)
         key = (token, timeout)
         if key not in self._clients:
@@ -239,8 +142,7 @@ class Controller:
         return self._clients[key]
 
     async def _agents(self, namespace: str, name: str, resolved: ResolvedSpec) -> dict[int, str]:
-        endpoints = await self.kube.get_endpoints(namespace, builders.agents_service_name(name))
-        return agents_from_endpoints(endpoints, resolved.topology.gpus_per_node)
+        return (await discover_agents(self.kube, namespace, name, resolved)).group(0)
 
     # ------------------------------------------------------------------------------------------
     # Reconcile (create / resume / spec update)
@@ -253,7 +155,7 @@ class Controller:
         metrics = om.DeploymentMetrics(namespace, name)
         writer = StatusWriter(self.kube, body)
         try:
-            resolved = resolve_spec(body.get("spec"))
+            resolved = await asyncio.to_thread(resolve_spec, body.get("spec"))
         except SpecError as error:
             metrics.error("invalid_spec")
             writer.condition("Ready", False, "InvalidSpec", str(error))
@@ -267,21 +169,21 @@ class Controller:
                 metrics.error("kubernetes")
                 raise Retry(str(error)) from None
 
-    async def _reconcile(
-        self, body: dict[str, Any], resolved: ResolvedSpec, writer: StatusWriter, metrics: om.DeploymentMetrics
-    ) -> str:
+    async def _ensure_owned(self, body: dict[str, Any], resolved: ResolvedSpec, writer: StatusWriter) -> list[str]:
+        """The Service, the engine StatefulSet when asked for, PodMonitor and PrometheusRule."""
         meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
         serving = resolved.spec.serving
         selector = None
         owned = ["Service"]
         if serving.engine is not None:
+            # The engine's agents mount the token Secret: it must exist before they can start.
+            await self._client(body, resolved)
             await self.kube.ensure_statefulset(builders.build_engine_statefulset(body, resolved))
-            selector = builders.engine_selector(name)
+            selector = builders.engine_selector(meta["name"])
             owned.append("StatefulSet")
         elif serving.workload_ref is not None:
             ref = serving.workload_ref
-            workload = await self.kube.get_workload(namespace, ref.kind, ref.name)
+            workload = await self.kube.get_workload(meta["namespace"], ref.kind, ref.name)
             if workload is None:
                 message = f"spec.serving.workloadRef: {ref.kind} {ref.name} not found"
                 writer.condition("Ready", False, "WorkloadMissing", message)
@@ -293,102 +195,109 @@ class Controller:
             owned.append("PodMonitor")
         if await self.kube.ensure_custom(builders.build_prometheusrule(body, resolved), "prometheusrules"):
             owned.append("PrometheusRule")
+        return owned
 
-        status = dict(body.get("status") or {})
-        placement_status = dict(status.get("placement") or {})
+    async def _read_published(self, body: Mapping[str, Any], resolved: ResolvedSpec) -> tuple[Published | None, int]:
+        """The placement ConfigMap's placement (None when missing or unusable) and its generation."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         configmap = await self.kube.get_configmap(namespace, builders.placement_configmap_name(name))
-        published: Placement | None = None
-        old_generation = -1
-        if configmap is not None:
-            old_generation = int((configmap.get("data") or {}).get("generation", "0") or 0)
-            try:
-                published, generation, policy = builders.parse_placement_configmap(
-                    configmap, resolved.model.num_experts, resolved.topology.slots_per_gpu
-                )
-                published.check_topology(resolved.model, resolved.topology)
-            except (ValueError, KeyError, PlacementError) as error:
-                logger.warning("%s/%s: placement ConfigMap unusable (%s): publishing a new one", namespace, name, error)
-                published = None
-            else:
-                if placement_status.get("hash") != placement_hash(published.physical_to_logical_map):
-                    placement_status = {
-                        "generation": generation,
-                        "hash": placement_hash(published.physical_to_logical_map),
-                        "configMap": builders.placement_configmap_name(name),
-                        "policy": policy,
-                        "confirmed": bool(placement_status.get("confirmed", False)),
-                    }
-        if published is None:
-            placement, generation, policy, confirmed = await self._initial_placement(body, resolved, old_generation + 1)
-            await self.kube.put_configmap(
-                builders.build_placement_configmap(body, placement, generation, policy, resolved)
+        if configmap is None:
+            return None, -1
+        old_generation = int((configmap.get("data") or {}).get("generation", "0") or 0)
+        try:
+            placement, generation, policy = await asyncio.to_thread(
+                builders.parse_placement_configmap, configmap, resolved.model.num_experts, resolved.topology.slots_per_gpu
             )
-            placement_status = {
-                "generation": generation,
-                "hash": placement_hash(placement.physical_to_logical_map),
-                "configMap": builders.placement_configmap_name(name),
-                "policy": policy,
-                "confirmed": confirmed,
-            }
+            placement.check_topology(resolved.model, resolved.topology)
+        except (ValueError, KeyError, PlacementError) as error:
+            logger.warning("%s/%s: placement ConfigMap unusable (%s): publishing a new one", namespace, name, error)
+            return None, old_generation
+        return Published(placement, generation, policy), old_generation
+
+    async def _reconcile(
+        self, body: dict[str, Any], resolved: ResolvedSpec, writer: StatusWriter, metrics: om.DeploymentMetrics
+    ) -> str:
+        meta = body["metadata"]
+        name = meta["name"]
+        owned = await self._ensure_owned(body, resolved, writer)
+        placement_status = writer.observed.placement or PlacementStatus()
+        published, old_generation = await self._read_published(body, resolved)
+        if published is not None:
+            digest = placement_hash(published.placement.physical_to_logical_map)
+            if placement_status.hash != digest:
+                placement_status = PlacementStatus(
+                    generation=published.generation, hash=digest, config_map=builders.placement_configmap_name(name),
+                    policy=published.policy, confirmed=placement_status.confirmed,
+                )
+        else:
+            placement, generation, policy = await self._initial_placement(body, resolved, old_generation + 1)
+            configmap = await asyncio.to_thread(
+                builders.build_placement_configmap, body, placement, generation, policy, resolved
+            )
+            await self.kube.put_configmap(configmap)
+            placement_status = PlacementStatus(
+                generation=generation, hash=placement_hash(placement.physical_to_logical_map),
+                config_map=builders.placement_configmap_name(name), policy=policy, confirmed=False,
+            )
             metrics.set(om.PLACEMENT_GENERATION, generation)
             self.event(body, "Normal", "PlacementPublished", f"initial placement ({policy}) generation {generation}")
         writer.condition("Ready", True, "Reconciled", "owned objects: " + ", ".join(owned + ["placement ConfigMap"]))
         for kind in ("Degraded", "Migrating", "MetricsAvailable", "Balanced"):
-            if condition_status(writer.conditions, kind) is None:
-                default = {"Degraded": False, "Migrating": False}.get(kind)
-                writer.condition(kind, default, "Initializing", "")
+            if writer.status_of(kind) is None:
+                writer.condition(kind, False if kind in ("Degraded", "Migrating") else None, "Initializing", "")
         await writer.patch(
             message="",
             observedGeneration=meta.get("generation", 0),
             gpus=resolved.num_gpus,
             placement=placement_status,
+            agentTokenSecret=builders.agent_token_source(body, resolved)[0],
         )
         return "reconciled"
 
     async def _initial_placement(
         self, body: Mapping[str, Any], resolved: ResolvedSpec, generation: int
-    ) -> tuple[Placement, int, str, bool]:
+    ) -> tuple[Placement, int, str]:
         """The agents' map when they all serve one valid map; else a linear placement."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             agents = await self._agents(namespace, name, resolved)
             if len(agents) == resolved.num_gpus:
                 client = await self._client(body, resolved)
-                view = await snapshot(client, agents)
-                adopted = self._common_map(view, resolved)
+                adopted = self._common_map(await read_agents(client, agents), resolved)
                 if adopted is not None:
                     placement, live_generation = adopted
-                    return placement, max(live_generation, generation, 0), "adopted", False
+                    return placement, max(live_generation, generation, 0), "adopted"
         except (EndpointsError, Retry, KubeError) as error:
             logger.info("%s/%s: agents not usable for the initial placement: %s", namespace, name, error)
-        mapping = linear_placement(resolved.model.num_layers, resolved.model.num_experts, resolved.topology.num_slots)
-        return Placement(mapping, resolved.model.num_experts, resolved.topology.slots_per_gpu), max(generation, 0), "initial", False
+        mapping = await asyncio.to_thread(
+            linear_placement, resolved.model.num_layers, resolved.model.num_experts, resolved.topology.num_slots
+        )
+        return Placement(mapping, resolved.model.num_experts, resolved.topology.slots_per_gpu), max(generation, 0), "initial"
 
-    def _common_map(self, view: Snapshot, resolved: ResolvedSpec) -> tuple[Placement, int] | None:
+    def _common_map(self, view: AgentsView, resolved: ResolvedSpec) -> tuple[Placement, int] | None:
         if view.errors or len(view.answers) != resolved.num_gpus:
             return None
-        hashes = {answer.get("hash") for answer in view.answers.values()}
-        if len(hashes) != 1:
+        if len({answer.hash for answer in view.answers.values()}) != 1:
             return None
         answer = next(iter(view.answers.values()))
         try:
             placement = Placement(
-                np.asarray(answer["physical_to_logical_map"], dtype=np.int64),
+                np.asarray(answer.physical_to_logical_map, dtype=np.int64),
                 resolved.model.num_experts,
                 resolved.topology.slots_per_gpu,
             )
             placement.check_topology(resolved.model, resolved.topology)
-        except (KeyError, PlacementError, ValueError):
+        except (PlacementError, ValueError):
             return None
-        return placement, max(int(a.get("generation", 0)) for a in view.answers.values())
+        return placement, view.max_generation
 
     # ------------------------------------------------------------------------------------------
     # The rebalance cycle
 
     async def cycle(
         self, namespace: str, name: str, should_stop: Callable[[], bool] = lambda: False
-    ) -> str:
-        """One rebalance cycle; returns a short result for logs and tests."""
+    ) -> CycleOutcome:
+        """One rebalance cycle; its outcome is already applied to status, events and metrics."""
         async with self.lock(namespace, name):
             metrics = om.DeploymentMetrics(namespace, name)
             try:
@@ -396,21 +305,79 @@ class Controller:
             except KubeError as error:
                 metrics.error("kubernetes")
                 logger.warning("%s/%s: cycle: %s", namespace, name, error)
-                return f"kubernetes error: {error}"
+                return waiting(CycleResult.KUBERNETES_ERROR, str(error), write=False)
 
     async def _cycle(
         self, namespace: str, name: str, metrics: om.DeploymentMetrics, should_stop: Callable[[], bool]
-    ) -> str:
+    ) -> CycleOutcome:
+        loaded = await self._load(namespace, name, metrics)
+        if isinstance(loaded, CycleOutcome):
+            return await self._apply(loaded, None, metrics)
+        ctx = await self._connect(loaded, metrics)
+        if isinstance(ctx, CycleOutcome):
+            return await self._apply(ctx, loaded, metrics)
+        outcome = await self._steps(ctx, loaded, should_stop)
+        return await self._apply(outcome, loaded, metrics, ctx.base)
+
+    async def _steps(self, ctx: CycleContext, loaded: Loaded, should_stop: Callable[[], bool]) -> CycleOutcome:
+        """The steps after the agents answered: resume, converge, profile, gate, migrate."""
+        migration = loaded.writer.migration
+        if migration is not None and migration.state == "Running":
+            return await self.rollout.resume(ctx, migration, loaded.published.placement, should_stop)
+        converged = await self._converge(ctx, loaded)
+        if isinstance(converged, CycleOutcome):
+            return converged
+        profiled = await self._profile(ctx, loaded.published)
+        if isinstance(profiled, CycleOutcome):
+            return profiled
+        if ctx.resolved.spec.placement.paused:
+            ctx.metrics.rebalance("skipped")
+            return CycleOutcome(CycleResult.PAUSED, "rebalancing paused")
+        result = await self._gate(ctx, loaded.published, profiled)
+        if isinstance(result, CycleOutcome):
+            return result
+        target = Placement(result.mapping, ctx.resolved.model.num_experts, ctx.resolved.topology.slots_per_gpu)
+        self.event(
+            ctx.body, "Normal", "Rebalancing",
+            f"{result.reason}; moving {result.bytes_to_move / 1e6:.1f} MB in {result.stages} stages",
+        )
+        await ctx.writer.patch(lastCycleResult="migrating", **ctx.base)
+        return await self.rollout.start(
+            ctx, loaded.published.placement, target, loaded.published.generation, result, should_stop
+        )
+
+    async def _apply(
+        self,
+        outcome: CycleOutcome,
+        loaded: Loaded | None,
+        metrics: om.DeploymentMetrics,
+        base: Mapping[str, Any] | None = None,
+    ) -> CycleOutcome:
+        """Write an outcome's conditions, status fields, event and error count."""
+        if outcome.error is not None:
+            metrics.error(outcome.error)
+        if loaded is not None and outcome.event is not None:
+            self.event(loaded.body, outcome.event.type, outcome.event.reason, outcome.event.message)
+        if loaded is None or not outcome.write:
+            return outcome
+        for change in outcome.conditions:
+            loaded.writer.condition(change.type, change.status, change.reason, change.message)
+        fields = {**dict(base or {}), **dict(outcome.status)}
+        await loaded.writer.patch(message=outcome.message, lastCycleResult=str(outcome.result), **fields)
+        return outcome
+
+    async def _load(self, namespace: str, name: str, metrics: om.DeploymentMetrics) -> Loaded | CycleOutcome:
+        """The resource, its spec and the published placement."""
         body = await self.kube.get_deployment(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return "gone"
+            return CycleOutcome(CycleResult.GONE, write=False)
         try:
-            resolved = resolve_spec(body.get("spec"))
+            resolved = await asyncio.to_thread(resolve_spec, body.get("spec"))
         except SpecError:
-            return "invalid"
+            return CycleOutcome(CycleResult.INVALID, write=False)
         status = body.get("status") or {}
         if not status.get("placement") or status.get("phase") == "Invalid":
-            return "pending"
+            return waiting(CycleResult.PENDING, write=False)
         writer = StatusWriter(self.kube, body)
         configmap = await self.kube.get_configmap(namespace, builders.placement_configmap_name(name))
         if configmap is None:
@@ -419,166 +386,125 @@ class Controller:
                 await self._reconcile(body, resolved, writer, metrics)
             except Retry as error:
                 logger.info("%s/%s: placement ConfigMap missing, reconcile: %s", namespace, name, error)
-            return "pending"
+            return waiting(CycleResult.PENDING, write=False)
         try:
-            published, generation, policy = builders.parse_placement_configmap(
-                configmap, resolved.model.num_experts, resolved.topology.slots_per_gpu
+            placement, generation, policy = await asyncio.to_thread(
+                builders.parse_placement_configmap, configmap, resolved.model.num_experts, resolved.topology.slots_per_gpu
             )
-            published.check_topology(resolved.model, resolved.topology)
+            placement.check_topology(resolved.model, resolved.topology)
         except (ValueError, KeyError, PlacementError) as error:
+            message = f"published placement does not fit the spec: {error}"
             writer.condition("Degraded", True, "PlacementIncompatible", str(error))
-            await writer.patch(message=f"published placement does not fit the spec: {error}")
-            return "placement incompatible"
+            await writer.patch(message=message, lastCycleResult=str(CycleResult.PLACEMENT_INCOMPATIBLE))
+            return CycleOutcome(CycleResult.PLACEMENT_INCOMPATIBLE, message, write=False)
+        return Loaded(body, resolved, writer, Published(placement, generation, policy))
 
-        # Agents
+    async def _connect(self, loaded: Loaded, metrics: om.DeploymentMetrics) -> CycleContext | CycleOutcome:
+        """The agents from the Endpoints, a client with the deployment's token, all agents answering."""
+        body, resolved = loaded.body, loaded.resolved
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             agents = await self._agents(namespace, name, resolved)
         except EndpointsError as error:
-            metrics.error("agent")
-            writer.condition("Degraded", True, "EndpointsInvalid", str(error))
-            await writer.patch(message=str(error))
-            return "endpoints invalid"
-        expected = resolved.num_gpus
+            return CycleOutcome(
+                CycleResult.ENDPOINTS_INVALID, str(error), error="agent",
+                conditions=(ConditionChange("Degraded", True, "EndpointsInvalid", str(error)),),
+            )
         metrics.set(om.AGENTS_EXPECTED, len(agents))
         if not agents:
-            metrics.set(om.AGENTS_REACHABLE, 0)
-            degraded = next((c for c in writer.conditions if c.get("type") == "Degraded"), {})
-            if degraded.get("reason") != "NoAgents" or status.get("lastCycleResult") != "no agents":
-                writer.condition("Degraded", False, "NoAgents", "no agents announced in the Endpoints yet")
-                await writer.patch(
-                    agentsExpected=0, agentsReachable=0, lastCycleTime=now_iso(), lastCycleResult="no agents"
-                )
-            return "no agents"
+            return self._no_agents(loaded, metrics)
         try:
             client = await self._client(body, resolved)
         except Retry as error:
-            writer.condition("Degraded", True, "AgentTokenMissing", str(error))
-            await writer.patch(message=str(error))
-            return "no token"
-        view = await snapshot(client, agents)
+            return CycleOutcome(
+                CycleResult.NO_TOKEN, str(error), conditions=(ConditionChange("Degraded", True, "AgentTokenMissing", str(error)),)
+            )
+        view = await read_agents(client, agents)
         metrics.set(om.AGENTS_REACHABLE, len(view.answers))
-        ctx = CycleContext(body, resolved, writer, metrics, client, agents)
         base = {"agentsExpected": len(agents), "agentsReachable": len(view.answers), "lastCycleTime": now_iso()}
-        missing = sorted(set(range(expected)) - set(agents))
-        if missing or view.errors or len(agents) != expected:
-            if view.errors:
-                metrics.error("agent")
-            detail = []
-            if missing:
-                detail.append(f"ranks {missing} not announced")
-            extra = sorted(set(agents) - set(range(expected)))
-            if extra:
-                detail.append(f"ranks {extra} beyond the {expected} GPUs")
-            if view.errors:
-                detail.append(
-                    "unreachable: " + ", ".join(f"rank {r} ({e.message[:80]})" for r, e in sorted(view.errors.items()))
-                )
-            message = "; ".join(detail)
-            writer.condition("Degraded", True, "AgentsUnavailable", message)
-            await writer.patch(message=message, lastCycleResult="agents unavailable", **base)
-            return "agents unavailable"
+        problems = _agent_problems(agents, view, resolved.num_gpus)
+        if problems:
+            message = "; ".join(problems)
+            return waiting(
+                CycleResult.AGENTS_UNAVAILABLE, message, status=base, error="agent" if view.errors else None,
+                conditions=(ConditionChange("Degraded", True, "AgentsUnavailable", message),),
+            )
+        return CycleContext(body, resolved, loaded.writer, metrics, client, agents, base, view)
 
-        # A recorded migration comes first: finish it (or roll it back) before anything else.
-        migration = status.get("migration") or {}
-        if migration.get("state") == "Running":
-            return await self._resume(ctx, published, generation, policy, migration, should_stop)
+    def _no_agents(self, loaded: Loaded, metrics: om.DeploymentMetrics) -> CycleOutcome:
+        metrics.set(om.AGENTS_REACHABLE, 0)
+        already = (
+            condition_reason(loaded.writer.conditions, "Degraded") == "NoAgents"
+            and loaded.writer.observed.last_cycle_result == str(CycleResult.NO_AGENTS)
+        )
+        return CycleOutcome(
+            CycleResult.NO_AGENTS, "no agents announced in the Endpoints yet", write=not already,
+            retry_after=NO_AGENTS_INTERVAL_S,
+            conditions=(ConditionChange("Degraded", False, "NoAgents", "no agents announced in the Endpoints yet"),),
+            status={"agentsExpected": 0, "agentsReachable": 0, "lastCycleTime": now_iso()},
+        )
 
-        placement_status = dict(status.get("placement") or {})
-        if not placement_status.get("confirmed"):
-            adopted = self._common_map(view, resolved)
+    async def _converge(self, ctx: CycleContext, loaded: Loaded) -> int | CycleOutcome:
+        """Adopt the agents' common map while the published one was never confirmed; bring lagging
+        agents onto the published map. Returns the generation the agents serve."""
+        published = loaded.published
+        view = ctx.view
+        assert view is not None
+        placement_status = loaded.writer.observed.placement or PlacementStatus()
+        if not placement_status.confirmed:
+            adopted = self._common_map(view, ctx.resolved)
             if adopted is not None and placement_hash(adopted[0].physical_to_logical_map) != placement_hash(
-                published.physical_to_logical_map
+                published.placement.physical_to_logical_map
             ):
                 placement, live_generation = adopted
-                await self._publish(ctx, placement, max(live_generation, generation), "adopted")
-                self.event(body, "Normal", "PlacementAdopted", f"agents' placement adopted at generation {live_generation}")
-                return "adopted"
-        # Agents ahead of the published generation (a rolled-back stage, a lost publish): serve the
-        # published map at a generation above every agent's, then publish that generation.
-        target_generation = generation
-        top = view.max_generation
-        if top > generation:
-            same = all(
-                answer.get("hash") == placement_hash(published.physical_to_logical_map)
-                for answer in view.answers.values()
-                if int(answer.get("generation", 0)) == top
-            )
-            target_generation = top if same else top + 1
-        problems = await converge(client, agents, published.physical_to_logical_map, target_generation, view)
-        if not problems and target_generation != generation:
-            await self._publish(ctx, published, target_generation, policy)
-            generation = target_generation
-            placement_status = dict((await self.kube.get_deployment(namespace, name) or {}).get("status", {}).get("placement") or placement_status)
+                await self.rollout.publish(ctx, placement, max(live_generation, published.generation), "adopted")
+                return waiting(
+                    CycleResult.ADOPTED, f"agents' placement adopted at generation {live_generation}",
+                    event=Event("Normal", "PlacementAdopted", f"agents' placement adopted at generation {live_generation}"),
+                )
+        target_generation = _converge_generation(view, published)
+        problems = await converge(ctx.client, ctx.agents, published.placement.physical_to_logical_map, target_generation, view)
         if problems:
-            metrics.error("agent")
             message = "agents diverge from the published placement: " + "; ".join(problems[:3])
-            writer.condition("Degraded", True, "AgentsDiverged", message)
-            await writer.patch(message=message, lastCycleResult="agents diverged", **base)
-            return "agents diverged"
-        if not placement_status.get("confirmed"):
-            placement_status["confirmed"] = True
-            base["placement"] = placement_status
-        writer.condition("Degraded", False, "AgentsServing", f"{len(agents)} agents serve generation {generation}")
-        writer.condition("Ready", True, "AgentsServing", f"placement generation {generation} live on all agents")
-        metrics.set(om.PLACEMENT_GENERATION, generation)
+            return waiting(
+                CycleResult.AGENTS_DIVERGED, message, error="agent",
+                conditions=(ConditionChange("Degraded", True, "AgentsDiverged", message),),
+            )
+        if target_generation != published.generation or not placement_status.confirmed:
+            await self.rollout.publish(ctx, published.placement, target_generation, published.policy)
+            published.generation = target_generation
+        ctx.writer.condition("Degraded", False, "AgentsServing", f"{len(ctx.agents)} agents serve generation {target_generation}")
+        ctx.writer.condition("Ready", True, "AgentsServing", f"placement generation {target_generation} live on all agents")
+        ctx.metrics.set(om.PLACEMENT_GENERATION, target_generation)
+        return target_generation
 
-        # Metrics -> profile
+    async def _profile(self, ctx: CycleContext, published: Published) -> Profiled | CycleOutcome:
+        """Load from Prometheus and transitions from the agents -> profile, imbalance, conditions."""
         try:
-            profile, report, activated = await self._profile(ctx)
+            profile, report, activated = await self._read_profile(ctx)
         except MetricsUnavailable as error:
-            metrics.error("prometheus")
-            metrics.set(om.METRICS_AVAILABLE, 0)
-            writer.condition("MetricsAvailable", False, error.reason, str(error))
-            await writer.patch(message=str(error), lastCycleResult="metrics unavailable", **base)
-            return "metrics unavailable"
-        metrics.set(om.METRICS_AVAILABLE, 1)
-        writer.condition("MetricsAvailable", True, "LoadAvailable", report.summary())
-        imbalance = token_imbalance(profile.load, published)
-        metrics.set(om.IMBALANCE, imbalance)
-        metrics.set(om.MAX_ACTIVATED, activated)
-        threshold = resolved.spec.alerts.imbalance_threshold
-        writer.condition(
-            "Balanced", imbalance <= threshold, "BelowThreshold" if imbalance <= threshold else "AboveThreshold",
+            ctx.metrics.set(om.METRICS_AVAILABLE, 0)
+            return CycleOutcome(
+                CycleResult.METRICS_UNAVAILABLE, str(error), status=ctx.base, error="prometheus",
+                conditions=(ConditionChange("MetricsAvailable", False, error.reason, str(error)),),
+            )
+        ctx.metrics.set(om.METRICS_AVAILABLE, 1)
+        ctx.writer.condition("MetricsAvailable", True, "LoadAvailable", report.summary())
+        imbalance = token_imbalance(profile.load, published.placement)
+        ctx.metrics.set(om.IMBALANCE, imbalance)
+        ctx.metrics.set(om.MAX_ACTIVATED, activated)
+        threshold = ctx.resolved.spec.alerts.imbalance_threshold
+        balanced = imbalance <= threshold
+        ctx.writer.condition(
+            "Balanced", balanced, "BelowThreshold" if balanced else "AboveThreshold",
             f"token imbalance {imbalance:.3f} (threshold {threshold})",
         )
-        base.update(imbalance=round(imbalance, 4), maxActivatedExperts=activated)
+        ctx.base.update(imbalance=round(imbalance, 4), maxActivatedExperts=activated)
         if report.skipped:
-            self.event(body, "Warning", "BadMetrics", report.summary())
+            self.event(ctx.body, "Warning", "BadMetrics", report.summary())
+        return Profiled(profile, imbalance, tuple(report.missing_layers))
 
-        if resolved.spec.placement.paused:
-            metrics.rebalance("skipped")
-            await writer.patch(message="rebalancing paused", lastCycleResult="paused", **base)
-            return "paused"
-
-        # Solve, predict, gate (in a worker)
-        request = self._solve_request(resolved, profile, published, body)
-        try:
-            result = await self._solve(request)
-        except (PlacementError, RuntimeError, ValueError) as error:
-            metrics.error("solver")
-            metrics.rebalance("failed")
-            writer.condition("Degraded", True, "SolverFailed", str(error))
-            await writer.patch(message=f"solver: {error}", lastCycleResult="solver failed", **base)
-            self.event(body, "Warning", "SolverFailed", str(error)[:500])
-            return "solver failed"
-        metrics.solve(result.solve_seconds, result.solver_status)
-        metrics.set(om.PREDICTED_GAIN, result.gain)
-        base.update(predictedGain=round(result.net_gain, 4))
-        if not result.apply:
-            metrics.rebalance("skipped")
-            await writer.patch(message=f"kept generation {generation}: {result.reason}", lastCycleResult=f"skipped: {result.reason}", **base)
-            return "skipped"
-        target = Placement(result.mapping, resolved.model.num_experts, resolved.topology.slots_per_gpu)
-        self.event(
-            body, "Normal", "Rebalancing",
-            f"{result.reason}; moving {result.bytes_to_move / 1e6:.1f} MB in {result.stages} stages",
-        )
-        await writer.patch(lastCycleResult="migrating", **base)
-        return await self._start_migration(
-            ctx, published, target, generation, resolved.spec.placement.policy, result, should_stop
-        )
-
-    async def _profile(self, ctx: CycleContext) -> tuple[Any, Any, float | None]:
+    async def _read_profile(self, ctx: CycleContext) -> tuple[WorkloadProfile, MetricsReport, float | None]:
         spec = ctx.resolved.spec.metrics
         model = ctx.resolved.model
         load, report, activated = await asyncio.to_thread(
@@ -588,6 +514,7 @@ class Controller:
             spec.match_labels,
             model.num_layers,
             model.num_experts,
+            ctx.resolved.num_gpus,
         )
         tokens = float(load.sum() / model.top_k)
         report.tokens = tokens
@@ -613,13 +540,37 @@ class Controller:
             raise MetricsUnavailable("BadData", str(error)) from None
         return profile, report, activated
 
-    def _solve_request(self, resolved: ResolvedSpec, profile: Any, published: Placement, body: Mapping[str, Any]) -> SolveRequest:
+    async def _gate(self, ctx: CycleContext, published: Published, profiled: Profiled) -> SolveResult | CycleOutcome:
+        """Solve, predict and gate in the worker; an outcome unless the new placement is to be applied."""
+        request = self._solve_request(ctx.resolved, profiled, published.placement, ctx.body)
+        try:
+            result = await self._solve(request)
+        except (PlacementError, RuntimeError, ValueError) as error:
+            ctx.metrics.rebalance("failed")
+            return CycleOutcome(
+                CycleResult.SOLVER_FAILED, f"solver: {error}", status=ctx.base, error="solver",
+                conditions=(ConditionChange("Degraded", True, "SolverFailed", str(error)),),
+                event=Event("Warning", "SolverFailed", str(error)[:500]),
+            )
+        ctx.metrics.solve(result.solve_seconds, result.solver_status)
+        ctx.metrics.set(om.PREDICTED_GAIN, result.gain)
+        ctx.base.update(predictedGain=round(result.net_gain, 4))
+        if not result.apply:
+            ctx.metrics.rebalance("skipped")
+            return CycleOutcome(
+                CycleResult.SKIPPED, f"kept generation {published.generation}: {result.reason}", status=ctx.base
+            )
+        return result
+
+    def _solve_request(
+        self, resolved: ResolvedSpec, profiled: Profiled, published: Placement, body: Mapping[str, Any]
+    ) -> SolveRequest:
         placement = resolved.spec.placement
         objective = placement.objective
         phases = ("prefill", "decode") if objective.phases == "both" else (objective.phases,)
         return SolveRequest(
             policy=placement.policy,
-            profile=profile,
+            profile=profiled.profile,
             model=resolved.model,
             topology=resolved.topology,
             previous=published,
@@ -635,6 +586,7 @@ class Controller:
             max_concurrent_transfers=resolved.spec.migration.max_concurrent_transfers,
             max_copies_per_stage=resolved.spec.migration.max_steps_in_flight,
             seed=int(body["metadata"].get("generation", 0)),
+            keep_layers=profiled.missing_layers,
         )
 
     async def _solve(self, request: SolveRequest) -> SolveResult:
@@ -659,219 +611,29 @@ class Controller:
             process.kill()
         old.shutdown(wait=False, cancel_futures=True)
 
-    # ------------------------------------------------------------------------------------------
-    # Migrations
 
-    async def _start_migration(
-        self,
-        ctx: CycleContext,
-        source: Placement,
-        target: Placement,
-        generation: int,
-        policy: str,
-        result: SolveResult,
-        should_stop: Callable[[], bool],
-    ) -> str:
-        max_copies = ctx.resolved.spec.migration.max_steps_in_flight
-        source_hash = placement_hash(source.physical_to_logical_map)
-        target_hash = placement_hash(target.physical_to_logical_map)
-        plan_id = plan_id_of(source_hash, target_hash, max_copies)
-        await self.kube.put_configmap(
-            builders.build_migration_configmap(ctx.body, plan_id, source, target, generation, policy, max_copies)
+def _agent_problems(agents: Mapping[int, str], view: AgentsView, expected: int) -> list[str]:
+    """What keeps the cycle from acting on the agents: ranks missing, extra, or not answering."""
+    problems = []
+    missing = sorted(set(range(expected)) - set(agents))
+    if missing:
+        problems.append(f"ranks {missing} not announced")
+    extra = sorted(set(agents) - set(range(expected)))
+    if extra:
+        problems.append(f"ranks {extra} beyond the {expected} GPUs")
+    if view.errors:
+        problems.append(
+            "unreachable: " + ", ".join(f"rank {r} ({e.message[:80]})" for r, e in sorted(view.errors.items()))
         )
-        migration = {
-            "planId": plan_id,
-            "state": "Running",
-            "targetHash": target_hash,
-            "fromGeneration": generation,
-            "stage": 0,
-            "stages": result.stages,
-            "step": "",
-            "bytesMoved": 0.0,
-            "bytesTotal": result.bytes_to_move,
-            "startedAt": now_iso(),
-            "message": result.reason,
-            "policy": policy,
-            "solverStatus": result.solver_status,
-        }
-        ctx.writer.condition("Migrating", True, "MigrationRunning", f"plan {plan_id}: {result.stages} stages")
-        await ctx.writer.patch(migration=migration)
-        progress = Progress(plan_id=plan_id, stages=result.stages, bytes_total=result.bytes_to_move)
-        return await self._run_migration(
-            ctx, source, target, result.plan, progress, migration, policy, should_stop,
-            solver={"status": result.solver_status, "gap": result.gap, "solveSeconds": result.solve_seconds},
-        )
+    return problems
 
-    async def _resume(
-        self,
-        ctx: CycleContext,
-        published: Placement,
-        generation: int,
-        policy: str,
-        migration: Mapping[str, Any],
-        should_stop: Callable[[], bool],
-    ) -> str:
-        """Resume the recorded migration from its ConfigMap and status (the plan is re-derived)."""
-        name = builders.migration_configmap_name(ctx.name)
-        configmap = await self.kube.get_configmap(ctx.namespace, name)
-        resolved = ctx.resolved
-        try:
-            document = json.loads((configmap or {}).get("data", {})[builders.TARGET_KEY])
-            source = Placement(np.asarray(document["source"]), resolved.model.num_experts, resolved.topology.slots_per_gpu)
-            target = Placement(np.asarray(document["target"]), resolved.model.num_experts, resolved.topology.slots_per_gpu)
-            source.check_topology(resolved.model, resolved.topology)
-            target.check_topology(resolved.model, resolved.topology)
-            if document.get("planId") != migration.get("planId"):
-                raise ValueError(f"plan {document.get('planId')} != status plan {migration.get('planId')}")
-        except (KeyError, TypeError, ValueError, PlacementError) as error:
-            # Nothing to resume from: the agents serve valid maps; forget the migration.
-            message = f"migration {migration.get('planId')} cannot be resumed: {error}"
-            self.event(ctx.body, "Warning", "MigrationAbandoned", message)
-            ctx.metrics.migrating(False)
-            ctx.writer.condition("Migrating", False, "MigrationAbandoned", message)
-            await ctx.writer.patch(migration={**dict(migration), "state": "Failed", "message": message}, message=message)
-            await self.kube.delete_configmap(ctx.namespace, name)
-            return "migration abandoned"
-        max_copies = int(document.get("maxCopiesPerStage", resolved.spec.migration.max_steps_in_flight))
-        plan = await asyncio.to_thread(plan_migration, source, target, resolved.model, resolved.topology, max_copies)
-        progress = Progress(
-            plan_id=str(migration.get("planId")),
-            stages=len(plan.stages),
-            stage=int(migration.get("stage", 0)),
-            step=str(migration.get("step", "")),
-            bytes_moved=float(migration.get("bytesMoved", 0.0)),
-            bytes_total=float(migration.get("bytesTotal", plan.bytes_moved)),
-        )
-        self.event(ctx.body, "Normal", "MigrationResumed", f"plan {progress.plan_id} at stage {progress.stage}/{progress.stages}")
-        return await self._run_migration(
-            ctx, source, target, plan, progress, dict(migration), str(document.get("policy", policy)), should_stop
-        )
 
-    async def _run_migration(
-        self,
-        ctx: CycleContext,
-        source: Placement,
-        target: Placement,
-        plan: Any,
-        progress: Progress,
-        migration: dict[str, Any],
-        policy: str,
-        should_stop: Callable[[], bool],
-        solver: Mapping[str, Any] | None = None,
-    ) -> str:
-        spec = ctx.resolved.spec.migration
-        metrics = ctx.metrics
-        metrics.migrating(True)
-
-        async def record(state: Progress) -> None:
-            migration.update(
-                stage=state.stage, stages=state.stages, step=state.step, bytesMoved=state.bytes_moved, state="Running"
-            )
-            await ctx.writer.patch(migration=dict(migration))
-
-        def on_step(result: str, bytes_moved: float) -> None:
-            metrics.migration_step(result, bytes_moved)
-
-        executor = Executor(
-            client=ctx.client,
-            agents=ctx.agents,
-            slots_per_gpu=ctx.resolved.topology.slots_per_gpu,
-            num_experts=ctx.resolved.model.num_experts,
-            options=ExecOptions(
-                max_concurrent_transfers=spec.max_concurrent_transfers,
-                step_timeout_s=spec.step_timeout_seconds,
-                retries=spec.step_retries,
-                stage_pause_s=spec.stage_pause_seconds,
-            ),
-            record=record,
-            should_stop=should_stop,
-            on_step=on_step,
-        )
-        try:
-            outcome = await execute(executor, source.physical_to_logical_map, plan, progress)
-        finally:
-            metrics.migrating(False)
-        migration.update(
-            stage=outcome.progress.stage, step=outcome.progress.step, bytesMoved=outcome.progress.bytes_moved,
-            message=outcome.message,
-        )
-        name = builders.migration_configmap_name(ctx.name)
-        if outcome.state == "Stalled":
-            metrics.error("agent")
-            metrics.migration_step("failed")
-            metrics.migrating(True)
-            ctx.writer.condition("Degraded", True, "MigrationStalled", outcome.message)
-            await ctx.writer.patch(migration=dict(migration), message=outcome.message, lastCycleResult="migration stalled")
-            self.event(ctx.body, "Warning", "MigrationStalled", outcome.message)
-            return "migration stalled"
-        live = Placement(outcome.live_map, ctx.resolved.model.num_experts, ctx.resolved.topology.slots_per_gpu)
-        live_hash = placement_hash(live.physical_to_logical_map)
-        if outcome.state == "Completed":
-            migration["state"] = "Completed"
-            await self._publish(ctx, live, outcome.generation, policy, solver, migration=migration, rebalanced=True)
-            # Agents skipped by the last activation (already on the map) catch up on its generation.
-            await converge(ctx.client, ctx.agents, live.physical_to_logical_map, outcome.generation,
-                           await snapshot(ctx.client, ctx.agents))
-            ctx.writer.condition("Migrating", False, "MigrationCompleted", outcome.message)
-            ctx.writer.condition("Degraded", False, "AgentsServing", f"generation {outcome.generation} live")
-            metrics.rebalance("applied")
-            await ctx.writer.patch(message=f"placement generation {outcome.generation} published", lastCycleResult="applied")
-            self.event(
-                ctx.body, "Normal", "MigrationCompleted",
-                f"plan {progress.plan_id}: {outcome.progress.stages} stages, {outcome.progress.bytes_moved / 1e6:.2f} MB; "
-                f"generation {outcome.generation}",
-            )
-            await self.kube.delete_configmap(ctx.namespace, name)
-            return "applied"
-        # Interrupted (spec changed, paused, stopping) or rolled back: publish what the agents serve.
-        migration["state"] = outcome.state
-        changed = live_hash != placement_hash(source.physical_to_logical_map)
-        await self._publish(ctx, live, outcome.generation, policy, solver, migration=migration, rebalanced=changed)
-        ctx.writer.condition("Migrating", False, f"Migration{outcome.state}", outcome.message)
-        if outcome.state == "RolledBack":
-            metrics.rebalance("failed")
-            metrics.error("agent")
-            ctx.writer.condition("Degraded", True, "MigrationRolledBack", outcome.message)
-            self.event(ctx.body, "Warning", "MigrationRolledBack", outcome.message)
-        else:
-            metrics.rebalance("applied")
-            self.event(ctx.body, "Normal", "MigrationInterrupted", outcome.message)
-        await ctx.writer.patch(message=outcome.message, lastCycleResult=outcome.state.lower())
-        await self.kube.delete_configmap(ctx.namespace, name)
-        return outcome.state.lower()
-
-    async def _publish(
-        self,
-        ctx: CycleContext,
-        placement: Placement,
-        generation: int,
-        policy: str,
-        solver: Mapping[str, Any] | None = None,
-        migration: Mapping[str, Any] | None = None,
-        rebalanced: bool = False,
-    ) -> None:
-        solver_doc = {"status": str((solver or {}).get("status", "heuristic"))}
-        if solver and solver.get("gap") is not None:
-            solver_doc["gap"] = float(solver["gap"])
-        if solver and solver.get("solveSeconds") is not None:
-            solver_doc["solve_seconds"] = float(solver["solveSeconds"])
-        await self.kube.put_configmap(
-            builders.build_placement_configmap(ctx.body, placement, generation, policy, ctx.resolved, solver_doc)
-        )
-        fields: dict[str, Any] = {
-            "placement": {
-                "generation": generation,
-                "hash": placement_hash(placement.physical_to_logical_map),
-                "configMap": builders.placement_configmap_name(ctx.name),
-                "policy": policy,
-                "confirmed": True,
-            }
-        }
-        if migration is not None:
-            fields["migration"] = dict(migration)
-        if rebalanced:
-            fields["lastRebalanceTime"] = now_iso()
-        ctx.metrics.set(om.PLACEMENT_GENERATION, generation)
-        await ctx.writer.patch(**fields)
-        self.event(ctx.body, "Normal", "PlacementPublished", f"generation {generation} ({policy})")
-
+def _converge_generation(view: AgentsView, published: Published) -> int:
+    """The generation to serve the published map at: the published one, or one above every agent's
+    when an agent is ahead of it (a lost publish), so that activation is never refused as stale."""
+    top = view.max_generation
+    if top <= published.generation:
+        return published.generation
+    digest = placement_hash(published.placement.physical_to_logical_map)
+    same = all(answer.hash == digest for answer in view.answers.values() if answer.generation == top)
+    return top if same else top + 1

@@ -242,7 +242,11 @@ class MetricsSpec(SpecModel):
         9400, ge=1, le=65535, description="Agent port of local rank 0 (rank r listens on agentPort + r)."
     )
     token_secret_ref: SecretKeyRef | None = Field(
-        None, description="Secret holding the agents' bearer token (else the operator's own token)."
+        None,
+        description=(
+            "Secret holding the agents' bearer token; it must be labelled moeplace.io/agent-token-for=<this "
+            "MoEDeployment's name>. Unset: the operator keeps <name>-agent-token for these agents alone."
+        ),
     )
     stats_top_pairs: int = Field(256, ge=0, le=65536, description="Transition pairs per layer asked of each agent.")
     min_tokens: float = Field(1.0, ge=0, description="Fewer tokens in the window: metrics unusable.")
@@ -278,16 +282,20 @@ class MoEDeploymentSpec(SpecModel):
 # Status
 
 
+ConditionType = Literal["Ready", "Balanced", "Migrating", "MetricsAvailable", "Degraded"]
+
+
 class Condition(SpecModel):
     """A standard condition."""
 
-    type: Literal["Ready", "Balanced", "Migrating", "MetricsAvailable", "Degraded"] = Field(
-        description="Condition type."
-    )
+    type: ConditionType = Field(description="Condition type.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed from."
+    )
 
 
 class PlacementStatus(SpecModel):
@@ -305,7 +313,11 @@ class MigrationStatus(SpecModel):
 
     plan_id: str = Field("", description="Identity of the plan (old and target hash).")
     state: Literal["Running", "Completed", "RolledBack", "Interrupted", "Failed"] = Field(
-        "Running", description="Migration state."
+        "Running",
+        description="Migration state: RolledBack = the agents serve the exact map from before the migration.",
+    )
+    rollback_of: str = Field(
+        "", description="Set while returning to the map before plan <rollbackOf> (this plan runs back to it)."
     )
     target_hash: str = Field("", description="Hash of the target placement.")
     from_generation: int = Field(0, description="Published generation the migration started from.")
@@ -316,6 +328,8 @@ class MigrationStatus(SpecModel):
     bytes_total: float = Field(0.0, description="Expert bytes the plan copies.")
     started_at: str | None = Field(None, description="Start time.")
     message: str = Field("", description="Detail of the last outcome.")
+    policy: str = Field("", description="Policy whose placement the migration applies.")
+    solver_status: str = Field("", description="Status of the solve that produced the target.")
 
 
 class MoEDeploymentStatus(SpecModel):
@@ -327,7 +341,11 @@ class MoEDeploymentStatus(SpecModel):
     message: str = Field("", description="Why the phase is what it is.")
     observed_generation: int = Field(0, description="metadata.generation last reconciled.")
     gpus: int = Field(0, description="GPUs (agents) of the group.")
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Conditions, at most one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     placement: PlacementStatus | None = Field(None, description="Published placement.")
     imbalance: float | None = Field(None, description="Live token imbalance (max/mean GPU load).")
     max_activated_experts: float | None = Field(None, description="Live max activated experts per GPU.")
@@ -338,6 +356,12 @@ class MoEDeploymentStatus(SpecModel):
     migration: MigrationStatus | None = Field(None, description="Running or last migration.")
     agents_expected: int = Field(0, description="Agents announced in the Service's Endpoints.")
     agents_reachable: int = Field(0, description="Agents answering /v1/placement.")
+    groups: int = Field(
+        0,
+        ge=0,
+        description="Expert-parallel groups (LeaderWorkerSet replicas; 1 otherwise); the one published placement applies to every group.",
+    )
+    agent_token_secret: str = Field("", description="Secret holding the agents' bearer token.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +424,31 @@ def resolve_spec(spec: Any) -> ResolvedSpec:
         check_fits(model, topology)
     except PlacementError as error:
         raise SpecError(f"spec.topology: {str(error).removeprefix('topology: ')}") from None
+    _check_map_size(model, topology)
     return ResolvedSpec(spec=parsed, model=model, topology=topology)
+
+
+# A ConfigMap holds 1 MiB; the placement ConfigMap carries the map twice (SGLang's file and
+# moeplace's), each entry an expert id and a comma. Keep a margin for the rest of the object.
+PLACEMENT_CONFIGMAP_BUDGET_BYTES = 900_000
+
+
+def placement_configmap_bytes(model: ModelShape, topology: Topology) -> int:
+    """An upper estimate of the placement ConfigMap's data for a map of L x N slots."""
+    entry = len(str(model.num_experts - 1)) + 2
+    return 2 * model.num_layers * topology.num_slots * entry + 4096
+
+
+def _check_map_size(model: ModelShape, topology: Topology) -> None:
+    """Refuse a spec whose placement could not be published (and whose maps would swamp the operator)."""
+    estimate = placement_configmap_bytes(model, topology)
+    if estimate > PLACEMENT_CONFIGMAP_BUDGET_BYTES:
+        raise SpecError(
+            f"spec.model and spec.topology: {model.num_layers} layers x {topology.num_slots} slots "
+            f"({topology.num_gpus} GPUs x {topology.slots_per_gpu} slots, spec.placement.redundantSlots included) "
+            f"make a placement of about {estimate / 1e6:.1f} MB, over the {PLACEMENT_CONFIGMAP_BUDGET_BYTES / 1e6:.1f} MB "
+            "a placement ConfigMap may hold (ConfigMaps hold 1 MiB): use fewer layers, experts or GPUs"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,24 +472,25 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
 _DROP_KEYS = {"title", "$defs", "examples"}
 
 
-def _structural(schema: dict[str, Any]) -> dict[str, Any]:
-    """One node of a JSON schema rewritten to what apiextensions v1 on 1.20 accepts."""
-    schema = dict(schema)
-    for key in _DROP_KEYS:
-        schema.pop(key, None)
-    if "anyOf" in schema:
-        options = schema.pop("anyOf")
-        non_null = [option for option in options if option.get("type") != "null"]
-        if len(non_null) != 1:
-            raise ValueError(f"unsupported union in CRD schema: {options}")
-        inner = _structural(non_null[0])
-        outer_description = schema.get("description")
-        inner.update({k: v for k, v in schema.items() if k != "description"})
-        if outer_description:
-            inner["description"] = outer_description
-        if len(non_null) != len(options):
-            inner["nullable"] = True
-        schema = inner
+def _without_null_union(schema: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [X, null]`` -> X with ``nullable: true`` (and the outer keys kept)."""
+    options = schema.pop("anyOf")
+    non_null = [option for option in options if option.get("type") != "null"]
+    if len(non_null) != 1:
+        raise ValueError(f"unsupported union in CRD schema: {options}")
+    inner = _structural(non_null[0])
+    outer_description = schema.get("description")
+    inner.update({k: v for k, v in schema.items() if k != "description"})
+    if outer_description:
+        inner["description"] = outer_description
+    if len(non_null) != len(options):
+        inner["nullable"] = True
+    return inner
+
+
+def _keywords_for_1_20(schema: dict[str, Any]) -> None:
+    """const -> enum, typed enums, boolean exclusive bounds, no ``additionalProperties: false``, no
+    empty defaults (1.20 reads an empty-string default back as null and refuses it)."""
     if "const" in schema:
         schema["enum"] = [schema.pop("const")]
     if "enum" in schema and "type" not in schema:
@@ -453,15 +502,20 @@ def _structural(schema: dict[str, Any]) -> dict[str, Any]:
             schema[bound] = True
     if schema.get("additionalProperties") is False:
         del schema["additionalProperties"]
-    elif isinstance(schema.get("additionalProperties"), dict):
-        schema["additionalProperties"] = _structural(schema["additionalProperties"])
-    # kube-apiserver 1.20 reads an empty-string default back as null and refuses it.
     if "default" in schema and schema["default"] in (None, ""):
         del schema["default"]
+
+
+def _structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """One node of a JSON schema rewritten to what apiextensions v1 on 1.20 accepts."""
+    schema = {key: value for key, value in schema.items() if key not in _DROP_KEYS}
+    if "anyOf" in schema:
+        schema = _without_null_union(schema)
+    _keywords_for_1_20(schema)
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = _structural(schema["additionalProperties"])
     if "properties" in schema:
-        schema["properties"] = {
-            name: _structural(value) for name, value in schema["properties"].items()
-        }
+        schema["properties"] = {name: _structural(value) for name, value in schema["properties"].items()}
         schema.setdefault("type", "object")
     if "items" in schema:
         schema["items"] = _structural(schema["items"])
@@ -525,6 +579,12 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 PRINTER_COLUMNS = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "The Ready condition's status.",
+    },
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary phase."},
     {
         "name": "Imbalance",

@@ -18,12 +18,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
 from moe_operator.agents import AgentClient, AgentError
-from moe_placement.agent_contract import PlacementAnswer
+from moe_placement.agent_api import PlacementAnswer
 from moe_placement.files import fill_empty_slots
-from moe_placement.models import Placement, format_validation_error, placement_hash
+from moe_placement.models import Placement, placement_hash
 
 # HTTP statuses that will not heal by waiting: a wrong token, a wrong path.
 _FATAL_STATUSES = frozenset({400, 401, 403, 404, 405})
@@ -84,15 +82,11 @@ class EngineWait:
         if url is None:
             return rank, "not announced"
         try:
-            body = await self.client.placement(url)
+            return rank, await self.client.placement(url)
         except AgentError as error:
             if error.status in _FATAL_STATUSES:
                 raise _Fatal(rank, str(error)) from None
             return rank, str(error)
-        try:
-            return rank, PlacementAnswer.model_validate(body)
-        except ValidationError as error:
-            raise _Fatal(rank, f"{url} placement: {format_validation_error(error)}") from None
 
     def _check(self, rank: int, answer: PlacementAnswer) -> None:
         shape = (answer.num_layers, answer.num_experts, answer.slots_per_gpu, answer.num_gpus)

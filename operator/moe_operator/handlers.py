@@ -24,16 +24,11 @@ import kopf
 from moe_operator.control import Controller, Retry
 from moe_operator.crd import GROUP, PLURAL, VERSION, SpecError
 from moe_operator.kube import Kube, load_config
+from moe_operator.outcomes import WAIT_INTERVAL_S
 from moe_operator.solver import warm_up
 
 logger = logging.getLogger("moe_operator")
 RUNTIME: dict[str, Any] = {}
-
-# While waiting for something (the initial placement, agents), cycles come this often at most.
-WAIT_INTERVAL_S = float(os.environ.get("MOEPLACE_WAIT_INTERVAL_S", "3"))
-_WAITING = ("pending", "agents unavailable", "migration stalled", "agents diverged", "adopted")
-# With no agents announced at all (the workload is not up yet), look again less often.
-NO_AGENTS_INTERVAL_S = float(os.environ.get("MOEPLACE_NO_AGENTS_INTERVAL_S", "15"))
 
 
 def _event(body: Any, kind: str, reason: str, message: str) -> None:
@@ -113,17 +108,16 @@ async def rebalance(
                 or bool((spec.get("placement") or {}).get("paused"))
             )
 
+        interval = float(((body.get("spec") or {}).get("placement") or {}).get("rebalanceIntervalSeconds", 300))
         try:
-            result = await ctl.cycle(namespace, name, should_stop)
+            outcome = await ctl.cycle(namespace, name, should_stop)
         except Exception:  # noqa: BLE001 - a bad cycle must not end the daemon
             logger.exception("%s/%s: rebalance cycle failed", namespace, name)
-            result = "error"
-        logger.info("%s/%s: cycle: %s", namespace, name, result)
-        interval = float(((body.get("spec") or {}).get("placement") or {}).get("rebalanceIntervalSeconds", 300))
-        if result in _WAITING or result == "error" or result.startswith("kubernetes"):
-            interval = min(interval, WAIT_INTERVAL_S)
-        elif result == "no agents":
-            interval = min(interval, NO_AGENTS_INTERVAL_S)
+            await stopped.wait(min(interval, WAIT_INTERVAL_S))
+            continue
+        logger.info("%s/%s: cycle: %s %s", namespace, name, outcome.result, outcome.message[:200])
+        if outcome.retry_after is not None:
+            interval = min(interval, outcome.retry_after)
         await stopped.wait(interval)
     if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
         ctl.forget(namespace, name)

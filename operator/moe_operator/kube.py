@@ -7,7 +7,6 @@ Every call maps API failures to ``KubeError`` (with the HTTP status) so the cont
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +49,8 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.slices = client.DiscoveryV1Api(api)
+        self._served: dict[str, list[str]] = {}
 
     async def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -151,14 +152,43 @@ class Kube:
     async def get_endpoints(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get(f"endpoints {namespace}/{name}", self.core.read_namespaced_endpoints, name, namespace)
 
-    async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        secret = await self._get(f"secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
-        if secret is None:
-            return None
-        data = (secret.get("data") or {}).get(key)
-        if data is None:
-            return (secret.get("stringData") or {}).get(key)
-        return base64.b64decode(data).decode().strip()
+    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        """The ``discovery.k8s.io/v1`` EndpointSlices of a Service (by ``kubernetes.io/service-name``)."""
+        answer = await self._run(
+            f"endpointslices of {namespace}/{service}",
+            self.slices.list_namespaced_endpoint_slice, namespace, label_selector=f"kubernetes.io/service-name={service}",
+        )
+        return _plain(answer, self.api).get("items") or []
+
+    async def served_versions(self, group: str) -> list[str]:
+        """Versions of an API group the server serves (``[]``: none), from one discovery call per client."""
+        if not self._served:
+            answer = _plain(await self._run("API discovery", client.ApisApi(self.api).get_api_versions), self.api)
+            self._served = {
+                entry["name"]: [version["version"] for version in entry.get("versions") or []]
+                for entry in answer.get("groups") or []
+            }
+        return self._served.get(group, [])
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(f"secret {namespace}/{name}", self.core.read_namespaced_secret, name, namespace)
+
+    async def create_secret(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        return _plain(
+            await self._run(f"create secret {namespace}/{name}", self.core.create_namespaced_secret, namespace, dict(body)),
+            self.api,
+        )
+
+    async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge patch of a Secret (``metadata.resourceVersion`` in the patch makes it conditional)."""
+        return _plain(
+            await self._run(
+                f"patch secret {namespace}/{name}",
+                self.core.patch_namespaced_secret, name, namespace, dict(patch), _content_type=MERGE,
+            ),
+            self.api,
+        )
 
     async def ensure_statefulset(self, body: Mapping[str, Any]) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]

@@ -8,8 +8,24 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+
+class MetricsRegistry(CollectorRegistry):
+    """A registry that keeps the metrics registered in it, so that every series of a deleted
+    deployment can be dropped without a second list of them."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.metrics: list[MetricWrapperBase] = []
+
+    def register(self, collector) -> None:  # noqa: ANN001 - prometheus_client's signature
+        super().register(collector)
+        if isinstance(collector, MetricWrapperBase):
+            self.metrics.append(collector)
+
+
+REGISTRY = MetricsRegistry()
 _BASE = ("namespace", "deployment")
 
 REBALANCES = Counter(
@@ -67,13 +83,6 @@ AGENTS_REACHABLE = Gauge(
 )
 ERRORS = Counter("moeplace_operator_errors_total", "Errors by reason.", _BASE + ("reason",), registry=REGISTRY)
 
-ERROR_REASONS = ("prometheus", "agent", "solver", "invalid_spec", "kubernetes")
-_PER_DEPLOYMENT = (
-    REBALANCES, SOLVE_SECONDS, SOLVER_FAILURES, IMBALANCE, MAX_ACTIVATED, PREDICTED_GAIN,
-    PLACEMENT_GENERATION, MIGRATION_IN_PROGRESS, MIGRATION_LAST_PROGRESS, MIGRATION_STEPS,
-    MIGRATION_BYTES, METRICS_AVAILABLE, AGENTS_EXPECTED, AGENTS_REACHABLE, ERRORS,
-)
-
 
 class DeploymentMetrics:
     """The metrics of one MoEDeployment (label values bound)."""
@@ -108,7 +117,7 @@ class DeploymentMetrics:
 
     def forget(self) -> None:
         """Drop every series of this deployment (it was deleted)."""
-        for metric in _PER_DEPLOYMENT:
+        for metric in REGISTRY.metrics:
             for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no public listing
                 if labels[:2] == self.labels:
                     metric.remove(*labels)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_operator import settings
+from moe_placement.agent_api import StatsAnswer
 from moe_placement.models import Phase, SparsePairs, WorkloadProfile
 
 LOAD_METRIC = "moeplace_expert_tokens_total"
@@ -25,7 +27,7 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class MetricsUnavailable(RuntimeError):
-    """No usable load: ``reason`` is a condition reason (PrometheusUnavailable, NoData, BadData)."""
+    """No usable load: ``reason`` is a condition reason (PrometheusUnavailable, PrometheusTLS, NoData, BadData)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -42,6 +44,7 @@ class MetricsReport:
     tokens: float = 0.0
     agents_with_stats: int = 0
     notes: list[str] = field(default_factory=list)
+    missing_layers: list[int] = field(default_factory=list)
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] += count
@@ -54,6 +57,8 @@ class MetricsReport:
             )
         if self.agents_with_stats:
             parts.append(f"stats from {self.agents_with_stats} agents")
+        if self.missing_layers:
+            parts.append(f"no series for layers {self.missing_layers} (their placement is kept)")
         return "; ".join(parts + self.notes)
 
 
@@ -73,6 +78,12 @@ def load_query(window_seconds: int, match_labels: Mapping[str, str] | None = Non
     return f"sum by (layer, expert) (increase({LOAD_METRIC}{{{matchers}}}[{int(window_seconds)}s]))"
 
 
+def ranks_query(match_labels: Mapping[str, str] | None = None) -> str:
+    """PromQL of the ranks that export load series."""
+    matchers = _matchers(match_labels or {})
+    return f"count by (rank) ({LOAD_METRIC}{{{matchers}}})"
+
+
 def activated_query(match_labels: Mapping[str, str] | None = None) -> str:
     """PromQL of the busiest GPU's activated experts per layer."""
     matchers = _matchers(match_labels or {})
@@ -86,41 +97,76 @@ def _int_label(metric: Mapping[str, Any], name: str) -> int | None:
     return int(value)
 
 
+def _series_sample(series: Any, num_layers: int, num_experts: int) -> tuple[int, int, float] | str:
+    """(layer, expert, value) of one instant-vector series, or why it is skipped."""
+    if not isinstance(series, Mapping) or not isinstance(series.get("metric") or {}, Mapping):
+        return "not_a_series"
+    metric = series.get("metric") or {}
+    layer, expert = _int_label(metric, "layer"), _int_label(metric, "expert")
+    if layer is None or expert is None:
+        return "bad_label"
+    if not (0 <= layer < num_layers and 0 <= expert < num_experts):
+        return "out_of_range"
+    try:
+        value = float((series.get("value") or [None, None])[1])
+    except (TypeError, ValueError, IndexError):
+        return "not_a_number"
+    if not math.isfinite(value):
+        return "not_finite"
+    if value < 0:
+        return "negative"
+    return layer, expert, value
+
+
 def parse_load(
     result: Sequence[Mapping[str, Any]], num_layers: int, num_experts: int, report: MetricsReport | None = None
 ) -> tuple[np.ndarray, MetricsReport]:
-    """The [L, E] load from an instant-vector result; bad series are skipped into the report."""
+    """The [L, E] load from an instant-vector result; bad series are skipped into the report, and
+    layers without any series are listed in ``report.missing_layers``."""
     report = report or MetricsReport()
     load = np.zeros((num_layers, num_experts), dtype=np.float64)
     seen: set[tuple[int, int]] = set()
     for series in result:
         report.series += 1
-        metric = series.get("metric") or {}
-        layer, expert = _int_label(metric, "layer"), _int_label(metric, "expert")
-        if layer is None or expert is None:
-            report.skip("bad_label")
+        sample = _series_sample(series, num_layers, num_experts)
+        if isinstance(sample, str):
+            report.skip(sample)
             continue
-        if not (0 <= layer < num_layers and 0 <= expert < num_experts):
-            report.skip("out_of_range")
-            continue
-        try:
-            value = float((series.get("value") or [None, None])[1])
-        except (TypeError, ValueError, IndexError):
-            report.skip("not_a_number")
-            continue
-        if not math.isfinite(value):
-            report.skip("not_finite")
-            continue
-        if value < 0:
-            report.skip("negative")
-            continue
+        layer, expert, value = sample
         if (layer, expert) in seen:
             report.skip("duplicate")
             continue
         seen.add((layer, expert))
         load[layer, expert] = value
         report.used += 1
+    report.missing_layers = sorted(set(range(num_layers)) - {layer for layer, _ in seen})
     return load, report
+
+
+def _query(client: Any, url: str, query: str) -> list[Any]:
+    """An instant query's result list; MetricsUnavailable when Prometheus fails or answers nonsense."""
+    from prometheus_api_client import PrometheusApiClientException
+    from requests import RequestException
+
+    try:
+        result = client.custom_query(query)
+    except (PrometheusApiClientException, RequestException) as error:
+        raise MetricsUnavailable("PrometheusUnavailable", f"{url}: {type(error).__name__}: {error}"[:400]) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        # HTTP 200 with {"status": "error"}, a body that is not JSON, or data without a result.
+        raise MetricsUnavailable("BadData", f"{url}: malformed answer ({type(error).__name__}: {error})"[:400]) from None
+    if not isinstance(result, list):
+        raise MetricsUnavailable("BadData", f"{url}: malformed answer (result is a {type(result).__name__}, not a list)")
+    return result
+
+
+def missing_ranks(rows: Sequence[Any], num_ranks: int) -> list[int]:
+    """Ranks in 0..num_ranks-1 that no row of a ``count by (rank)`` result names."""
+    present = {
+        _int_label(row.get("metric") or {}, "rank") for row in rows
+        if isinstance(row, Mapping) and isinstance(row.get("metric") or {}, Mapping)
+    }
+    return [rank for rank in range(num_ranks) if rank not in present]
 
 
 def fetch_load(
@@ -129,23 +175,47 @@ def fetch_load(
     match_labels: Mapping[str, str],
     num_layers: int,
     num_experts: int,
+    num_ranks: int,
     timeout_s: float = 10.0,
+    auth: settings.PrometheusAuth | None = None,
 ) -> tuple[np.ndarray, MetricsReport, float | None]:
     """Query Prometheus (blocking; run in a thread): (load [L, E], report, live max activated experts).
 
-    Raises MetricsUnavailable when Prometheus does not answer or returns no usable series.
+    ``auth`` (default: the operator's ``--prometheus-*`` flags for this URL, see
+    ``OperatorSettings.prometheus_auth``) verifies an https server's certificate and sends a bearer
+    token. Raises MetricsUnavailable when Prometheus does not answer or answers nonsense, returns no
+    usable series, or some rank exports none (its tokens would be missing from the load); reason
+    ``PrometheusTLS`` when its certificate does not verify.
     """
     from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-    from requests import RequestException
+    from requests import RequestException, Session
+    from requests.exceptions import SSLError
     from urllib3.util.retry import Retry
 
-    client = PrometheusConnect(url=url, disable_ssl=True, retry=Retry(total=0), timeout=timeout_s)
+    auth = auth if auth is not None else settings.current().prometheus_auth(url)
+    try:
+        headers = auth.headers()
+    except (OSError, ValueError) as error:
+        raise MetricsUnavailable("PrometheusUnavailable", f"bearer token: {error}"[:400]) from None
+    session = Session()
+    session.verify = auth.verify()
+    client = PrometheusConnect(url=url, headers=headers, session=session, retry=Retry(total=0), timeout=timeout_s)
     try:
         try:
-            result = client.custom_query(load_query(window_seconds, match_labels))
-        except (PrometheusApiClientException, RequestException, ValueError) as error:
-            raise MetricsUnavailable("PrometheusUnavailable", f"{url}: {type(error).__name__}: {error}"[:400]) from None
+            result = _query(client, url, load_query(window_seconds, match_labels))
+        except SSLError as error:
+            ca = f"CA file {auth.ca_file}" if auth.ca_file else "the system's CAs (set --prometheus-ca-file)"
+            raise MetricsUnavailable(
+                "PrometheusTLS", f"{url}: TLS verification against {ca} failed: {error}"[:400]
+            ) from None
         load, report = parse_load(result, num_layers, num_experts)
+        if report.series == 0:
+            raise MetricsUnavailable("NoData", f"{url}: no {LOAD_METRIC} series in the last {window_seconds}s")
+        if report.used == 0:
+            raise MetricsUnavailable("BadData", f"{url}: no usable series ({report.summary()})")
+        silent = missing_ranks(_query(client, url, ranks_query(match_labels)), num_ranks)
+        if silent:
+            raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from ranks {silent}")
         activated = None
         try:
             rows = client.custom_query(activated_query(match_labels))
@@ -153,14 +223,10 @@ def fetch_load(
             values = [value for value in values if math.isfinite(value)]
             if values:
                 activated = float(np.mean(values))
-        except (PrometheusApiClientException, RequestException, ValueError, KeyError, IndexError, TypeError):
+        except (PrometheusApiClientException, RequestException, ValueError, KeyError, IndexError, TypeError, AttributeError):
             report.notes.append("activated experts unavailable")
     finally:
-        client._session.close()
-    if report.series == 0:
-        raise MetricsUnavailable("NoData", f"{url}: no {LOAD_METRIC} series in the last {window_seconds}s")
-    if report.used == 0:
-        raise MetricsUnavailable("BadData", f"{url}: no usable series ({report.summary()})")
+        session.close()
     return load, report, activated
 
 
@@ -206,24 +272,24 @@ def _merge(parts: list[SparsePairs], num_experts: int) -> SparsePairs | None:
 
 
 def parse_stats(
-    documents: Sequence[Any], num_layers: int, num_experts: int, report: MetricsReport | None = None
+    documents: Sequence[StatsAnswer], num_layers: int, num_experts: int, report: MetricsReport | None = None
 ) -> tuple[SparsePairs | None, SparsePairs | None, MetricsReport]:
     """Summed transitions and co-activation of the agents' ``/v1/stats`` answers."""
     report = report or MetricsReport()
     transitions: list[SparsePairs] = []
     coactivation: list[SparsePairs] = []
     for document in documents:
-        if not isinstance(document, Mapping):
+        if not isinstance(document, StatsAnswer):
             report.skip("bad_stats")
             continue
-        if document.get("num_layers") not in (None, num_layers) or document.get("num_experts") not in (None, num_experts):
+        if (document.num_layers, document.num_experts) != (num_layers, num_experts):
             report.skip("stats_shape_mismatch")
             continue
         report.agents_with_stats += 1
-        pairs = _pairs(document.get("transitions"), num_layers, num_experts, num_layers - 1, report, "transitions")
+        pairs = _pairs(document.transitions.model_dump(), num_layers, num_experts, num_layers - 1, report, "transitions")
         if pairs is not None:
             transitions.append(pairs)
-        pairs = _pairs(document.get("coactivation"), num_layers, num_experts, num_layers, report, "coactivation")
+        pairs = _pairs(document.coactivation.model_dump(), num_layers, num_experts, num_layers, report, "coactivation")
         if pairs is not None:
             coactivation.append(pairs)
     return _merge(transitions, num_experts), _merge(coactivation, num_experts), report

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from moe_operator import settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope = parser.add_mutually_exclusive_group()
@@ -40,9 +42,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, in-cluster)")
     parser.add_argument(
-        "--agent-token-file",
-        default=None,
-        help="bearer token of the agents when a MoEDeployment names no tokenSecretRef",
+        "--inherited-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label every object the operator creates carries (repeatable), e.g. release=kube-prometheus-stack "
+        "so that kube-prometheus-stack selects the per-deployment PodMonitor and PrometheusRule",
+    )
+    parser.add_argument(
+        "--runbook-base-url",
+        default=settings.DEFAULT_RUNBOOK_BASE_URL,
+        metavar="URL",
+        help="prefix of the runbook_url of the per-deployment alerts (default: the repository's docs/runbooks/)",
+    )
+    parser.add_argument(
+        "--agent-host-override",
+        action="store_true",
+        help="honour the moeplace.io/agent-host annotation of agents' Endpoints (agents on the operator's own "
+        "machine: the local demo and tests). Off by default: it lets whoever writes Endpoints redirect the "
+        "operator's calls, and a deployment's agent token, to any host",
+    )
+    tls = parser.add_argument_group("Prometheus TLS and authentication")
+    tls.add_argument(
+        "--prometheus-ca-file", default=None, metavar="PEM",
+        help="CA bundle an https Prometheus's certificate must chain to (default: the system's CAs)",
+    )
+    tls.add_argument(
+        "--prometheus-insecure-skip-verify", action="store_true",
+        help="accept any certificate from an https Prometheus (not recommended)",
+    )
+    tls.add_argument(
+        "--prometheus-bearer-token-file", default=None, metavar="FILE",
+        help="send this file's token as Authorization: Bearer (re-read on every query) to --prometheus-url's "
+        "server only, never to a MoEDeployment's own spec.metrics.prometheusUrl",
+    )
+    tls.add_argument(
+        "--prometheus-service-account-auth", action="store_true",
+        help=f"authenticate with the pod's service-account token ({settings.SERVICE_ACCOUNT_TOKEN}), as "
+        "thanos-querier and OpenShift monitoring expect; without --prometheus-ca-file the CA is the "
+        "service-ca.crt next to that token when present (OpenShift), else the system's CAs",
     )
     parser.add_argument(
         "--solver-workers",
@@ -53,12 +91,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging (= --log-level debug)")
 
 
+def settings_from_args(args: argparse.Namespace) -> settings.OperatorSettings:
+    """The operator-wide settings of parsed flags; ValueError names the bad flag value."""
+    bearer = args.prometheus_bearer_token_file
+    ca_file = args.prometheus_ca_file
+    if args.prometheus_service_account_auth:
+        bearer = bearer or settings.SERVICE_ACCOUNT_TOKEN
+        service_ca = os.path.join(os.path.dirname(settings.SERVICE_ACCOUNT_TOKEN), "service-ca.crt")
+        if ca_file is None and os.path.exists(service_ca):
+            ca_file = service_ca
+    return settings.build_settings(
+        inherited_labels=settings.parse_label_pairs(args.inherited_label),
+        runbook_base_url=args.runbook_base_url,
+        agent_host_override=args.agent_host_override,
+        prometheus_url=args.prometheus_url,
+        prometheus={
+            "ca_file": ca_file,
+            "insecure_skip_verify": args.prometheus_insecure_skip_verify,
+            "bearer_token_file": bearer,
+        },
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Start kopf with the moeplace handlers; returns when the operator stops."""
+    try:
+        settings.configure(settings_from_args(args))
+    except ValueError as error:
+        print(f"moeplace operator: {error}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    if args.agent_token_file:
-        os.environ["MOEPLACE_AGENT_TOKEN_FILE"] = args.agent_token_file
     if args.solver_workers is not None:
         os.environ["MOEPLACE_SOLVER_WORKERS"] = str(args.solver_workers)
     os.environ["MOEPLACE_PROMETHEUS_URL"] = args.prometheus_url

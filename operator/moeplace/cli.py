@@ -3,17 +3,21 @@
 Each package's ``cli.register(subparsers)`` adds its subcommands with ``set_defaults(func=...)``;
 ``func(args) -> int`` is the exit status. Registration imports no optional dependency (torch is
 imported by the agent's command when it runs), so a missing one is reported when its command runs.
+The local dev stack's commands (``cluster``, ``demo``) come from the ``moeplace-dev`` distribution of a
+git checkout (``dev/``); where it is not installed, as in the operator image, they are absent.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from moe_placement.models import PlacementError
 
-COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli", "moeplace.demo")
+COMMAND_MODULES = ("moe_placement.cli", "moe_agent.cli", "moe_operator.cli")
+DEV_PACKAGE = "moeplace_dev"
 OPTIONAL_DEPENDENCIES = {"torch": "agent", "safetensors": "agent"}
 
 
@@ -24,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    if importlib.util.find_spec(DEV_PACKAGE) is not None:
+        importlib.import_module(f"{DEV_PACKAGE}.cli").register(subparsers)
     return parser
 
 

@@ -281,6 +281,82 @@ def test_request_id_replay(agents, tmp_path):
     assert a.call("POST", "/v1/experts/retire", {"request_id": "rc", "layer": layer, "slot": FREE_SLOT})[0] == 200
 
 
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (b'{"request_id": "r", "generation": 9, "physical_to_logical_map": [[0, 1], [0]]}', "physical_to_logical_map"),
+        (b'{"request_id": "r", "generation": 99999999999999999999999, "physical_to_logical_map": [[0]]}', "generation"),
+        (b'{"request_id": "r", "generation": 9, "physical_to_logical_map": [[99999999999999999999999]]}',
+         "physical_to_logical_map"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+        (b'{"request_id": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", "body"),
+    ],
+    ids=["ragged-map", "generation-beyond-int64", "expert-beyond-int64", "deeply-nested-list", "deeply-nested-object"],
+)
+def test_bodies_that_once_gave_500_are_400_naming_the_field(agents, raw, field):
+    a = agents["a"]
+    before = a.placement()
+    status, _, data = http("POST", a.url + "/v1/placement/activate", raw=raw)
+    assert status == 400, data[:300]
+    assert data.decode().startswith('{"error": "' + field), data[:300]
+    status, _, data = http("POST", a.url + "/v1/experts/stage", raw=raw.replace(b'"generation"', b'"layer"'))
+    assert status == 400, data[:300]
+    assert a.placement() == before
+
+
+def test_a_copy_past_its_timeout_leaves_the_slot_empty(agents):
+    a, slow, b = agents["a"], agents["slow"], agents["b"]
+    layer = 2
+    before = assert_valid_placement(a)
+    body = {**stage_body("too-slow", layer, 5, slow.url), "timeout_seconds": 0.5}
+    started = time.monotonic()
+    status, answer = a.call("POST", "/v1/experts/stage", body)
+    assert status == 504 and answer["error"].startswith("timeout_seconds"), answer
+    assert time.monotonic() - started < 5, "the agent gave up at the deadline, not at the end of the copy"
+    assert slot_state(a, layer, FREE_SLOT) == "empty" and a.placement() == before
+    # Nothing is left running into the slot: a copy from a healthy peer goes through at once.
+    assert a.call("POST", "/v1/experts/stage", {**stage_body("in-time", layer, 5, b.url), "timeout_seconds": 30})[0] == 200
+    assert a.call("POST", "/v1/experts/retire", {"request_id": "in-time-r", "layer": layer, "slot": FREE_SLOT})[0] == 200
+    assert_valid_placement(a)
+
+
+def test_an_activation_is_undone_from_the_retired_weights(agents):
+    """A slot that an activation dropped keeps its weights for the grace period: activating the map
+    before it again needs no copy (an activation that went wrong, e.g. one whose map claimed another
+    rank held the expert, can be undone)."""
+    a = agents["a"]
+    layer = 2
+    original = copy.deepcopy(assert_valid_placement(a)["physical_to_logical_map"])
+    assert a.call("POST", "/v1/experts/stage", stage_body("undo-copy", layer, 0, a.url))[0] == 200
+    with_replica = copy.deepcopy(original)
+    with_replica[layer][FREE_SLOT] = 0
+    assert activate(a, "undo-1", with_replica)[0] == 200
+    moved = copy.deepcopy(with_replica)
+    moved[layer][0] = -1  # expert 0 now only in the free slot
+    status, answer = activate(a, "undo-2", moved)
+    assert status == 200 and {"layer": layer, "slot": 0, "expert": 0, "state": "empty"} in answer["retired"], answer
+    status, answer = activate(a, "undo-3", with_replica)  # back, with no stage call
+    assert status == 200, answer
+    assert slot_state(a, layer, 0) == "live" and answer["physical_to_logical_map"] == with_replica
+    assert activate(a, "undo-4", original)[0] == 200
+    assert_valid_placement(a)
+
+
+def test_orphan_staged_slots_expire(launch_agent, agents):
+    short = launch_agent(0, "--staged-ttl-seconds", "1").wait_ready()
+    try:
+        status, answer = short.call("POST", "/v1/experts/stage", stage_body("orphan", 0, 5, agents["b"].url))
+        assert status == 200, answer
+        deadline = time.monotonic() + 15
+        while slot_state(short, 0, FREE_SLOT) != "empty" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert slot_state(short, 0, FREE_SLOT) == "empty"
+        assert metric_value(short, "moeplace_staged_slots_collected_total", rank="0") == 1
+        assert_valid_placement(short)
+    finally:
+        short.stop()
+
+
 def test_source_killed_mid_transfer(agents):
     a, slow, b = agents["a"], agents["slow"], agents["b"]
     layer = 2

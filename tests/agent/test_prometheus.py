@@ -13,7 +13,7 @@ from agent_helpers import TINY
 
 @pytest.fixture(scope="module")
 def prometheus(agents, tmp_path_factory):
-    cluster = pytest.importorskip("moe_operator.cluster")
+    cluster = pytest.importorskip("moeplace_dev.cluster")
     try:
         cluster.ensure_binaries()
     except cluster.ClusterError as error:

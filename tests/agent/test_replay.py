@@ -120,10 +120,10 @@ def test_activation_moves_the_load_and_the_metrics():
     assert refused.value.status == 409
     for layer in range(TINY.num_layers):
         answer = asyncio.run(rank0.core.stage(layer, 4, 5, _fetch_from(rank1.core.store, layer, 5)))
-        assert answer["state"] == "staged"
+        assert answer.state == "staged"
     for engine in (rank0, rank1):
         answer = engine.core.activate(1, moved.tolist())
-        assert answer["generation"] == 1 and engine.core.live.generation == 1
+        assert answer.generation == 1 and engine.core.live.generation == 1
 
     ids, _ = stream.batch(BATCH, BATCH)
     after0, after1 = rank0.step(1).served, rank1.step(1).served
@@ -157,7 +157,7 @@ def test_failed_stages_leave_the_slot_empty():
             asyncio.run(core.stage(0, 4, 5, fetch))
         assert error.value.status == 502 and error.value.message.startswith(message)
         assert core.store.slot(0, 4).state == "empty" and not core.store.slot(0, 4).reserved
-    assert asyncio.run(core.stage(0, 4, 5, _fetch_from(peer, 0, 5)))["state"] == "staged"
+    assert asyncio.run(core.stage(0, 4, 5, _fetch_from(peer, 0, 5))).state == "staged"
 
 
 def test_token_stream_loops_and_shifts():

@@ -1,9 +1,8 @@
 """Fixtures for the Helm chart's tests: the chart rendered with helm-python-sdk, and the local control
-plane of tests/e2e (re-exported, so server-side dry runs hit a real kube-apiserver)."""
+plane of tests/support (re-exported, so server-side dry runs hit a real kube-apiserver)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,21 +11,16 @@ from typing import Any
 import pytest
 import yaml
 
+# Fixtures are per conftest: a session running tests/e2e and tests/chart together starts one control
+# plane for each.
+from control_plane_fixtures import binaries, control_plane, pytest_configure  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "moeplace"
 VALUES_DIR = Path(__file__).resolve().parent / "values"
 RELEASE = "moeplace"
 RELEASE_NAMESPACE = "moeplace-system"
 
-# tests/ has no package __init__, so the e2e fixtures are loaded by path. Fixtures are per conftest:
-# a session running tests/e2e and tests/chart together starts one control plane for each.
-_spec = importlib.util.spec_from_file_location("moeplace_e2e_fixtures", REPO_ROOT / "tests/e2e/conftest.py")
-assert _spec is not None and _spec.loader is not None
-_e2e = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_e2e)
-binaries = _e2e.binaries
-control_plane = _e2e.control_plane
-pytest_configure = _e2e.pytest_configure
 
 Manifest = dict[str, Any]
 Renderer = Callable[..., list[Manifest]]

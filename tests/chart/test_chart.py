@@ -24,7 +24,7 @@ DEPLOY_RBAC = REPO_ROOT / "deploy" / "rbac.yaml"
 # The chart's RBAC rules: deploy/rbac.yaml's, byte for byte.
 RBAC_RULES_FILE = CHART / "files" / "rbac-rules.yaml"
 
-# What the chart promises to alert on (issue 6): each needs a runbook and promtool unit tests.
+# What the chart promises to alert on: each needs a runbook and promtool unit tests.
 EXPECTED_ALERTS = {
     "MoEPlaceImbalanceHigh",
     "MoEPlaceMigrationStalled",
@@ -107,21 +107,22 @@ def test_operator_runs_once_non_root_read_only_with_liveness(render: Any, values
     assert f"--metrics-port={ports['metrics']}" in container["args"]
 
 
-def test_default_values_watch_all_namespaces_with_a_generated_agent_token(render: Any) -> None:
+def test_default_values_watch_all_namespaces_and_carry_no_shared_agent_token(render: Any) -> None:
     objects = render("default")
     container = operator_container(objects)
     assert "--all-namespaces" in container["args"]
     assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
     assert container["image"] == "ghcr.io/moeplace/moeplace:0.1.0"
 
-    secret = one(objects, "Secret")
-    token_env = next(env for env in container["env"] if env["name"] == "MOEPLACE_AGENT_TOKEN")
-    assert token_env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "token"}
-    assert len(secret["data"]["token"]) > 40
+    # Each MoEDeployment's agents get their own token from the operator: the chart holds none.
+    assert not by_kind(objects, "Secret")
+    assert not [env for env in container["env"] if "TOKEN" in env["name"]]
+    assert "--agent-host-override" not in container["args"]
+    assert not [arg for arg in container["args"] if arg.startswith(("--prometheus-ca", "--prometheus-insecure"))]
     assert one(objects, "ServiceAccount")["metadata"]["name"] == "moeplace"
 
 
-def test_custom_image_resources_and_existing_secret_and_service_account(render: Any) -> None:
+def test_custom_image_resources_and_existing_service_account(render: Any) -> None:
     objects = render("custom-image-resources")
     container = operator_container(objects)
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
@@ -139,8 +140,6 @@ def test_custom_image_resources_and_existing_secret_and_service_account(render: 
     assert "--prometheus-url=http://prometheus.monitoring.svc:9090" in container["args"]
     assert container["args"][-1] == "--solver-workers=2"
 
-    token_env = next(env for env in container["env"] if env["name"] == "MOEPLACE_AGENT_TOKEN")
-    assert token_env["valueFrom"]["secretKeyRef"] == {"name": "moeplace-agent-token", "key": "bearer"}
     assert not by_kind(objects, "Secret") and not by_kind(objects, "ServiceAccount")
     assert pod["serviceAccountName"] == "moeplace-operator"
     binding = one(objects, "ClusterRoleBinding")
@@ -198,8 +197,9 @@ def test_rbac_is_least_privilege(render: Any) -> None:
     assert triples
     assert not [t for t in triples if "*" in t], "no wildcards"
     assert not [t for t in triples if t[1] in {"pods/exec", "clusterroles", "roles", "rolebindings"}]
-    # Agents' tokens are read by name (spec.metrics.tokenSecretRef), never listed.
-    assert {verb for _, resource, verb in triples if resource == "secrets"} == {"get"}
+    # Agents' tokens are read by name (each MoEDeployment's token Secret), created and rotated, never
+    # listed, watched or deleted.
+    assert {verb for _, resource, verb in triples if resource == "secrets"} == {"get", "create", "patch"}
     assert not [t for t in triples if t[2] in {"escalate", "bind", "impersonate"}]
 
 
@@ -240,7 +240,7 @@ def test_chart_crds_equal_the_repository_crds() -> None:
     repo = {path.name: path.read_text() for path in (REPO_ROOT / "crds").glob("*.yaml")}
     chart = {path.name: path.read_text() for path in (CHART / "crds").glob("*.yaml")}
     assert repo, "the repository's crds/ holds no CRD"
-    fix = "cp crds/*.yaml charts/moeplace/crds/ (after removing stale files there)"
+    fix = "run `make generate` (after removing stale files there)"
     assert sorted(chart) == sorted(repo), f"charts/moeplace/crds/ holds other files than crds/: {fix}"
     stale = sorted(name for name in repo if chart[name] != repo[name])
     assert not stale, f"charts/moeplace/crds/ differs from crds/ in {stale}: {fix}"
@@ -251,9 +251,7 @@ def test_chart_crd_equals_the_models() -> None:
     tests/operator/test_crd_in_sync.py checks against the same models)."""
     crd = pytest.importorskip("moe_operator.crd", reason="moe_operator not importable (PYTHONPATH=operator:agent)")
     path = CHART / "crds" / crd.CRD_FILE
-    assert path.read_text() == crd.crd_yaml(), (
-        f"run `moeplace crd -o crds/{crd.CRD_FILE}` and `cp crds/*.yaml charts/moeplace/crds/`"
-    )
+    assert path.read_text() == crd.crd_yaml(), "run `make generate`"
 
 
 def test_monitoring_is_off_by_default_and_the_agents_pod_monitor_opt_in(render: Any) -> None:
@@ -432,3 +430,61 @@ def test_values_schema_rejects_misspelt_and_mistyped_values(
 ) -> None:
     with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
         render(bad)
+
+
+def operator_settings(objects: list[Manifest]) -> Any:
+    """The operator-wide settings the rendered Deployment's arguments give ``moeplace operator``,
+    parsed by the operator's own parser."""
+    import argparse
+
+    run = pytest.importorskip("moe_operator.run", reason="moe_operator not importable")
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    return run.settings_from_args(parser.parse_args(operator_container(objects)["args"][1:]))
+
+
+def test_monitoring_labels_and_runbooks_reach_the_operators_objects(render: Any) -> None:
+    """monitoring.labels (kube-prometheus-stack's `release`) and monitoring.runbookBaseURL become
+    operator flags, so the PodMonitor and PrometheusRule the operator creates per MoEDeployment carry
+    the labels Prometheus selects by and link the same runbooks as the chart's rules."""
+    settings = operator_settings(render("production"))
+    assert settings.inherited_labels == {"release": "kube-prometheus-stack"}
+    assert settings.runbook_base_url == "https://runbooks.example.com/moeplace/"
+    assert operator_settings(render("default")).inherited_labels == {}
+
+
+def test_prometheus_ca_from_a_config_map_and_service_account_auth(render: Any) -> None:
+    objects = render("production")
+    settings = operator_settings(objects).prometheus
+    assert settings.ca_file == "/etc/moeplace/prometheus-ca/ca.crt" and not settings.insecure_skip_verify
+    assert settings.bearer_token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    container = operator_container(objects)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "prometheus-ca")
+    assert settings.ca_file.startswith(mount["mountPath"] + "/")
+    volume = next(v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "prometheus-ca")
+    assert volume["configMap"] == {"name": "serving-ca", "items": [{"key": "service-ca.crt", "path": "ca.crt"}]}
+    assert operator_settings(render("default")).prometheus.verify() is True
+
+
+def test_agent_network_policy_admits_the_operator_agents_and_prometheus_to_agent_ports(render: Any) -> None:
+    objects = render("production")
+    policies = by_kind(objects, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
+    operator_labels = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        agents, opened = spec["ingress"]
+        assert [p["port"] for p in agents["ports"]] == [9400, 9401, 9402, 9403]
+        operator, peers, prometheus = agents["from"]
+        assert operator["podSelector"]["matchLabels"] == operator_labels
+        assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": RELEASE_NAMESPACE}}
+        assert peers == {"podSelector": spec["podSelector"]}
+        assert prometheus["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+        assert opened == {"ports": [{"port": 8000, "protocol": "TCP"}]}
+    assert not by_kind(render("default"), "NetworkPolicy")
+
+
+def test_agent_network_policy_needs_namespaces_when_watching_all(render: Any, helm: Any) -> None:
+    with pytest.raises(Exception, match="agentNetworkPolicy.namespaces"):
+        render({"agentNetworkPolicy": {"enabled": True}})

@@ -217,11 +217,11 @@ def test_rbac_rules_name_only_namespaced_resources(dynamic: DynamicClient, rende
     assert checked >= 5
 
 
-def test_helm_install_then_upgrade_keeps_the_agent_token(
+def test_helm_install_then_upgrade(
     helm: Any, control_plane: Any, admin: client.ApiClient, dynamic: DynamicClient
 ) -> None:
-    """A real release (helm-python-sdk's install and upgrade, not a dry run): the generated agent token
-    survives the upgrade (the template's lookup), and the upgrade reaches the Deployment."""
+    """A real release (helm-python-sdk's install and upgrade, not a dry run): the upgrade reaches the
+    Deployment, and the chart holds no agent token (each MoEDeployment gets its own from the operator)."""
     namespace, release = "moeplace-release", "real"
     values = {"monitoring": {"enabled": True, "agents": {"podMonitor": True}}}
     core, apps = client.CoreV1Api(admin), client.AppsV1Api(admin)
@@ -229,10 +229,9 @@ def test_helm_install_then_upgrade_keeps_the_agent_token(
         helm_config.install(
             str(CHART), release, values, namespace=namespace, create_namespace=True, timeout=60
         )
-        token = core.read_namespaced_secret("real-moeplace-agent-token", namespace).data["token"]
         upgraded = {**values, "operator": {"logLevel": "debug"}}
         helm_config.upgrade(str(CHART), release, upgraded, namespace=namespace, timeout=60)
-    assert core.read_namespaced_secret("real-moeplace-agent-token", namespace).data["token"] == token
+    assert not [s for s in core.list_namespaced_secret(namespace).items if "agent-token" in s.metadata.name]
     container = apps.read_namespaced_deployment("real-moeplace", namespace).spec.template.spec.containers[0]
     assert "--log-level=debug" in container.args
 
@@ -259,3 +258,42 @@ def test_operator_monitoring_objects_pass_server_side_dry_run(dynamic: DynamicCl
         answer = apply(dynamic, obj, dry_run=True)
         dropped = [p for p in dropped_fields(obj, answer) if not p.startswith(".metadata.annotations")]
         assert not dropped, f"{obj['kind']}: the API server dropped or changed {dropped}"
+
+
+def test_operator_objects_carry_the_charts_monitoring_labels(
+    dynamic: DynamicClient, namespaces: None, render: Any
+) -> None:
+    """The chart's monitoring.labels and runbookBaseURL, passed as operator flags (parsed by the
+    operator's own parser), land on the PodMonitor and PrometheusRule the operator creates per
+    MoEDeployment, and the API server keeps them."""
+    import argparse
+
+    builders = pytest.importorskip("moe_operator.builders", reason="moe_operator not importable")
+    from moe_operator import run, settings
+    from moe_operator.crd import resolve_spec
+
+    objects = render("production")
+    container = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    previous = settings.configure(run.settings_from_args(parser.parse_args(container["args"][1:])))
+    try:
+        owner = {
+            "apiVersion": "moeplace.io/v1alpha1", "kind": "MoEDeployment",
+            "metadata": {"name": "labelled", "namespace": "team-a", "uid": "00000000-0000-0000-0000-000000000002"},
+        }
+        resolved = resolve_spec({
+            "model": {"shape": {"numLayers": 2, "numExperts": 8, "topK": 2, "hiddenSize": 64,
+                                "expertIntermediateSize": 32}},
+            "topology": {"nodes": 1, "gpusPerNode": 2},
+        })
+        built = [builders.build_podmonitor(owner, resolved), builders.build_prometheusrule(owner, resolved),
+                 builders.build_agent_token_secret(owner, "t", "")]
+    finally:
+        settings.configure(previous)
+    for obj in built:
+        answer = apply(dynamic, obj, dry_run=True)
+        assert answer["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["kind"]
+    rules = built[1]["spec"]["groups"][0]["rules"]
+    assert all(r["annotations"]["runbook_url"].startswith("https://runbooks.example.com/moeplace/")
+               for r in rules if "alert" in r)

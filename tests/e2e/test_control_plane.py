@@ -16,7 +16,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from moe_operator.cluster import (
+from moeplace_dev.cluster import (
     Binaries,
     LocalCluster,
     PrometheusServer,
@@ -251,11 +251,11 @@ def test_prometheus_targets_change_at_runtime(
     assert eventually(lambda: _sample(prometheus, 'moeplace_e2e_probe{pod="agent-0"}'), "the new target") == 7
 
 
-# Runs only the operator's subcommands, in a fresh process as a user would: the full `moeplace` entry
+# Runs only the dev stack's subcommands, in a fresh process as a user would: the full `moeplace` entry
 # point also imports the agent (torch), which costs seconds per call. One test goes through it anyway.
-_OPERATOR_CLI = (
+_DEV_CLI = (
     "import argparse, sys\n"
-    "from moe_operator import cli\n"
+    "from moeplace_dev import cli\n"
     "parser = argparse.ArgumentParser(prog='moeplace')\n"
     "cli.register(parser.add_subparsers(required=True))\n"
     "args = parser.parse_args()\n"
@@ -264,7 +264,7 @@ _OPERATOR_CLI = (
 
 
 def _moeplace(*args: str, env: dict[str, str], entry_point: bool = False) -> subprocess.CompletedProcess[str]:
-    command = ["-m", "moeplace.cli"] if entry_point else ["-c", _OPERATOR_CLI]
+    command = ["-m", "moeplace.cli"] if entry_point else ["-c", _DEV_CLI]
     return subprocess.run(
         [sys.executable, *command, *args],
         cwd=REPO_ROOT,
@@ -284,7 +284,7 @@ def test_cli_cluster_up_env_down(
     # detached Prometheus; a detached apiserver runs the same start_control_plane code as the fixture.
     monkeypatch.setenv("MOEPLACE_CLUSTER_DIR", str(tmp_path))
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent", "dev"))}
 
     up = _moeplace("cluster", "up", "--use-existing-kubeconfig", env=env)
     assert up.returncode == 0, up.stderr
@@ -316,7 +316,7 @@ def test_cli_cluster_up_starts_a_detached_control_plane(
     binaries: Binaries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MOEPLACE_CLUSTER_DIR", str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in ("operator", "agent", "dev"))}
     env.pop("MOEPLACE_USE_EXISTING_KUBECONFIG", None)
     up = _moeplace("cluster", "up", env=env)
     assert up.returncode == 0, up.stderr

@@ -5,16 +5,12 @@ and no expert ever has zero live replicas."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
-from e2e_support import (  # noqa: E402
+from e2e_support import (
     AGENT_TOKEN,
     TINY_SHAPE,
     Agents,
@@ -25,7 +21,7 @@ from e2e_support import (  # noqa: E402
     skewed_trace,
     wait_for,
 )
-from moe_placement.models import placement_hash  # noqa: E402
+from moe_placement.models import placement_hash
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,9 +39,7 @@ def api(control_plane) -> Api:
 @pytest.fixture(scope="module")
 def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
     workdir = tmp_path_factory.mktemp("operator-faults")
-    token = workdir / "agent-token"
-    token.write_text(AGENT_TOKEN + "\n")
-    process = Operator(workdir, control_plane.kubeconfig_for("operator"), token)
+    process = Operator(workdir, control_plane.kubeconfig_for("operator"))
     process.start()
     yield process
     process.stop()
@@ -58,7 +52,7 @@ def start_stack(api, prometheus_factory, tmp_path_factory, namespace, name, extr
     agents.start()
     prometheus = prometheus_factory(agents.targets, "1s")
     api.namespace(namespace)
-    api.announce(namespace, name, agents.ports)
+    api.announce(namespace, name, agents.ports, AGENT_TOKEN)
     return agents, prometheus
 
 
@@ -127,20 +121,24 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
                 answer = agents.placement(victim, timeout=1)
                 return answer and any(slot["state"] == "staged" for slot in answer["slots"])
 
+            original = wait_for(
+                lambda: (api.status(namespace, name).get("placement") or {}).get("hash"), 60, "the initial placement"
+            )
             wait_for(victim_staging, 120, f"rank {victim} receiving an expert", interval=0.05)
             checker.dead.add(victim)
             agents.kill(victim)
 
-            # The failed step is retried, then the stage is rolled back: the others keep valid maps
-            # and the deployment reports the dead agent.
-            status = wait_for(
-                lambda: (s := api.status(namespace, name)).get("migration", {}).get("state") in ("RolledBack", "Failed")
-                and s, 90, "the migration rolled back",
+            # The failed stage is undone; the deployment goes back to the map from before the
+            # migration (at once when nothing had changed yet, else by a rollback migration that
+            # waits for the dead agent) and reports it.
+            wait_for(
+                lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "RolledBack"
+                or (m.get("state") == "Running" and m.get("rollbackOf")),
+                90, "the migration being rolled back",
             )
             degraded = api.condition(namespace, name, "Degraded")
             assert degraded.get("status") == "True", degraded
-            assert degraded["reason"] in ("MigrationRolledBack", "AgentsUnavailable"), degraded
-            assert "rolled back" in status["migration"]["message"]
+            assert degraded["reason"] in ("MigrationRolledBack", "MigrationRollingBack", "AgentsUnavailable"), degraded
             for rank in sorted(agents.ports):
                 if rank != victim:
                     answer = agents.placement(rank)
@@ -151,13 +149,20 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
                 if rank != victim:
                     assert agents.placement(rank)["hash"] == placement_hash(mapping)
 
-            # The agent comes back with the published placement; the operator brings it to the live
-            # generation and carries on.
+            # The agent comes back with the published placement; the rollback completes: every
+            # agent serves exactly the map from before the migration.
             placement_file = agents.workdir / "published.json"
             placement_file.write_text(json.dumps({"physical_to_logical_map": np.asarray(mapping).tolist()}))
             agents.extra[victim] = []
             agents.start(victim, placement=placement_file)
             checker.dead.discard(victim)
+            rolled_back = wait_for(
+                lambda: (s := api.status(namespace, name)).get("migration", {}).get("state") == "RolledBack" and s,
+                90, "the rollback completed", interval=0.1,
+            )
+            assert rolled_back["placement"]["hash"] == original, "exactly the map from before the migration"
+            wait_for(lambda: "MigrationRolledBack" in [event["reason"] for event in api.events(namespace)], 30,
+                     "the MigrationRolledBack event")
             wait_for(lambda: api.condition(namespace, name, "Degraded").get("status") == "False", 90, "Degraded=False")
             wait_for(lambda: all_serve_published(api, agents, namespace, name), 90, "all four agents on the published map")
         assert checker.samples > 10

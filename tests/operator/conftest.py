@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from moe_placement.migration import plan_migration
-
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from moe_placement.migration_plan import plan_migration
 
 
 @pytest.fixture
 def planner():
     """The migration planner the operator runs."""
     return plan_migration
+
+
+@pytest.fixture
+def anyio_backend():
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as the operator does."""
+    return "asyncio"

@@ -15,7 +15,6 @@ import pytest
 
 from moe_agent.cli import add_arguments  # the agent's flags (no torch import)
 from moe_operator import builders
-from moe_operator.agents import EndpointsError, agents_from_endpoints
 from moe_operator.crd import resolve_spec
 from moe_placement.baselines import linear_placement
 from moe_placement.files import PlacementFile, sglang_json
@@ -68,13 +67,21 @@ def test_placement_configmap_round_trip_and_sglang_key():
         builders.parse_placement_configmap(cm, 16, 5)
 
 
-def test_migration_configmap():
+def test_migration_configmap_round_trips():
     target = Placement(np.roll(linear_placement(4, 16, 20), 1, axis=1), 16, 5)
-    cm = builders.build_migration_configmap(OWNER, "plan1", placement(), target, 3, "eplb", 4)
+    record = builders.MigrationRecord(
+        plan_id="plan1", policy="eplb", from_generation=3, max_copies_per_stage=4, rollback_of="plan0",
+        source=placement().physical_to_logical_map.tolist(), target=target.physical_to_logical_map.tolist(),
+    )
+    cm = builders.build_migration_configmap(OWNER, record)
     document = json.loads(cm["data"][builders.TARGET_KEY])
-    assert document["planId"] == "plan1" and document["fromGeneration"] == 3
-    assert document["target"] == target.physical_to_logical_map.tolist()
+    assert document["planId"] == "plan1" and document["fromGeneration"] == 3 and document["rollbackOf"] == "plan0"
     assert document["maxCopiesPerStage"] == 4
+    assert builders.parse_migration_configmap(cm) == record
+    with pytest.raises(ValueError, match="target.json"):
+        builders.parse_migration_configmap({"data": {builders.TARGET_KEY: '{"planId": 3}'}})
+    with pytest.raises(ValueError, match="target.json: missing"):
+        builders.parse_migration_configmap(None)
 
 
 def test_selectorless_service_and_engine_service():
@@ -99,8 +106,14 @@ def test_engine_statefulset():
     assert {"name": "A", "value": "1"} in containers[0]["env"]
     assert containers[2]["ports"][0] == {"name": "rank-1", "containerPort": 9401, "protocol": "TCP"}
     assert "--rank $(( ${POD_NAME##*-} * 2 + 1 ))" in containers[2]["args"][0]
-    assert any(e["name"] == "MOEPLACE_AGENT_TOKEN" for e in containers[1]["env"])
-    assert pod["spec"]["volumes"][0]["configMap"]["name"] == "demo-placement"
+    assert f"--token-file {builders.TOKEN_MOUNT}/token" in containers[1]["args"][0]
+    assert {"name": "agent-token", "mountPath": builders.TOKEN_MOUNT, "readOnly": True} in containers[1]["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["placement"]["configMap"]["name"] == "demo-placement"
+    assert volumes["agent-token"]["secret"] == {"secretName": "tok", "items": [{"key": "token", "path": "token"}]}
+    managed = builders.build_engine_statefulset(OWNER, resolved(serving={"engine": {"image": "sglang:1"}}))
+    assert {v["name"]: v for v in managed["spec"]["template"]["spec"]["volumes"]}["agent-token"]["secret"][
+        "secretName"] == "demo-agent-token"
     with pytest.raises(ValueError):
         builders.build_engine_statefulset(OWNER, resolved())
 
@@ -134,6 +147,7 @@ def test_engine_agents_listen_on_every_address_with_their_rank_and_port(tmp_path
             assert args.topology == "2x2" and args.redundant_slots == 4
             assert str(args.placement) == f"{builders.PLACEMENT_MOUNT}/{builders.PLACEMENT_KEY}"
             assert args.router == "metro"
+            assert str(args.token_file) == f"{builders.TOKEN_MOUNT}/token"
     # agentArgs come last, so a deployment can still choose another address.
     assert shlex.split(pod["containers"][1]["args"][0])[-2:] == ["--router", "metro"]
 
@@ -227,38 +241,45 @@ def test_alert_durations(seconds, promql, human):
     assert builders.human_duration(seconds) == human
 
 
-def test_external_endpoints_map_to_ranks():
-    endpoints = builders.build_external_endpoints("demo", "ns", {0: ("127.0.0.1", 1000), 1: ("127.0.0.1", 1001),
-                                                                 2: ("127.0.0.1", 1002), 3: ("127.0.0.1", 1003)})
-    assert endpoints["metadata"]["name"] == "demo-agents"
-    assert endpoints["subsets"][0]["addresses"] == [{"ip": builders.PLACEHOLDER_IP}]
-    assert endpoints["metadata"]["annotations"][builders.ANNOTATION_AGENT_HOST] == "127.0.0.1"
-    agents = agents_from_endpoints(endpoints, gpus_per_node=2)
-    assert agents == {r: f"http://127.0.0.1:{1000 + r}" for r in range(4)}
-    plain = builders.build_external_endpoints("demo", "ns", {0: ("10.0.0.5", 9400), 1: ("10.0.0.6", 9400)})
-    assert agents_from_endpoints(plain, 2) == {0: "http://10.0.0.5:9400", 1: "http://10.0.0.6:9400"}
 
 
-def test_pod_endpoints_use_ordinal_times_gpus_per_node():
-    endpoints = {
-        "subsets": [
-            {
-                "addresses": [
-                    {"ip": "10.1.0.1", "targetRef": {"kind": "Pod", "name": "demo-engine-0"}},
-                    {"ip": "10.1.0.2", "targetRef": {"kind": "Pod", "name": "demo-engine-1"}},
-                ],
-                "notReadyAddresses": [{"ip": "10.1.0.3", "targetRef": {"kind": "Pod", "name": "demo-engine-2"}}],
-                "ports": [{"name": "rank-0", "port": 9400}, {"name": "rank-1", "port": 9401}, {"name": "http", "port": 80}],
-            }
-        ]
-    }
-    assert agents_from_endpoints(endpoints, 2) == {
-        0: "http://10.1.0.1:9400", 1: "http://10.1.0.1:9401", 2: "http://10.1.0.2:9400", 3: "http://10.1.0.2:9401",
-    }
-    assert agents_from_endpoints(None, 2) == {}
-    duplicate = {"subsets": [{"addresses": [{"ip": "a"}, {"ip": "b"}], "ports": [{"name": "rank-0", "port": 1}]}]}
-    with pytest.raises(EndpointsError):
-        agents_from_endpoints(duplicate, 2)
-    bad = {"subsets": [{"addresses": [{"ip": "a"}], "ports": [{"name": "rank-x", "port": 1}]}]}
-    with pytest.raises(EndpointsError):
-        agents_from_endpoints(bad, 2)
+def test_inherited_labels_and_runbook_base_url_reach_every_object_but_no_selector(monkeypatch):
+    """``--inherited-label release=kps`` (the label kube-prometheus-stack selects by) lands on every
+    object the operator builds, never on a selector or pod template; ``--runbook-base-url`` on every
+    runbook link of the per-deployment rule."""
+    from moe_operator import settings
+
+    monkeypatch.setattr(settings, "_current", settings.build_settings(
+        inherited_labels={"release": "kps"}, runbook_base_url="https://runbooks.example.com/moe"))
+    spec = resolved(serving={"engine": {"image": "x"}})
+    published = placement()
+    objects = [
+        builders.build_podmonitor(OWNER, spec), builders.build_prometheusrule(OWNER, spec),
+        builders.build_agents_service(OWNER, spec, {"a": "b"}), builders.build_engine_statefulset(OWNER, spec),
+        builders.build_placement_configmap(OWNER, published, 0, "initial", spec),
+        builders.build_migration_configmap(OWNER, builders.MigrationRecord(
+            plan_id="p", max_copies_per_stage=4, source=published.physical_to_logical_map.tolist(),
+            target=published.physical_to_logical_map.tolist(),
+        )),
+        builders.build_agent_token_secret(OWNER, "t", ""),
+    ]
+    for obj in objects:
+        assert obj["metadata"]["labels"]["release"] == "kps", obj["kind"]
+    monitor, rule, service, sts = objects[:4]
+    assert "release" not in monitor["spec"]["selector"]["matchLabels"]
+    assert "release" not in service["spec"]["selector"]
+    assert "release" not in sts["spec"]["selector"]["matchLabels"]
+    assert "release" not in sts["spec"]["template"]["metadata"]["labels"]
+    urls = [r["annotations"]["runbook_url"] for r in rule["spec"]["groups"][0]["rules"] if "alert" in r]
+    assert urls and all(url.startswith("https://runbooks.example.com/moe/MoEPlace") for url in urls)
+
+
+def test_inherited_labels_are_checked():
+    from moe_operator import settings
+
+    with pytest.raises(ValueError, match="moeplace.io/deployment"):
+        settings.build_settings(inherited_labels={"moeplace.io/deployment": "x"})
+    with pytest.raises(ValueError, match="not a valid Kubernetes label value"):
+        settings.build_settings(inherited_labels={"release": "a b"})
+    with pytest.raises(ValueError, match="expected key=value"):
+        settings.parse_label_pairs(["release"])

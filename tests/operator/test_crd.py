@@ -61,7 +61,7 @@ def test_status_keeps_unknown_fields_and_printer_columns():
     assert status["x-kubernetes-preserve-unknown-fields"] is True
     assert version["subresources"] == {"status": {}}
     names = [column["name"] for column in version["additionalPrinterColumns"]]
-    assert names[:3] == ["Phase", "Imbalance", "GPUs"] and "Last-Rebalance" in names and "Age" in names
+    assert names[:4] == ["Ready", "Phase", "Imbalance", "GPUs"] and "Last-Rebalance" in names and "Age" in names
     assert crd["metadata"]["name"] == f"{PLURAL}.{GROUP}" and version["name"] == VERSION
     assert crd["spec"]["names"]["shortNames"] == ["moed"]
 
@@ -121,3 +121,27 @@ def test_camel_case_round_trip():
     dumped = spec.model_dump(by_alias=True, exclude_none=True)
     assert dumped["placement"]["redundantSlots"] == 64 and dumped["placement"]["moveBudget"] == 10
     assert resolve_spec(dumped).topology.slots_per_gpu == 5
+
+
+@pytest.mark.parametrize(
+    "model, topology, redundant",
+    [
+        ({"numLayers": 1024, "numExperts": 4096}, {"nodes": 1, "gpusPerNode": 1}, 0),
+        ({"numLayers": 1024, "numExperts": 4096}, {"nodes": 16, "gpusPerNode": 8}, 0),
+        ({"numLayers": 256, "numExperts": 1024}, {"nodes": 32, "gpusPerNode": 8}, 1024),
+    ],
+)
+def test_a_placement_too_big_for_its_configmap_is_invalid_at_once(model, topology, redundant):
+    """Schema-valid but absurd: refused (naming the fields) before any map is built."""
+    from moe_operator.crd import SpecError, resolve_spec
+
+    spec = {
+        "model": {"shape": {**model, "topK": 8, "hiddenSize": 7168, "expertIntermediateSize": 2048}},
+        "topology": topology,
+        "placement": {"redundantSlots": redundant},
+    }
+    with pytest.raises(SpecError) as error:
+        resolve_spec(spec)
+    message = str(error.value)
+    assert message.startswith("spec.model and spec.topology:") and "ConfigMap" in message
+    assert "spec.placement.redundantSlots" in message

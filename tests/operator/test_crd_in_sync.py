@@ -9,7 +9,5 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_checked_in_crd_matches_the_models():
     path = REPO / "crds" / CRD_FILE
-    assert path.exists(), f"{path} is missing: run `moeplace crd -o crds/{CRD_FILE}`"
-    assert path.read_text() == crd_yaml(), (
-        f"crds/{CRD_FILE} differs from moe_operator/crd.py: run `moeplace crd -o crds/{CRD_FILE}`"
-    )
+    assert path.exists(), f"{path} is missing: run `make generate`"
+    assert path.read_text() == crd_yaml(), f"crds/{CRD_FILE} differs from moe_operator/crd.py: run `make generate`"

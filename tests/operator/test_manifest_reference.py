@@ -9,7 +9,7 @@ def test_readme_manifest_reference_equals_the_models():
     text = README.read_text()
     start = text.index("<!-- manifest-reference:start -->\n") + len("<!-- manifest-reference:start -->\n")
     end = text.index("<!-- manifest-reference:end -->")
-    assert text[start:end] == manifest_reference(), "README is stale: paste `moeplace crd --reference`"
+    assert text[start:end] == manifest_reference(), "README's manifest reference is stale: run `make generate`"
 
 
 def test_reference_lists_every_section_with_its_constraints():

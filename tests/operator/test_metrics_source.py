@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import numpy as np
 import pytest
 
 from moe_operator.metrics_source import MetricsUnavailable, fetch_load, load_query, parse_load, parse_stats
+from moe_placement.agent_api import StatsAnswer
 
 
 def series(layer, expert, value):
@@ -36,14 +42,16 @@ def test_parse_load_skips_bad_series():
 
 
 def test_parse_stats_sums_agents_and_skips_bad():
-    good = {"num_layers": 2, "num_experts": 4,
+    common = {"rank": 0, "window_seconds": 1.0, "tokens": 10, "load": [[0.0] * 4] * 2}
+    good = {**common, "num_layers": 2, "num_experts": 4,
             "transitions": {"layer": [0, 0], "first": [1, 2], "second": [2, 3], "count": [4, 1]},
             "coactivation": {"layer": [1], "first": [0], "second": [1], "count": [2]}}
-    other = {"num_layers": 2, "num_experts": 4,
+    other = {**common, "num_layers": 2, "num_experts": 4,
              "transitions": {"layer": [0, 1, 0], "first": [1, 0, 7], "second": [2, 0, 0], "count": [6, 1, 1]},
              "coactivation": {"layer": [1], "first": [0]}}
-    wrong_shape = {"num_layers": 3, "num_experts": 4}
-    transitions, coactivation, report = parse_stats([good, other, wrong_shape, "junk"], 2, 4)
+    wrong_shape = {**common, "num_layers": 3, "num_experts": 4}
+    documents = [StatsAnswer.model_validate(document) for document in (good, other, wrong_shape)]
+    transitions, coactivation, report = parse_stats(documents, 2, 4)
     assert transitions.dense(0, 4)[1, 2] == 10 and transitions.dense(0, 4)[2, 3] == 1
     assert len(transitions.layer) == 2  # the layer-1 transition (no layer 2) and expert 7 are dropped
     assert coactivation.dense(1, 4)[0, 1] == 2
@@ -54,10 +62,109 @@ def test_parse_stats_sums_agents_and_skips_bad():
 
 def test_fetch_load_reports_a_dead_prometheus():
     with pytest.raises(MetricsUnavailable) as error:
-        fetch_load("http://127.0.0.1:9", 60, {}, 2, 4, timeout_s=2)
+        fetch_load("http://127.0.0.1:9", 60, {}, 2, 4, 2, timeout_s=2)
     assert error.value.reason == "PrometheusUnavailable"
+
+
+@pytest.fixture
+def prometheus_answering() -> Iterator:
+    """``start(load_body, ranks_body)``: an HTTP server on loopback answering Prometheus' query API
+    with canned bodies (the load query, then the ranks query); returns its URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(load_body: object, ranks_body: object = None) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = ranks_body if "count+by" in self.path or "count%20by" in self.path else load_body
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def vector(*results: object) -> dict:
+    return {"status": "success", "data": {"resultType": "vector", "result": list(results)}}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "error", "errorType": "bad_data", "error": "parse error"},
+        vector("not a series", 3),
+        {"status": "success", "data": {"resultType": "vector", "result": {"not": "a list"}}},
+        b"<html>a proxy's error page</html>",
+    ],
+    ids=["status-error", "series-not-dicts", "result-not-a-list", "not-json"],
+)
+def test_malformed_prometheus_answers_are_metrics_unavailable(prometheus_answering, answer):
+    url = prometheus_answering(answer, vector())
+    with pytest.raises(MetricsUnavailable) as error:
+        fetch_load(url, 60, {}, 2, 4, 2, timeout_s=2)
+    assert error.value.reason in ("BadData", "NoData", "PrometheusUnavailable")
+    assert url in str(error.value)
+
+
+def test_a_rank_without_series_is_reported(prometheus_answering):
+    ranks = vector({"metric": {"rank": "0"}, "value": [0, "4"]})
+    url = prometheus_answering(vector(series(0, 0, 5), series(1, 1, 5)), ranks)
+    with pytest.raises(MetricsUnavailable) as error:
+        fetch_load(url, 60, {}, 2, 4, 2, timeout_s=2)
+    assert error.value.reason == "RanksMissing" and "[1]" in str(error.value)
+
+
+def test_a_layer_without_series_is_reported(prometheus_answering):
+    ranks = vector({"metric": {"rank": "0"}, "value": [0, "4"]}, {"metric": {"rank": "1"}, "value": [0, "4"]})
+    url = prometheus_answering(vector(series(0, 0, 5), series(0, 1, 5)), ranks)
+    load, report, _ = fetch_load(url, 60, {}, 2, 4, 2, timeout_s=2)
+    assert report.missing_layers == [1] and "layers [1]" in report.summary()
 
 
 def test_parse_load_empty():
     load, report = parse_load([], 2, 4)
     assert report.series == 0 and not np.any(load)
+
+
+def test_prometheus_bearer_token_is_read_from_its_file_on_every_query(tmp_path):
+    from moe_operator.settings import PrometheusAuth
+
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    auth = PrometheusAuth(bearer_token_file=str(token))
+    assert auth.headers() == {"Authorization": "Bearer first"} and auth.verify() is True
+    token.write_text("second")
+    assert auth.headers() == {"Authorization": "Bearer second"}
+    assert PrometheusAuth(ca_file="/ca.pem").verify() == "/ca.pem"
+    assert PrometheusAuth(ca_file="/ca.pem", insecure_skip_verify=True).verify() is False
+
+
+def test_the_bearer_token_goes_only_to_the_operators_own_prometheus(tmp_path):
+    """A MoEDeployment's spec.metrics.prometheusUrl is its author's choice: it gets no credentials."""
+    from moe_operator import settings
+
+    token = tmp_path / "token"
+    token.write_text("operator-sa-token")
+    operator = settings.build_settings(
+        prometheus_url="https://thanos-querier.monitoring.svc:9091",
+        prometheus={"bearer_token_file": str(token), "ca_file": "/ca.pem"},
+    )
+    own = operator.prometheus_auth("https://thanos-querier.monitoring.svc:9091/")
+    assert own.headers() == {"Authorization": "Bearer operator-sa-token"}
+    for elsewhere in ("https://evil.example.com:9091", "http://thanos-querier.monitoring.svc:9091",
+                      "https://thanos-querier.monitoring.svc:9092"):
+        auth = operator.prometheus_auth(elsewhere)
+        assert auth.headers() == {} and auth.verify() == "/ca.pem", elsewhere

@@ -117,7 +117,8 @@ def test_presets_and_topology_spec():
     assert set(MODEL_PRESETS) == {
         "mixtral-8x7b", "deepseek-v2-lite", "deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b"
     }
-    # REFERENCES.md: DeepSeek-V2-Lite ~17 MB, DeepSeek-V3 ~88 MB, Mixtral ~352 MB per expert.
+    # One expert is 3 x hidden x FFN width bf16 weights: DeepSeek-V2-Lite 3 x 2048 x 1408 x 2 B ~ 17 MB,
+    # DeepSeek-V3 3 x 7168 x 2048 x 2 B ~ 88 MB, Mixtral 3 x 4096 x 14336 x 2 B ~ 352 MB.
     assert model_preset("deepseek-v2-lite").expert_bytes == pytest.approx(17.3e6, rel=0.01)
     assert model_preset("deepseek-v3").expert_bytes == pytest.approx(88.1e6, rel=0.01)
     assert model_preset("mixtral-8x7b").expert_bytes == pytest.approx(352.3e6, rel=0.01)

@@ -53,10 +53,6 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{- define "moeplace.agentTokenSecret" -}}
-{{- default (printf "%s-agent-token" (include "moeplace.fullname" .)) .Values.agentToken.existingSecret }}
-{{- end }}
-
 {{/*
 The namespaces the operator watches, as a JSON list (empty: all namespaces). Namespaced RBAC can only
 grant access to listed namespaces, so there an empty list means the release namespace.

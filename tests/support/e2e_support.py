@@ -1,0 +1,117 @@
+"""Helpers of the operator's end-to-end tests (tests/e2e/test_operator_*.py).
+
+Real processes throughout: replay agents (``python -m moe_agent agent``), the operator
+(``python -m moe_operator``) with a kubeconfig whose user is bound only to deploy/rbac.yaml's
+ClusterRole, and the API server and Prometheus of control_plane_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeplace_dev.localstack import Agents as LocalAgents
+from moeplace_dev.localstack import Api, wait_for
+from moeplace_dev.localstack import OperatorProcess as Operator
+from moeplace_dev.manifests import TINY_SHAPE, manifest
+
+__all__ = ["AGENT_TOKEN", "TINY_SHAPE", "Agents", "Api", "Operator", "ReplicaChecker", "manifest",
+           "skewed_trace", "wait_for"]
+
+AGENT_TOKEN = "e2e-agent-token"
+
+
+def skewed_trace(path: Path, skew: float = 1.6, seed: int = 7) -> Path:
+    """A replay trace of the tiny model with a few hot experts (so linear placement is imbalanced)."""
+    from moe_placement.synthetic import SyntheticConfig, generate
+    from moe_placement.traces import save_trace
+
+    config_ = SyntheticConfig(
+        name="tiny-e2e", num_layers=TINY_SHAPE["numLayers"], num_experts=TINY_SHAPE["numExperts"],
+        top_k=TINY_SHAPE["topK"], num_sequences=64, tokens_per_sequence=64, popularity_skew=skew,
+        domains=("only",), domain_weights=(1.0,),
+    )
+    save_trace(generate(config_, seed), path)
+    return path
+
+
+@dataclass
+class Agents(LocalAgents):
+    """The e2e tests' agents: the tiny model, the e2e token."""
+
+    model: str = json.dumps(TINY_SHAPE)
+    token: str = AGENT_TOKEN
+
+
+class ReplicaChecker:
+    """Samples every agent's /v1/placement in a background thread and records each (layer, expert)
+    that no answering agent serves live, in two consecutive samples (a sample reads the agents one
+    after another, so one sample alone can straddle an activation). Also checks that every map an
+    agent serves gives every expert a slot. Agents listed in ``dead`` are left out of the count
+    together with the experts their slots held."""
+
+    def __init__(self, agents: Agents, num_layers: int, num_experts: int, period: float = 0.1) -> None:
+        self.agents = agents
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.period = period
+        self.samples = 0
+        self.violations: list[str] = []
+        self.dead: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="replica-checker")
+        self._previous: set[tuple[int, int]] = set()
+
+    def __enter__(self) -> ReplicaChecker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.period)
+
+    def sample(self) -> None:
+        answers = {}
+        for rank in list(self.agents.ports):
+            if rank in self.dead:
+                continue
+            answer = self.agents.placement(rank, timeout=1.0)
+            if answer is not None:
+                answers[rank] = answer
+        if not answers:
+            return
+        live = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+        excused = np.zeros_like(live, dtype=bool)
+        slots_per_gpu = next(iter(answers.values()))["slots_per_gpu"]
+        for rank, answer in answers.items():
+            mapping = np.asarray(answer["physical_to_logical_map"])
+            for layer in range(self.num_layers):
+                served = set(mapping[layer][mapping[layer] >= 0].tolist())
+                if len(served) != self.num_experts:
+                    self.violations.append(f"rank {rank} gen {answer['generation']} serves a map without experts "
+                                           f"{sorted(set(range(self.num_experts)) - served)} at layer {layer}")
+            for entry in answer["slots"]:
+                if entry["state"] == "live":
+                    live[entry["layer"], entry["expert"]] += 1
+        missing_ranks = set(self.agents.ports) - set(answers)
+        if missing_ranks:
+            reference = np.asarray(next(iter(answers.values()))["physical_to_logical_map"])
+            for rank in missing_ranks:
+                block = reference[:, rank * slots_per_gpu:(rank + 1) * slots_per_gpu]
+                for layer in range(self.num_layers):
+                    excused[layer, block[layer][block[layer] >= 0]] = True
+        zero = {(int(l), int(e)) for l, e in np.argwhere((live == 0) & ~excused)}
+        confirmed = zero & self._previous
+        if confirmed:
+            self.violations.append(f"no live replica of (layer, expert) {sorted(confirmed)[:5]}")
+        self._previous = zero
+        self.samples += 1
