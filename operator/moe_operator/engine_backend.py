@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
 from moe_operator.agents import AgentClient, AgentError
 from moe_placement.agent_api import PlacementAnswer
 from moe_placement.files import fill_empty_slots

@@ -119,4 +119,3 @@ def test_plan_with_previous_writes_the_operators_migration_plan(tmp_path, traces
             live[layer, slot] = -1
     assert np.array_equal(live, after.physical_to_logical_map)
     assert record.estimated_seconds > 0 and set(record.bytes_per_link)
-

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moe_placement.agent_api import PlacementAnswer
+from moe_placement.agent_api import PlacementAnswer, SlotEntry
 from moe_placement.files import fill_empty_slots
 from moe_placement.models import (
     ModelShape,
@@ -254,7 +254,7 @@ def placement_answer(status: EngineStatus, model: ModelShape, topology: Topology
     first = status.rank * topology.slots_per_gpu
     own = live[:, first: first + topology.slots_per_gpu]
     slots = [
-        {"layer": int(layer), "slot": int(slot), "expert": int(own[layer, slot]), "state": "live"}
+        SlotEntry(layer=int(layer), slot=first + int(slot), expert=int(own[layer, slot]), state="live")
         for layer, slot in zip(*np.nonzero(own >= 0))
     ]
     return PlacementAnswer(

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from moe_agent.engines import contract
 from moe_agent.tokens import TokenSource
+from moe_placement.agent_api import ErrorAnswer
 from moe_placement.models import Placement, PlacementError
 
 logger = logging.getLogger("moeplace.sidecar")
@@ -43,7 +44,7 @@ LOAD_SOURCES = ("none", "vllm", "sglang-dumps")
 
 def error_response(status: int, message: str) -> web.Response:
     """The agents' error body: ``{"error": "<field or thing>: <problem>"}``."""
-    return web.json_response({"error": message}, status=status)
+    return web.json_response(ErrorAnswer(error=message).model_dump(), status=status)
 
 
 class _ExpertTokens(Collector):
