@@ -18,7 +18,7 @@ from moe_placement.baselines import token_balance_lower_bound
 from moe_placement.cost import CostReport, evaluate
 from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
 from moe_placement.policies import PlanResult, PolicyOptions, plan
-from moe_placement.scoring import TOKENS_PER_GPU, phase_batches
+from moe_placement.scoring import phase_batches
 from moe_placement.traces import Trace, load_profile, load_trace, sample_tokens
 
 
@@ -33,9 +33,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    prefill_tokens_per_gpu: int = TOKENS_PER_GPU["prefill"]
-    decode_tokens_per_gpu: int = TOKENS_PER_GPU["decode"]
-    num_batches: int = 4
+    """Prefill batches are larger than the operator gate's (``scoring.TOKENS_PER_GPU``) so that
+    prefill is compute-bound, where placements differ most."""
+
+    prefill_tokens_per_gpu: int = 512
+    decode_tokens_per_gpu: int = 16
+    num_batches: int = 2
     time_limit_s: float = 30.0
     seed: int = 0
 
