@@ -169,7 +169,7 @@ def run_plan(args: argparse.Namespace) -> int:
         phase: phase_batches(trace, topology.num_gpus, tokens, SCORED_BATCHES, phase, rng)
         for phase, tokens in TOKENS_PER_GPU.items()
     }
-    routers = routers_for(result.solver.router)
+    routers = routers_for(result.solver.router, args.phase)
     (costs,) = score_placements([result.placement], model, topology, batches, routers, args.seed)
     predicted = {phase: cost.summary() for phase, cost in costs.items()}
     migration = _migration(args, previous, result.placement, model, topology)
