@@ -21,7 +21,6 @@ from moe_placement.cost import CostReport, DataFlow, evaluate
 from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
 from moe_placement.policies import PlanResult, PolicyOptions, plan
 from moe_placement.request_routing import request_homes, tokens_per_gpu_imbalance
-from moe_placement.scoring import TOKENS_PER_GPU
 from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
 
 @dataclass(frozen=True)
@@ -35,9 +34,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    prefill_tokens_per_gpu: int = TOKENS_PER_GPU["prefill"]
-    decode_tokens_per_gpu: int = TOKENS_PER_GPU["decode"]
-    num_batches: int = 4
+    """Prefill batches are larger than the operator gate's (``scoring.TOKENS_PER_GPU``) so that
+    prefill is compute-bound, where placements differ most."""
+
+    prefill_tokens_per_gpu: int = 512
+    decode_tokens_per_gpu: int = 16
+    num_batches: int = 2
     time_limit_s: float = 30.0
     seed: int = 0
     data_flow: DataFlow = "home"

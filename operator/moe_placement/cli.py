@@ -86,11 +86,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_parser.add_argument("--policies", default="linear,round_robin,eplb")
     bench_parser.add_argument("--router", "--routers", dest="routers", default="random,local_first,metro")
     bench_parser.add_argument("--shift", help="also fit on domain A and score on domain B (A:B)")
+    defaults = BenchOptions()
     bench_parser.add_argument(
-        "--prefill-tokens-per-gpu", type=int, default=TOKENS_PER_GPU["prefill"]
+        "--prefill-tokens-per-gpu", type=int, default=defaults.prefill_tokens_per_gpu
     )
     bench_parser.add_argument(
-        "--decode-tokens-per-gpu", type=int, default=TOKENS_PER_GPU["decode"]
+        "--decode-tokens-per-gpu", type=int, default=defaults.decode_tokens_per_gpu
+    )
+    bench_parser.add_argument(
+        "--batches", type=int, default=defaults.num_batches, help="batches scored per phase"
     )
     bench_parser.add_argument(
         "--mix", action="store_true", help="also all domains together, their sequences interleaved"
@@ -104,7 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="home: tokens return to their attention rank every layer (SGLang, vLLM); "
         "follow: a token starts each layer where its first choice was served (MoETuner)",
     )
-    bench_parser.add_argument("--batches", type=int, default=4, help="batches scored per phase")
     bench_parser.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON to write")
     bench_parser.add_argument("--plot", type=Path, help="directory for PNG heatmaps")
     bench_parser.set_defaults(func=run_bench_command)
@@ -182,7 +185,7 @@ def run_plan(args: argparse.Namespace) -> int:
         phase: phase_batches(trace, topology.num_gpus, tokens, SCORED_BATCHES, phase, rng)
         for phase, tokens in TOKENS_PER_GPU.items()
     }
-    routers = routers_for(result.solver.router)
+    routers = routers_for(result.solver.router, args.phase)
     (costs,) = score_placements([result.placement], model, topology, batches, routers, args.seed)
     predicted = {phase: cost.summary() for phase, cost in costs.items()}
     migration = _migration(args, previous, result.placement, model, topology)

@@ -45,9 +45,10 @@ def phase_batches(
     return sample_batches(source, num_gpus, tokens_per_gpu, num_batches, phase, rng)
 
 
-def routers_for(router: str | None) -> dict[Phase, str]:
-    """Per phase: ``router`` (a policy's recommendation), else the phase's recommended router."""
-    return {phase: router or default for phase, default in RECOMMENDED_ROUTERS.items()}
+def routers_for(router: str | None, phase: Phase) -> dict[Phase, str]:
+    """Per phase, the recommended router, but ``router`` (what the policy that solved for
+    ``phase`` recommends) for ``phase``."""
+    return {**RECOMMENDED_ROUTERS, **({phase: router} if router else {})}
 
 
 def score_placements(

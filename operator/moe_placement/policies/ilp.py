@@ -273,12 +273,14 @@ def align_layers(
         return linear_assignment(assign)
 
     best = chain_cost()
+    step = 0.0  # the longest assignment so far: one more must fit before the deadline
     for sweep in range(max_sweeps):
         start_of_sweep = best
         # Layer 0 stays put in the first sweep: the chain is symmetric under relabelling GPUs.
         for layer in range(1, num_layers) if sweep == 0 else range(num_layers):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() + step > deadline:
                 break
+            started = time.perf_counter()
             kept = gpu[layer].copy()
             gpu[layer] = best_for(layer)
             value = chain_cost()
@@ -286,16 +288,22 @@ def align_layers(
                 best = value
             else:
                 gpu[layer] = kept
-        if best >= start_of_sweep - 1e-15 or time.perf_counter() > deadline:
+            step = max(step, time.perf_counter() - started)
+        if best >= start_of_sweep - 1e-15 or time.perf_counter() + step > deadline:
             break
     off_diagonal = cost[~np.eye(num_groups, dtype=bool)]
     cheapest = float(off_diagonal.min()) if off_diagonal.size else 0.0
+    # Each layer pair adds a term >= 0: the terms computed before the deadline bound the cost too.
     bound = 0.0
     for layer in range(num_layers - 1):
+        if time.perf_counter() + step > deadline:
+            break
+        started = time.perf_counter()
         kept = linear_assignment(-flows[layer])
         bound += cheapest * float(
             flows[layer].sum() - flows[layer][np.arange(num_groups), kept].sum()
         )
+        step = max(step, time.perf_counter() - started)
     return gpu, best, min(bound, best)
 
 

@@ -379,7 +379,10 @@ def policy_migration_aware(
     moved_per_layer = np.zeros(num_layers, dtype=np.int64)
     applied = 0
     room = np.inf if budget is None else float(budget)
-    candidates = [search(layer, room) for layer in range(num_layers)]
+    # past the deadline, layers not yet searched get no candidates (the loop below then stops)
+    candidates = [
+        search(layer, room) if time.perf_counter() < deadline else [] for layer in range(num_layers)
+    ]
     stop = f"no move gains {'more than its penalty' if budget is None else 'within the budget'}"
     while True:
         if time.perf_counter() > deadline:
