@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from moe_placement.cost import evaluate
-from moe_placement.locality import (
+from moe_placement.grouping import (
     cross_node_share,
     decode_step_activated,
     domain_signatures,
@@ -34,13 +34,14 @@ from moe_placement.locality import (
     predictor_accuracy,
     prefill_decode_split,
 )
-from moe_placement.metro import greedy_vs_exact
-from moe_placement.migration import check_migration, plan_migration
+from moe_placement.migration_plan import check_migration, plan_migration
 from moe_placement.models import ModelShape, Placement, Topology
 from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import model_preset, parse_topology
+from moe_placement.routing import greedy_vs_exact
+from moe_placement.scoring import phase_batches
 from moe_placement.synthetic import SYNTHETIC_PRESETS, generate
-from moe_placement.traces import Trace, load_trace, sample_batches
+from moe_placement.traces import Trace, load_trace
 
 PHASES = ("prefill", "decode")
 TOKENS_PER_GPU = {"prefill": 512, "decode": 16}
@@ -56,7 +57,7 @@ def log(message: str) -> None:
 def score_batches(trace: Trace, topology: Topology, num_batches: int, seed: int) -> dict[str, list]:
     rng = np.random.default_rng(seed)
     return {
-        phase: sample_batches(
+        phase: phase_batches(
             trace, topology.num_gpus, TOKENS_PER_GPU[phase], num_batches, phase, rng
         )
         for phase in PHASES

@@ -43,7 +43,7 @@ import numpy as np
 
 from moe_operator.agents import AgentClient, AgentError
 from moe_placement.agent_api import ActivateRequest, PlacementAnswer, RetireRequest, StageRequest, StageSource
-from moe_placement.migration import ExpertCopy, MigrationPlan
+from moe_placement.migration_plan import ExpertCopy, MigrationPlan, MigrationStage
 from moe_placement.models import placement_hash
 
 logger = logging.getLogger("moe_operator.plan_runner")
@@ -173,13 +173,6 @@ async def read_agents(client: AgentClient, agents: Mapping[int, str]) -> AgentsV
     return AgentsView(answers, errors)
 
 
-def stage_maps(source_map: np.ndarray, plan: MigrationPlan) -> list[np.ndarray]:
-    """The live map [L, N] before the first stage and after each stage: len(stages) + 1 maps."""
-    return [np.asarray(source_map, dtype=np.int64)] + [
-        np.asarray(stage.physical_to_logical_map, dtype=np.int64) for stage in plan.stages
-    ]
-
-
 def union_map(prev: np.ndarray, copies: Sequence[ExpertCopy]) -> np.ndarray:
     """``prev`` [L, N] plus every copy's target slot (which must be empty in ``prev``)."""
     union = np.array(prev, dtype=np.int64, copy=True)
@@ -242,38 +235,41 @@ class PlanRunner:
     async def _current(self) -> AgentsView:
         return self.view if self.view is not None else await self._read()
 
-    async def run(self, source_map: np.ndarray, plan: MigrationPlan, progress: Progress) -> RunOutcome:
-        """Run ``plan`` from ``progress`` on agents that serve ``source_map`` (or a map of the plan)."""
+    async def run(self, plan: MigrationPlan, progress: Progress) -> RunOutcome:
+        """Run ``plan`` from ``progress`` on agents that serve its initial map (or a map of the plan)."""
         self.ids = RequestIds(progress.plan_id)
-        maps = stage_maps(source_map, plan)
-        stages = plan.stages
-        progress = replace(progress, stages=len(stages))
+        progress = replace(progress, stages=len(plan.stages))
+        prev = plan.initial_map if progress.stage == 0 else plan.map_after(progress.stage - 1)
         try:
-            return await self._run(maps, stages, progress)
+            return await self._run(plan.stages, np.asarray(prev, dtype=np.int64), progress)
         except Stalled as error:
-            return RunOutcome(RunState.STALLED, maps[0], 0, progress, str(error))
+            return RunOutcome(RunState.STALLED, np.asarray(plan.initial_map), 0, progress, str(error))
 
-    async def _run(self, maps: list[np.ndarray], stages: Sequence, progress: Progress) -> RunOutcome:
+    async def _run(self, stages: Sequence[MigrationStage], prev: np.ndarray, progress: Progress) -> RunOutcome:
+        """Stages from ``progress.stage`` on; ``prev`` [L, N] is the map before that stage. Maps are
+        derived one stage at a time (a plan stores deltas)."""
         generation = 0
         try:
             await self._retire_orphans(stages[progress.stage].copies if progress.stage < len(stages) else ())
         except StepFailed as error:
-            return RunOutcome(RunState.FAILED, maps[progress.stage], 0, progress, f"stage {progress.stage + 1}: {error}")
+            return RunOutcome(RunState.FAILED, prev, 0, progress, f"stage {progress.stage + 1}: {error}")
         while progress.stage < len(stages):
             index = progress.stage
+            after = stages[index].apply(prev)
             try:
-                progress, generation = await self._run_stage(index, stages[index].copies, maps[index], maps[index + 1], progress)
+                progress, generation = await self._run_stage(index, stages[index].copies, prev, after, progress)
             except StepFailed as error:
-                return await self._undo_stage(index, stages[index].copies, maps[index], progress, str(error))
+                return await self._undo_stage(index, stages[index].copies, prev, progress, str(error))
+            prev = after
             if progress.stage < len(stages):
                 if self.options.stage_pause_s:
                     await asyncio.sleep(self.options.stage_pause_s)
                 if self.should_stop():
                     message = f"stopped after stage {progress.stage}/{len(stages)}"
-                    return RunOutcome(RunState.INTERRUPTED, maps[progress.stage], generation, progress, message)
+                    return RunOutcome(RunState.INTERRUPTED, prev, generation, progress, message)
         if generation == 0:
             generation = (await self._current()).max_generation
-        return RunOutcome(RunState.COMPLETED, maps[-1], generation, progress, f"{len(stages)} stages")
+        return RunOutcome(RunState.COMPLETED, prev, generation, progress, f"{len(stages)} stages")
 
     async def _retire_orphans(self, claimed_copies: Sequence[ExpertCopy]) -> None:
         """Retire staged slots that the copies about to run do not claim (another execution's)."""

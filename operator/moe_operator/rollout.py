@@ -41,7 +41,7 @@ from moe_operator.plan_runner import (
 )
 from moe_operator.solver import SolveResult
 from moe_operator.status import now_iso
-from moe_placement.migration import MigrationPlan, plan_migration
+from moe_placement.migration_plan import MigrationPlan, plan_migration
 from moe_placement.models import Placement, PlacementError, placement_hash
 
 logger = logging.getLogger("moe_operator.rollout")
@@ -171,7 +171,7 @@ class Rollout:
 
         runner = self._runner(ctx, persist, should_stop)
         try:
-            outcome = await runner.run(np.asarray(record.source), plan, progress)
+            outcome = await runner.run(plan, progress)
         finally:
             ctx.metrics.migrating(False)
         current = current.model_copy(

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from moe_placement.cost import CostReport, evaluate
+from moe_placement.migration_plan import MigrationPlan, plan_migration, transfer_seconds
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile, placement_hash
 from moe_placement.policies import PolicyOptions, plan
-from moe_placement.traces import sample_batches, sample_tokens
+from moe_placement.scoring import phase_batches, score_placements
 
 OBJECTIVE_FIELDS = {
     "moeTime": "moe_time_s",
@@ -30,15 +29,6 @@ OBJECTIVE_FIELDS = {
     "activatedExperts": "max_activated_experts",
     "crossNodeBytes": "cross_node_bytes",
 }
-
-
-def plan_migration(old: Placement, new: Placement, model: ModelShape, topology: Topology, max_copies_per_stage: int) -> Any:
-    """The migration planner of ``moe_placement.migration`` (imported late: it is optional at import)."""
-    try:
-        from moe_placement.migration import plan_migration as planner
-    except ImportError as error:  # pragma: no cover - only while the planner is not installed
-        raise RuntimeError(f"migration planner unavailable: {error}") from None
-    return planner(old, new, model, topology, max_copies_per_stage=max_copies_per_stage)
 
 
 @dataclass(frozen=True)
@@ -78,7 +68,7 @@ class SolveResult:
     net_gain: float
     bytes_to_move: float
     stages: int
-    plan: Any = None
+    plan: MigrationPlan | None = None
     old_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     new_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -113,21 +103,18 @@ def _costs(
     """Per placement: {phase: objective value}, {phase: cost summary}; same batches for all."""
     rng = np.random.default_rng(request.seed)
     profile = _smoothed(request.profile)
-    num_gpus = request.topology.num_gpus
-    objective_values: list[dict[str, float]] = [{} for _ in placements]
-    summaries: list[dict[str, dict[str, float]]] = [{} for _ in placements]
-    for phase in request.phases:
-        tokens = num_gpus * request.tokens_per_gpu[phase] * request.num_batches
-        trace = sample_tokens(profile, tokens, rng, phase=phase)  # type: ignore[arg-type]
-        batches = sample_batches(
-            trace, num_gpus, request.tokens_per_gpu[phase], request.num_batches, phase, rng  # type: ignore[arg-type]
+    batches = {
+        phase: phase_batches(
+            profile, request.topology.num_gpus, request.tokens_per_gpu[phase], request.num_batches, phase, rng  # type: ignore[arg-type]
         )
-        for index, placement in enumerate(placements):
-            report: CostReport = evaluate(
-                placement, request.model, request.topology, batches, router=request.routers[phase], seed=request.seed
-            )
-            objective_values[index][phase] = float(getattr(report, OBJECTIVE_FIELDS[request.objectives[phase]]))
-            summaries[index][phase] = report.summary()
+        for phase in request.phases
+    }
+    reports = score_placements(placements, request.model, request.topology, batches, request.routers, request.seed)  # type: ignore[arg-type]
+    objective_values = [
+        {phase: float(getattr(report, OBJECTIVE_FIELDS[request.objectives[phase]])) for phase, report in costs.items()}
+        for costs in reports
+    ]
+    summaries = [{phase: report.summary() for phase, report in costs.items()} for costs in reports]
     return objective_values, summaries
 
 
@@ -178,11 +165,13 @@ def solve_and_gate(request: SolveRequest) -> SolveResult:
     ]
     gain = float(np.mean(gains)) if gains else 0.0
     started = time.perf_counter()
-    migration = plan_migration(request.previous, new, request.model, request.topology, request.max_copies_per_stage)
+    migration = plan_migration(
+        request.previous, new, request.model, request.topology, max_copies_per_stage=request.max_copies_per_stage
+    )
     timings["plan_migration"] = time.perf_counter() - started
     bytes_to_move = float(migration.bytes_moved)
-    bandwidth = request.topology.inter_node_gb_s * 1e9 * request.max_concurrent_transfers
-    migration_cost = bytes_to_move / bandwidth / max(request.interval_s, 1e-9)
+    seconds = transfer_seconds(bytes_to_move, request.topology, request.max_concurrent_transfers)
+    migration_cost = seconds / max(request.interval_s, 1e-9)
     net = gain - migration_cost
     apply = net > 0 and net >= request.min_predicted_gain
     reason = (

@@ -18,7 +18,9 @@ from moe_placement.baselines import token_balance_lower_bound
 from moe_placement.cost import CostReport, evaluate
 from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
 from moe_placement.policies import PlanResult, PolicyOptions, plan
-from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
+from moe_placement.scoring import TOKENS_PER_GPU, phase_batches
+from moe_placement.traces import Trace, load_profile, load_trace, sample_tokens
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -31,8 +33,8 @@ class Workload:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    prefill_tokens_per_gpu: int = 512
-    decode_tokens_per_gpu: int = 16
+    prefill_tokens_per_gpu: int = TOKENS_PER_GPU["prefill"]
+    decode_tokens_per_gpu: int = TOKENS_PER_GPU["decode"]
     num_batches: int = 4
     time_limit_s: float = 30.0
     seed: int = 0
@@ -85,13 +87,14 @@ def score_batches(
 ) -> dict[Phase, list[RoutingBatch]]:
     """The batches every policy is scored on, per phase."""
     rng = np.random.default_rng(options.seed)
-    tokens_per_gpu = {
-        "prefill": options.prefill_tokens_per_gpu,
-        "decode": options.decode_tokens_per_gpu,
-    }
     return {
-        phase: sample_batches(
-            workload.score, topology.num_gpus, tokens_per_gpu[phase], options.num_batches, phase, rng
+        phase: phase_batches(
+            workload.score,
+            topology.num_gpus,
+            _tokens_per_gpu(options, phase),
+            options.num_batches,
+            phase,
+            rng,
         )
         for phase in PHASES
     }
@@ -128,13 +131,17 @@ def run_bench(
     heat: dict[tuple[str, str], CostReport] = {}
     for workload in workloads:
         batches = score_batches(workload, topology, options)
+        profiles = {
+            phase: workload.fit.profile(
+                batch_size=topology.num_gpus * _tokens_per_gpu(options, phase), phase=phase
+            )
+            for phase in PHASES
+        }
         for policy in policies:
             results = {
                 phase: plan(
                     policy,
-                    workload.fit.profile(
-                        batch_size=topology.num_gpus * _tokens_per_gpu(options, phase), phase=phase
-                    ),
+                    profiles[phase],
                     model,
                     topology,
                     PolicyOptions(time_limit_s=options.time_limit_s, seed=options.seed),
@@ -156,7 +163,7 @@ def run_bench(
                 row = bench_row(workload.name, results["prefill"], router, costs)
                 row["solve_seconds"] = sum(r.solve_seconds for r in results.values())
                 rows.append(row)
-        profile = workload.fit.profile()
+        profile = profiles["prefill"]
         bound = token_balance_lower_bound(profile.load, topology.num_gpus, topology.num_slots)
         rows.append(
             {

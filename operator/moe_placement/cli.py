@@ -19,14 +19,35 @@ from moe_placement.bench import (
     workloads_from_file,
     write_json,
 )
-from moe_placement.cost import evaluate
-from moe_placement.files import build_placement_file, write_placement, write_sglang
-from moe_placement.models import PHASES, PlacementError
+from moe_placement.files import (
+    MigrationRecord,
+    build_placement_file,
+    migration_record,
+    read_placement,
+    write_placement,
+    write_sglang,
+)
+from moe_placement.migration_plan import plan_migration, transfer_seconds
+from moe_placement.models import (
+    PHASES,
+    ModelShape,
+    Placement,
+    PlacementError,
+    Topology,
+    placement_hash,
+)
 from moe_placement.policies import POLICIES, PolicyOptions, plan
 from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
 from moe_placement.routing import ROUTERS
+from moe_placement.scoring import (
+    SCORED_BATCHES,
+    TOKENS_PER_GPU,
+    phase_batches,
+    routers_for,
+    score_placements,
+)
 from moe_placement.synthetic import SYNTHETIC_PRESETS, generate
-from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
+from moe_placement.traces import Trace, load_profile, load_trace, sample_tokens
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +63,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", choices=("moeplace", "sglang"), default="moeplace",
         help="moeplace JSON, or the JSON SGLang's --init-expert-location reads",
     )
+    plan_parser.add_argument(
+        "--previous", type=Path,
+        help="placement file serving now: migration-aware policies stay near it, and the "
+        "migration plan from it is written into --out (the operator's planner)",
+    )
+    plan_parser.add_argument(
+        "--max-copies-per-stage", type=int, default=8, help="copies per migration stage"
+    )
+    plan_parser.add_argument(
+        "--max-concurrent-transfers", type=int, default=4,
+        help="copies in flight at once, for the migration's time estimate",
+    )
     plan_parser.set_defaults(func=run_plan)
 
     bench_parser = subparsers.add_parser(
@@ -51,8 +84,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_parser.add_argument("--policies", default="linear,round_robin,eplb")
     bench_parser.add_argument("--router", "--routers", dest="routers", default="random,local_first,metro")
     bench_parser.add_argument("--shift", help="also fit on domain A and score on domain B (A:B)")
-    bench_parser.add_argument("--prefill-tokens-per-gpu", type=int, default=512)
-    bench_parser.add_argument("--decode-tokens-per-gpu", type=int, default=16)
+    bench_parser.add_argument(
+        "--prefill-tokens-per-gpu", type=int, default=TOKENS_PER_GPU["prefill"]
+    )
+    bench_parser.add_argument(
+        "--decode-tokens-per-gpu", type=int, default=TOKENS_PER_GPU["decode"]
+    )
     bench_parser.add_argument("--batches", type=int, default=4, help="batches scored per phase")
     bench_parser.add_argument("--json", type=Path, default=Path("bench.json"), help="JSON to write")
     bench_parser.add_argument("--plot", type=Path, help="directory for PNG heatmaps")
@@ -116,30 +153,69 @@ def _csv(text: str, known: dict, field: str) -> list[str]:
 def run_plan(args: argparse.Namespace) -> int:
     model = model_preset(args.model)
     topology = parse_topology(args.topology, model.num_experts, args.redundant_slots)
+    previous = read_placement(args.previous).placement() if args.previous else None
     trace = _whole_trace(args)
     batch_tokens = 512 if args.phase == "prefill" else 16
     profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=args.phase)
     result = plan(
         args.policy, profile, model, topology,
-        PolicyOptions(time_limit_s=args.time_limit, seed=args.seed),
+        PolicyOptions(time_limit_s=args.time_limit, seed=args.seed, previous=previous),
     )
     rng = np.random.default_rng(args.seed)
-    predicted = {}
-    for phase, tokens_per_gpu in (("prefill", 512), ("decode", 16)):
-        batches = sample_batches(trace, topology.num_gpus, tokens_per_gpu, 4, phase, rng)
-        predicted[phase] = evaluate(result.placement, model, topology, batches, "random").summary()
+    batches = {
+        phase: phase_batches(trace, topology.num_gpus, tokens, SCORED_BATCHES, phase, rng)
+        for phase, tokens in TOKENS_PER_GPU.items()
+    }
+    routers = routers_for(result.solver.router)
+    (costs,) = score_placements([result.placement], model, topology, batches, routers, args.seed)
+    predicted = {phase: cost.summary() for phase, cost in costs.items()}
+    migration = _migration(args, previous, result.placement, model, topology)
     if args.format == "sglang":
         write_sglang(args.out, result.placement)
     else:
-        write_placement(args.out, build_placement_file(result, model, topology, predicted))
+        write_placement(
+            args.out, build_placement_file(result, model, topology, predicted, migration)
+        )
     print(
         f"{args.out}: policy {args.policy} ({result.solver.status}, {result.solve_seconds:.2f}s), "
         f"prefill token max/mean {predicted['prefill']['token_imbalance']:.3f}, "
         f"decode max activated experts {predicted['decode']['max_activated_experts']:.2f}, "
-        f"predicted MoE ms prefill {predicted['prefill']['moe_ms']:.3f} "
-        f"decode {predicted['decode']['moe_ms']:.3f}"
+        f"predicted MoE ms prefill {predicted['prefill']['moe_ms']:.3f} ({routers['prefill']}) "
+        f"decode {predicted['decode']['moe_ms']:.3f} ({routers['decode']})"
     )
+    if migration is not None:
+        print(
+            f"migration from {args.previous}: {len(migration.stages)} stages, "
+            f"{migration.copies} copies, {migration.bytes_moved / 1e9:.2f} GB, "
+            f"~{migration.estimated_seconds:.1f} s at {args.max_concurrent_transfers} transfers "
+            f"at once (planned in {migration.planning_seconds:.2f} s)"
+        )
     return 0
+
+
+def _migration(
+    args: argparse.Namespace,
+    previous: Placement | None,
+    new: Placement,
+    model: ModelShape,
+    topology: Topology,
+) -> MigrationRecord | None:
+    """The plan from ``--previous`` to ``new`` (the operator's planner and estimate), if asked."""
+    if previous is None:
+        return None
+    started = time.perf_counter()
+    migration = plan_migration(
+        previous, new, model, topology, max_copies_per_stage=args.max_copies_per_stage
+    )
+    planning = time.perf_counter() - started
+    seconds = transfer_seconds(migration.bytes_moved, topology, args.max_concurrent_transfers)
+    return migration_record(
+        migration,
+        placement_hash(previous.physical_to_logical_map),
+        args.max_copies_per_stage,
+        seconds,
+        planning,
+    )
 
 
 def run_bench_command(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ moeplace JSON (``format: moeplace.placement/v1``)::
      "model": {ModelShape}, "topology": {Topology},
      "physical_to_logical_map": [[expert id per slot, -1 empty] per layer],
      "solver": {"status", "objective", "lower_bound", "gap", "objective_name", "solve_seconds", "notes"},
-     "predicted": {"prefill": {metric: value}, "decode": {...}}}
+     "predicted": {"prefill": {metric: value}, "decode": {...}},
+     "migration": {from a previous placement: stages of copies and retirements, bytes, time}}
 
 SGLang JSON: ``{"physical_to_logical_map": [[...] per layer]}`` with every slot filled.
 """
@@ -26,6 +27,7 @@ from moe_placement.models import (
     Topology,
     format_validation_error,
 )
+from moe_placement.migration_plan import MigrationPlan
 from moe_placement.policies import PlanResult
 
 PLACEMENT_FORMAT = "moeplace.placement/v1"
@@ -45,6 +47,57 @@ class SolverReport(BaseModel):
     notes: list[str] = []
 
 
+class MigrationStageRecord(BaseModel):
+    """One stage: copies as [layer, expert, source_slot, target_slot], then retired slots as
+    [layer, slot]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    copies: list[tuple[int, int, int, int]]
+    retired: list[tuple[int, int]]
+
+
+class MigrationRecord(BaseModel):
+    """The migration plan from a previous placement, as ``moe_placement.migration_plan`` made it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    previous_hash: str
+    max_copies_per_stage: int
+    stages: list[MigrationStageRecord]
+    copies: int
+    bytes_moved: float
+    bytes_per_link: dict[str, float]
+    estimated_seconds: float
+    planning_seconds: float
+
+
+def migration_record(
+    plan: MigrationPlan,
+    previous_hash: str,
+    max_copies_per_stage: int,
+    estimated_seconds: float,
+    planning_seconds: float,
+) -> MigrationRecord:
+    """The file form of a migration plan."""
+    return MigrationRecord(
+        previous_hash=previous_hash,
+        max_copies_per_stage=max_copies_per_stage,
+        stages=[
+            MigrationStageRecord(
+                copies=[(c.layer, c.expert, c.source_slot, c.target_slot) for c in stage.copies],
+                retired=[(int(layer), int(slot)) for layer, slot in stage.retired],
+            )
+            for stage in plan.stages
+        ],
+        copies=sum(len(stage.copies) for stage in plan.stages),
+        bytes_moved=plan.bytes_moved,
+        bytes_per_link=plan.bytes_per_link,
+        estimated_seconds=estimated_seconds,
+        planning_seconds=planning_seconds,
+    )
+
+
 class PlacementFile(BaseModel):
     """moeplace's placement file."""
 
@@ -57,6 +110,7 @@ class PlacementFile(BaseModel):
     physical_to_logical_map: list[list[int]]
     solver: SolverReport
     predicted: dict[str, dict[str, float]] = {}
+    migration: MigrationRecord | None = None
 
     def placement(self) -> Placement:
         """The placement, validated against the file's model and topology."""
@@ -86,6 +140,7 @@ def build_placement_file(
     model: ModelShape,
     topology: Topology,
     predicted: dict[str, dict[str, float]] | None = None,
+    migration: MigrationRecord | None = None,
 ) -> PlacementFile:
     """The placement file of a plan."""
     return PlacementFile(
@@ -95,6 +150,7 @@ def build_placement_file(
         physical_to_logical_map=result.placement.physical_to_logical_map.tolist(),
         solver=solver_report(result),
         predicted=predicted or {},
+        migration=migration,
     )
 
 

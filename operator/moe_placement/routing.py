@@ -9,7 +9,7 @@ torch routers must give the same slots on the same input, so tie-breaking is par
 - ``metro`` (METRO greedy): all tokens of an expert go to one replica. Experts are taken in order of
   (fewest replicas, most tokens, lowest id); each picks, among the GPUs holding it, the one with the
   fewest activated experts so far, then the fewest tokens, then the lowest slot.
-- ``exact`` (evaluation only, ``moe_placement.metro``): the fewest activated experts on the busiest
+- ``exact`` (evaluation only): the fewest activated experts on the busiest
   GPU, by augmenting paths; each expert's tokens to its lowest slot on the GPU it is matched to.
 
 Shapes: B tokens, k choices, E experts, R most replicas of an expert, N slots, G GPUs.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -37,6 +38,26 @@ class ReplicaLayout:
     replica_counts: np.ndarray
     gpu_of_slot: np.ndarray
     node_of_gpu: np.ndarray
+
+    @cached_property
+    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray]:
+        """For a token on GPU g choosing expert e, its most local replicas (on g, else on g's node,
+        else any) in slot order: (slots [G, E, R], -1 padded; how many [G, E])."""
+        valid = self.replica_slots >= 0
+        replica_gpu = self.gpu_of_slot[np.where(valid, self.replica_slots, 0)]  # [E, R]
+        source = np.arange(len(self.node_of_gpu))[:, None, None]
+        distance = np.where(
+            replica_gpu[None] == source,
+            0,
+            np.where(self.node_of_gpu[replica_gpu][None] == self.node_of_gpu[source], 1, 2),
+        )
+        distance = np.where(valid[None], distance, 3)  # [G, E, R]
+        best = distance == distance.min(axis=-1, keepdims=True)
+        order = np.argsort(~best, axis=-1, kind="stable")  # best replicas first, in slot order
+        slots = np.take_along_axis(np.broadcast_to(self.replica_slots, best.shape), order, -1)
+        counts = best.sum(axis=-1)
+        slots = np.where(np.arange(best.shape[-1]) < counts[..., None], slots, -1)
+        return slots, counts
 
 
 def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
@@ -64,21 +85,11 @@ def route_local_first(
     layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
 ) -> np.ndarray:
     """Most local replica, ties broken by ``uniform``. Shapes as ``route_random``."""
-    candidates = layout.replica_slots[expert_ids]  # [B, k, R]
-    valid = candidates >= 0
-    candidate_gpu = layout.gpu_of_slot[np.where(valid, candidates, 0)]
-    source = source_gpu[:, None, None]
-    distance = np.where(
-        candidate_gpu == source,
-        0,
-        np.where(layout.node_of_gpu[candidate_gpu] == layout.node_of_gpu[source], 1, 2),
-    )
-    distance = np.where(valid, distance, 3)
-    best = distance == distance.min(axis=-1, keepdims=True)
-    rank_among_best = np.cumsum(best, axis=-1) - 1
-    pick = np.minimum((uniform * best.sum(axis=-1)).astype(np.int64), best.sum(axis=-1) - 1)
-    chosen = best & (rank_among_best == pick[..., None])
-    return candidates[chosen].reshape(expert_ids.shape)
+    best_slots, best_counts = layout.most_local_replicas
+    gpu = source_gpu[:, None]
+    counts = best_counts[gpu, expert_ids]
+    pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
+    return best_slots[gpu, expert_ids, pick]
 
 
 def route_metro(
@@ -108,13 +119,78 @@ def route_metro(
     return chosen_slot[inverse].reshape(expert_ids.shape)
 
 
+def min_max_assignment(candidates: list[np.ndarray], num_gpus: int) -> tuple[np.ndarray, int]:
+    """Assign each activated expert to one of its candidate GPUs so that the most experts on one
+    GPU is minimal. candidates: per expert, the GPUs holding it -> (GPU of each expert [A], that
+    minimum). Augmenting paths (Kuhn) at capacity lambda, starting from max(ceil(A/G), the experts
+    that have one GPU only) and raised by one until every expert is matched: exact."""
+    count = len(candidates)
+    assigned = np.full(count, -1, dtype=np.int64)
+    members: list[list[int]] = [[] for _ in range(num_gpus)]
+    forced = np.bincount([int(c[0]) for c in candidates if len(c) == 1], minlength=num_gpus)
+    limit = max(-(-count // num_gpus), int(forced.max()) if count else 0, 1)
+
+    def augment(expert: int, visited: set[int]) -> bool:
+        for gpu in candidates[expert]:
+            if gpu not in visited and len(members[gpu]) < limit:
+                visited.add(gpu)
+                members[gpu].append(expert)
+                assigned[expert] = gpu
+                return True
+        for gpu in candidates[expert]:
+            if gpu in visited:
+                continue
+            visited.add(gpu)
+            for other in members[gpu]:
+                if augment(other, visited):  # ``other`` moved to another GPU
+                    members[gpu].remove(other)
+                    members[gpu].append(expert)
+                    assigned[expert] = gpu
+                    return True
+        return False
+
+    pending = sorted(range(count), key=lambda e: (len(candidates[e]), e))
+    while pending:
+        pending = [expert for expert in pending if not augment(expert, set())]
+        if pending:
+            limit += 1
+    return assigned, limit
+
+
 def route_exact(
     layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
 ) -> np.ndarray:
-    """Exact METRO (``moe_placement.metro.route_exact``, which imports this module), for evaluation."""
-    from moe_placement.metro import route_exact as exact
+    """Exact METRO: the fewest activated experts on the busiest GPU; each expert's tokens go to its
+    lowest slot on the GPU it is matched to. expert_ids, uniform: [B, k]; source_gpu: [B] -> slots
+    [B, k]. For evaluation on small instances (Python augmenting paths)."""
+    num_gpus = len(layout.node_of_gpu)
+    experts, inverse = np.unique(expert_ids.ravel(), return_inverse=True)
+    replica_slots = [layout.replica_slots[e, : layout.replica_counts[e]] for e in experts]
+    candidates = [np.unique(layout.gpu_of_slot[slots]) for slots in replica_slots]
+    gpu, _ = min_max_assignment(candidates, num_gpus)
+    chosen = np.array(
+        [slots[layout.gpu_of_slot[slots] == g].min() for slots, g in zip(replica_slots, gpu)],
+        dtype=np.int64,
+    )
+    return chosen[inverse].reshape(expert_ids.shape)
 
-    return exact(layout, expert_ids, source_gpu, uniform)
+
+def busiest_activated(layout: ReplicaLayout, slots: np.ndarray) -> int:
+    """Activated slots on the busiest GPU for routed slots [B, k]."""
+    used = np.unique(slots)
+    return int(np.bincount(layout.gpu_of_slot[used], minlength=len(layout.node_of_gpu)).max())
+
+
+def greedy_vs_exact(placement: Placement, topology: Topology, expert_ids: np.ndarray) -> np.ndarray:
+    """Busiest GPU's activated experts, METRO greedy / exact, per layer: expert_ids [L, B, k] -> [L]."""
+    ratios = []
+    for layer, layout in enumerate(replica_layouts(placement, topology)):
+        ids = expert_ids[layer]
+        zeros, uniform = np.zeros(len(ids), dtype=np.int64), np.zeros(ids.shape)
+        greedy = busiest_activated(layout, route_metro(layout, ids, zeros, uniform))
+        exact = busiest_activated(layout, route_exact(layout, ids, zeros, uniform))
+        ratios.append(greedy / exact)
+    return np.array(ratios)
 
 
 Router = Callable[[ReplicaLayout, np.ndarray, np.ndarray, np.ndarray], np.ndarray]

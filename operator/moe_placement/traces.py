@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,10 +241,10 @@ def transition_pairs(
     expert_ids: np.ndarray, num_experts: int, max_pairs_per_layer: int
 ) -> SparsePairs:
     """Tokens choosing expert i at layer l and j at l+1, all k x k pairs, of ids [L, T, k]."""
-    per_layer = [
+    per_layer = (
         (expert_ids[layer][:, :, None] * num_experts + expert_ids[layer + 1][:, None, :]).ravel()
         for layer in range(expert_ids.shape[0] - 1)
-    ]
+    )  # one layer's codes at a time: all of them at once take gigabytes at DeepSeek-V3's size
     return _top_pairs(per_layer, num_experts, max_pairs_per_layer)
 
 
@@ -253,14 +253,14 @@ def coactivation_pairs(
 ) -> SparsePairs:
     """Tokens choosing both experts i < j at one layer, of ids [L, T, k]."""
     first, second = np.triu_indices(expert_ids.shape[2], k=1)
-    per_layer = []
-    for layer_ids in expert_ids:
-        a, b = layer_ids[:, first], layer_ids[:, second]
-        per_layer.append((np.minimum(a, b) * num_experts + np.maximum(a, b)).ravel())
+    per_layer = (
+        (np.minimum(a, b) * num_experts + np.maximum(a, b)).ravel()
+        for a, b in ((layer_ids[:, first], layer_ids[:, second]) for layer_ids in expert_ids)
+    )
     return _top_pairs(per_layer, num_experts, max_pairs_per_layer)
 
 
-def _top_pairs(per_layer_codes: list[np.ndarray], num_experts: int, keep: int) -> SparsePairs:
+def _top_pairs(per_layer_codes: Iterable[np.ndarray], num_experts: int, keep: int) -> SparsePairs:
     """Sparse counts of pair codes (first * E + second), one [N] array per layer; the ``keep``
     largest per layer."""
     layers, codes, counts = [], [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_placement.migration import plan_migration
+from moe_placement.migration_plan import plan_migration
 
 
 @pytest.fixture

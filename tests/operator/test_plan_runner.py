@@ -12,7 +12,7 @@ from fake_agents import TOKEN, FakeCluster
 from moe_operator.agents import AgentClient
 from moe_operator.plan_runner import PlanRunner, Progress, RunOptions, RunState, converge, read_agents, union_map
 from moe_placement.baselines import linear_placement
-from moe_placement.migration import ExpertCopy
+from moe_placement.migration_plan import ExpertCopy
 from moe_placement.models import ModelShape, Placement, WorkloadProfile, placement_hash
 from moe_placement.policies import plan
 from moe_placement.presets import parse_topology
@@ -70,7 +70,7 @@ def runner(client, cluster, options=None, should_stop=lambda: False, record=None
 
 async def run_plan(client, cluster, plan_obj, progress, **kwargs):
     plan_runner, recorded = runner(client, cluster, **kwargs)
-    return await plan_runner.run(source().physical_to_logical_map, plan_obj, progress), recorded
+    return await plan_runner.run(plan_obj, progress), recorded
 
 
 def test_union_map_only_fills_empty_slots():
@@ -101,7 +101,7 @@ async def test_interrupt_then_resume_and_replay_is_idempotent(planner, cluster, 
         client, cluster, plan_obj, Progress(plan_id="p", stages=len(plan_obj.stages)), should_stop=lambda: True
     )
     assert outcome.state == RunState.INTERRUPTED and outcome.progress.stage == 1
-    assert np.array_equal(outcome.live_map, plan_obj.stages[0].physical_to_logical_map)
+    assert np.array_equal(outcome.live_map, plan_obj.map_after(0))
     # A restarted operator resumes from the recorded progress, replaying the last stage as if its
     # record had been lost (stage 0, step "") -- nothing is done twice.
     calls_before = sum(len(agent.calls) for agent in cluster.agents)
@@ -127,7 +127,7 @@ async def test_a_failing_stage_is_undone(planner, cluster, client):
     outcome, _ = await run_plan(client, cluster, plan_obj, Progress("p", len(plan_obj.stages)))
     assert outcome.state == RunState.FAILED and "undone" in outcome.message
     failing = next(i for i, stage in enumerate(plan_obj.stages) if stage.copies)
-    before = plan_obj.stages[failing - 1].physical_to_logical_map if failing else source().physical_to_logical_map
+    before = plan_obj.map_after(failing - 1) if failing else source().physical_to_logical_map
     assert np.array_equal(outcome.live_map, before)
     for agent in cluster.agents:
         assert np.array_equal(agent.map, before)
@@ -146,7 +146,7 @@ async def test_two_executions_of_one_plan_never_share_a_request_id(planner, clus
         assert outcome.state == RunState.COMPLETED, outcome.message
         assert cluster.maps() == {placement_hash(target.physical_to_logical_map)}
         plan_runner, _ = runner(client, cluster)
-        outcome = await plan_runner.run(target.physical_to_logical_map, back, Progress("same-back", len(back.stages)))
+        outcome = await plan_runner.run(back, Progress("same-back", len(back.stages)))
         assert outcome.state == RunState.COMPLETED, outcome.message
         assert cluster.maps() == {placement_hash(source().physical_to_logical_map)}
     assert cluster.violations == []
@@ -189,7 +189,7 @@ async def test_dead_agent_mid_migration_keeps_maps_valid(planner, cluster, clien
             await cluster.agents[victim].stop()
 
     plan_runner, _ = runner(client, cluster, options=RunOptions(retries=1, backoff_s=0.01), record=record)
-    outcome = await plan_runner.run(source().physical_to_logical_map, plan_obj, Progress("p", len(plan_obj.stages)))
+    outcome = await plan_runner.run(plan_obj, Progress("p", len(plan_obj.stages)))
     assert outcome.state in (RunState.FAILED, RunState.STALLED), outcome.state
     for agent in cluster.agents:
         if agent.alive:

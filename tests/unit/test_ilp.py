@@ -5,17 +5,16 @@ import pulp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_placement import ilp
-from moe_placement.ilp import (
+from moe_placement.milp import solve_milp
+from moe_placement.packing import greedy_packing, replica_counts
+from moe_placement.policies import ilp
+from moe_placement.policies.ilp import (
     align_layers,
-    greedy_packing,
     layer_busiest,
     linear_assignment,
     link_cost,
     pack_ilp,
     policy_ilp,
-    replica_counts,
-    solve_milp,
 )
 from moe_placement.models import ModelShape, Placement, Topology
 from moe_placement.policies import PolicyOptions, plan

@@ -2,21 +2,18 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from moe_placement.locality import (
-    coplace_nodes,
+from moe_placement.grouping import (
     domain_signatures,
     expected_activated,
     expert_signature,
-    greedy_nodes,
     group_requests,
     home_nodes,
-    locality_score,
-    pair_matrices,
     predict_decode,
     predictor_accuracy,
     prefill_decode_split,
-    spread_counts,
 )
+from moe_placement.packing import coplace_nodes, greedy_nodes, spread_counts
+from moe_placement.pairs import locality_score, pair_matrices
 from moe_placement.models import ModelShape, PlacementError, Topology
 from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import gpu_preset

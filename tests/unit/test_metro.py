@@ -4,17 +4,18 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_placement.metro import (
-    activation_chance,
-    busiest_activated,
-    min_max_assignment,
-    primary_capacity,
-    route_exact,
-)
 from moe_placement.models import ModelShape, Placement, Topology
 from moe_placement.policies import PolicyOptions, plan
+from moe_placement.policies.metro_aware import activation_chance, primary_capacity
 from moe_placement.presets import gpu_preset
-from moe_placement.routing import ROUTERS, replica_layouts, route_metro
+from moe_placement.routing import (
+    ROUTERS,
+    busiest_activated,
+    min_max_assignment,
+    replica_layouts,
+    route_exact,
+    route_metro,
+)
 from moe_placement.traces import Trace
 
 NUM_EXPERTS = 12

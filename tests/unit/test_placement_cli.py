@@ -81,3 +81,35 @@ def test_plan_writes_moeplace_and_sglang_files(tmp_path, traces):
     assert result.returncode == 0, result.stderr
     assert np.array_equal(json.loads(sglang.read_text())["physical_to_logical_map"],
                           placement_file.physical_to_logical_map)
+
+
+def test_plan_with_previous_writes_the_operators_migration_plan(tmp_path, traces):
+    from moe_placement.files import read_placement
+    from moe_placement.migration_plan import plan_migration
+    from moe_placement.presets import model_preset, parse_topology
+
+    common = ["--trace", str(traces["good"]), "--redundant-slots", "16"]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    assert moeplace("plan", *common, "--policy", "linear", "--out", str(old), cwd=tmp_path).returncode == 0
+    result = moeplace(
+        "plan", *common, "--previous", str(old), "--max-copies-per-stage", "4", "--out", str(new), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "migration from" in result.stdout
+    before, after = read_placement(old), read_placement(new)
+    record = after.migration
+    model = model_preset("deepseek-v2-lite")
+    expected = plan_migration(
+        before.placement(), after.placement(), model, parse_topology("2x4", 64, 16), max_copies_per_stage=4
+    )
+    assert len(record.stages) == len(expected.stages) and record.bytes_moved == expected.bytes_moved
+    live = before.placement().physical_to_logical_map.copy()
+    for stage in record.stages:
+        assert len(stage.copies) <= 4
+        for layer, expert, source, target in stage.copies:
+            assert live[layer, source] == expert and live[layer, target] == -1
+            live[layer, target] = expert
+        for layer, slot in stage.retired:
+            live[layer, slot] = -1
+    assert np.array_equal(live, after.physical_to_logical_map)
+    assert record.estimated_seconds > 0 and set(record.bytes_per_link)

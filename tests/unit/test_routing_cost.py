@@ -3,10 +3,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_placement.cost import evaluate
+from moe_placement.cost import evaluate, layer_cost
 from moe_placement.models import ModelShape, Placement, PlacementError, RoutingBatch, Topology
 from moe_placement.presets import gpu_preset
-from moe_placement.routing import ROUTERS, get_router, replica_layouts
+from moe_placement.routing import ROUTERS, get_router, replica_layouts, route_local_first
+from reference_cost import reference_layer_cost, reference_route_local_first
 
 MODEL = ModelShape(
     num_layers=3, num_experts=12, top_k=2, hidden_size=256, expert_intermediate_size=128
@@ -128,3 +129,21 @@ def test_unknown_router_and_empty_batches():
         evaluate(placement, model, topology(1, 4, 1), [RoutingBatch([[[0]]], [0])], "fastest")
     with pytest.raises(PlacementError, match="batches: nothing"):
         evaluate(placement, model, topology(1, 4, 1), [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenario=scenarios(), seed=st.integers(0, 2**31))
+def test_local_first_and_layer_cost_equal_the_reference(scenario, seed):
+    placement, topo, batch = scenario
+    rng = np.random.default_rng(seed)
+    source_gpu = batch.source_gpu
+    for layer, layout in enumerate(replica_layouts(placement, topo)):
+        ids = batch.expert_ids[layer]
+        uniform = rng.random(ids.shape)
+        slots = route_local_first(layout, ids, source_gpu, uniform)
+        assert np.array_equal(slots, reference_route_local_first(layout, ids, source_gpu, uniform))
+        cost = layer_cost(slots, source_gpu, layout, MODEL, topo)
+        expected = reference_layer_cost(slots, source_gpu, layout, MODEL, topo)
+        for name, value in vars(expected).items():
+            assert np.array_equal(getattr(cost, name), value), name
+        source_gpu = layout.gpu_of_slot[slots[:, 0]]

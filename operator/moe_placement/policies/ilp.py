@@ -24,153 +24,19 @@ Shapes: L layers, E experts, G GPUs, N nodes, S slots per GPU, n items of one pa
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 
-import highspy
 import numpy as np
 import pulp
 
+from moe_placement.milp import MIP_GAP, STATUS_ORDER, MilpResult, solve_milp, worst_status
 from moe_placement.models import ModelShape, Topology, WorkloadProfile
-from moe_placement.policies import PolicyOptions, SolverInfo
+from moe_placement.packing import greedy_packing, replica_counts
+from moe_placement.policies.base import PolicyOptions, SolverInfo
 
-MIP_GAP = 0.01  # relative gap at which a packing ILP may stop (MoETuner used 0.025 with Gurobi)
 MONOLITHIC_VARIABLES = 2048  # larger packings are decomposed (nodes first, then GPUs)
 MIN_SOLVE_S = 0.05  # below this much time left, a subproblem keeps its greedy packing
-STATUS_ORDER = ("optimal", "feasible", "time_limit", "fallback")  # better to worse
-
-
-@dataclass(frozen=True)
-class MilpResult:
-    """What a solver made of one problem.
-
-    status: ``optimal`` (proved), ``feasible`` (stopped within the gap tolerance), ``time_limit``
-    (stopped by the clock with an incumbent) or ``fallback`` (no usable answer: keep the warm start).
-    lower_bound: the solver's dual bound (None where the solver does not report one).
-    """
-
-    status: str
-    objective: float | None
-    lower_bound: float | None
-    solver: str
-
-
-class WarmStartedHiGHS(pulp.HiGHS):
-    """PuLP's highspy interface, handing the variables' initial values to HiGHS as a MIP start
-    (PuLP's own ``warmStart`` exists for HiGHS_CMD only)."""
-
-    def callSolver(self, lp: pulp.LpProblem) -> None:
-        start = [(var.index, var.varValue) for var in lp.variables() if var.varValue is not None]
-        if start:
-            index, value = zip(*start)
-            lp.solverModel.setSolution(
-                len(index), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=np.float64)
-            )
-        lp.solverModel.run()
-
-
-def solve_milp(
-    problem: pulp.LpProblem, time_limit_s: float, gap_rel: float = MIP_GAP
-) -> MilpResult:
-    """Solve ``problem`` (variables' initial values are the warm start) with HiGHS on one thread,
-    then CBC if HiGHS fails. Never raises: a failure of both is ``fallback``."""
-    time_limit_s = max(time_limit_s, 0.01)
-    try:
-        problem.solve(
-            WarmStartedHiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=gap_rel)
-        )
-        highs = problem.solverModel
-        info = highs.getInfo()
-        if info.primal_solution_status == 2:  # HiGHS holds a feasible integer solution
-            status = highs.getModelStatus()
-            if status == highspy.HighsModelStatus.kOptimal:
-                label = "optimal" if info.mip_gap <= 1e-9 else "feasible"
-            elif status == highspy.HighsModelStatus.kTimeLimit:
-                label = "time_limit"
-            else:
-                label = "feasible"
-            return MilpResult(label, info.objective_function_value, info.mip_dual_bound, "highs")
-    except Exception:  # noqa: BLE001 - any solver trouble means: try the next solver
-        pass
-    try:
-        with warnings.catch_warnings():  # PuLP 3.3 marks its bundled CBC deprecated; it still works
-            warnings.simplefilter("ignore", DeprecationWarning)
-            cbc = pulp.PULP_CBC_CMD(
-                msg=False,
-                timeLimit=max(time_limit_s, 1.0),
-                threads=1,
-                gapRel=gap_rel,
-                warmStart=True,
-            )
-        problem.solve(cbc)
-        if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            label = "feasible" if problem.sol_status == pulp.LpSolutionOptimal else "time_limit"
-            return MilpResult(label, pulp.value(problem.objective), None, "cbc")
-    except Exception:  # noqa: BLE001
-        pass
-    return MilpResult("fallback", None, None, "none")
-
-
-def worst_status(statuses: list[str]) -> str:
-    """The worst of several statuses (``optimal`` < ``feasible`` < ``time_limit`` < ``fallback``)."""
-    return max(statuses, key=STATUS_ORDER.index) if statuses else "optimal"
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 1: replicas and balanced packing
-
-
-def replica_counts(load: np.ndarray, num_slots: int, max_replicas: int) -> np.ndarray:
-    """Replicas of each expert, [L, E] from load [L, E]: one each, then every extra slot to the
-    expert with the largest load per replica (which minimises the heaviest replica), at most
-    ``max_replicas`` each (slots that no expert may take stay empty)."""
-    num_layers, num_experts = load.shape
-    counts = np.ones((num_layers, num_experts), dtype=np.int64)
-    rows = np.arange(num_layers)
-    for _ in range(num_slots - num_experts):
-        per_replica = np.where(counts < max_replicas, load / counts, -np.inf)
-        hottest = np.argmax(per_replica, axis=1)
-        room = np.isfinite(per_replica[rows, hottest])
-        counts[rows[room], hottest[room]] += 1
-    return counts
-
-
-def greedy_packing(
-    weight: np.ndarray, copies: np.ndarray, cap: np.ndarray, num_groups: int, group_slots: int
-) -> np.ndarray:
-    """Heaviest replica first to the lightest group with a free slot that holds fewer than ``cap``
-    copies of its expert (LPT). weight, copies, cap: [n] -> copies per group [n, num_groups].
-
-    Needs sum(copies) <= num_groups * group_slots and copies <= cap * num_groups."""
-    count = np.zeros((len(weight), num_groups), dtype=np.int64)
-    free = np.full(num_groups, group_slots)
-    items = np.repeat(np.arange(len(weight)), copies)
-    for item in items[np.argsort(-weight[items], kind="stable")]:
-        allowed = (free > 0) & (count[item] < cap[item])
-        if not allowed.any():
-            _make_room(count, free, cap, item)
-            allowed = (free > 0) & (count[item] < cap[item])
-        group = int(np.argmin(np.where(allowed, weight @ count, np.inf)))
-        count[item, group] += 1
-        free[group] -= 1
-    return count
-
-
-def _make_room(count: np.ndarray, free: np.ndarray, cap: np.ndarray, item: int) -> None:
-    """Every group with a free slot holds ``item`` at its cap: move another item from a full group
-    where ``item`` is below its cap into a group with a free slot. count [n, groups], free [groups]."""
-    below_cap = np.nonzero(count[item] < cap[item])[0]
-    for target in np.nonzero(free > 0)[0]:
-        for source in below_cap:
-            movable = np.nonzero((count[:, source] > 0) & (count[:, target] < cap))[0]
-            movable = movable[movable != item]
-            if len(movable):
-                count[movable[0], source] -= 1
-                count[movable[0], target] += 1
-                free[source] += 1
-                free[target] -= 1
-                return
-    raise AssertionError("no room: the caller guarantees copies <= cap * groups")
+PACKING_SHARE = 0.75  # of the time limit for stage 1; stage 2 stops at 0.95 of it
 
 
 def pack_ilp(
@@ -312,10 +178,6 @@ def pack_layer(
     return LayerPacking(packing, busiest, flat_max, min(bound, busiest), status, node_result.solver)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 2: aligning consecutive layers
-
-
 def linear_assignment(cost: np.ndarray) -> np.ndarray:
     """Minimum-cost perfect matching of a square matrix, cost [n, n] -> column of each row [n]
     (Hungarian method with potentials, O(n^3))."""
@@ -437,10 +299,6 @@ def align_layers(
     return gpu, best, min(bound, best)
 
 
-# ---------------------------------------------------------------------------------------------
-# The policy
-
-
 def layer_busiest(mapping: np.ndarray, load: np.ndarray, slots_per_gpu: int) -> np.ndarray:
     """Stage 1's objective: tokens of the busiest GPU per layer when replicas split their expert's
     tokens evenly. mapping [L, N], load [L, E] -> [L]."""
@@ -482,18 +340,21 @@ def policy_ilp(
     num_layers = load.shape[0]
     counts = replica_counts(load, topology.num_slots, topology.num_gpus)
     packings: list[LayerPacking] = []
+    granted = 0.0  # solver time handed to the layers packed so far
     for layer in range(num_layers):
-        left = 0.85 * budget - (time.perf_counter() - started)
-        packings.append(
-            pack_layer(load[layer], counts[layer], topology, left / (num_layers - layer))
-        )
+        elapsed = time.perf_counter() - started
+        # building each problem costs time the solver's limit does not count: measured so far
+        overhead = max(elapsed - granted, 0.0) / layer if layer else 0.0
+        share = (PACKING_SHARE * budget - elapsed) / (num_layers - layer) - overhead
+        packings.append(pack_layer(load[layer], counts[layer], topology, share))
+        granted += max(share, 0.0)
     shares = np.stack(
         [p.replicas_on_gpu / counts[layer][:, None] for layer, p in enumerate(packings)]
     )
     flows = group_flows(profile, shares)
     cost = link_cost(topology, model.token_bytes)
     if num_layers > 1 and topology.num_gpus > 1:
-        gpu_of_group, chain, chain_bound = align_layers(flows, cost, started + budget)
+        gpu_of_group, chain, chain_bound = align_layers(flows, cost, started + 0.95 * budget)
     else:
         gpu_of_group = np.tile(np.arange(topology.num_gpus), (num_layers, 1))
         chain = chain_bound = 0.0

@@ -1,13 +1,8 @@
-"""Activated experts, not tokens (METRO): the exact router and a decode-aware placement.
+"""``policy: metro_aware``: in memory-bound decode a GPU's MoE time is the experts it streams from
+HBM; this placement makes typical decode batches activate few experts on the busiest GPU under METRO
+routing (``moe_placement.routing.route_metro``).
 
-In memory-bound decode a GPU's MoE time is the experts it streams from HBM, so the router that
-matters sends all tokens of an expert to one replica and keeps the busiest GPU's count of activated
-experts low. ``route_exact`` finds the minimum of that count (a bipartite b-matching of activated
-experts to GPUs holding them, the capacity raised until every expert is matched), for evaluating the
-``metro`` greedy on small instances. ``policy_metro_aware`` places experts so that typical decode
-batches activate few experts on the busiest GPU under METRO routing.
-
-Shapes: B tokens, k choices, A activated experts, E experts, G GPUs, N slots, L layers.
+Shapes: B tokens, k choices, E experts, G GPUs, N slots, L layers.
 """
 
 from __future__ import annotations
@@ -16,99 +11,16 @@ import time
 
 import numpy as np
 
-from moe_placement.locality import (
-    BALANCE_TOLERANCE,
-    coplace_nodes,
-    greedy_nodes,
-    locality_score,
-    node_presence,
-    pair_matrices,
-)
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
-from moe_placement.policies import PolicyOptions, SolverInfo
-from moe_placement.routing import ReplicaLayout, replica_layouts, route_metro
+from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
+from moe_placement.pairs import locality_score, pair_matrices
+from moe_placement.policies.base import PolicyOptions, SolverInfo
+from moe_placement.presence import node_presence
+from moe_placement.routing import replica_layouts, route_metro
 from moe_placement.traces import sample_tokens
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
 MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
-
-
-def min_max_assignment(candidates: list[np.ndarray], num_gpus: int) -> tuple[np.ndarray, int]:
-    """Assign each activated expert to one of its candidate GPUs so that the most experts on one
-    GPU is minimal. candidates: per expert, the GPUs holding it -> (GPU of each expert [A], that
-    minimum). Augmenting paths (Kuhn) at capacity lambda, starting from max(ceil(A/G), the experts
-    that have one GPU only) and raised by one until every expert is matched: exact."""
-    count = len(candidates)
-    assigned = np.full(count, -1, dtype=np.int64)
-    members: list[list[int]] = [[] for _ in range(num_gpus)]
-    forced = np.bincount([int(c[0]) for c in candidates if len(c) == 1], minlength=num_gpus)
-    limit = max(-(-count // num_gpus), int(forced.max()) if count else 0, 1)
-
-    def augment(expert: int, visited: set[int]) -> bool:
-        for gpu in candidates[expert]:
-            if gpu not in visited and len(members[gpu]) < limit:
-                visited.add(gpu)
-                members[gpu].append(expert)
-                assigned[expert] = gpu
-                return True
-        for gpu in candidates[expert]:
-            if gpu in visited:
-                continue
-            visited.add(gpu)
-            for other in members[gpu]:
-                if augment(other, visited):  # ``other`` moved to another GPU
-                    members[gpu].remove(other)
-                    members[gpu].append(expert)
-                    assigned[expert] = gpu
-                    return True
-        return False
-
-    pending = sorted(range(count), key=lambda e: (len(candidates[e]), e))
-    while pending:
-        pending = [expert for expert in pending if not augment(expert, set())]
-        if pending:
-            limit += 1
-    return assigned, limit
-
-
-def route_exact(
-    layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
-) -> np.ndarray:
-    """Exact METRO: the fewest activated experts on the busiest GPU; each expert's tokens go to its
-    lowest slot on the GPU it is matched to. expert_ids, uniform: [B, k]; source_gpu: [B] -> slots
-    [B, k]. For evaluation on small instances (Python augmenting paths)."""
-    num_gpus = len(layout.node_of_gpu)
-    experts, inverse = np.unique(expert_ids.ravel(), return_inverse=True)
-    replica_slots = [layout.replica_slots[e, : layout.replica_counts[e]] for e in experts]
-    candidates = [np.unique(layout.gpu_of_slot[slots]) for slots in replica_slots]
-    gpu, _ = min_max_assignment(candidates, num_gpus)
-    chosen = np.array(
-        [slots[layout.gpu_of_slot[slots] == g].min() for slots, g in zip(replica_slots, gpu)],
-        dtype=np.int64,
-    )
-    return chosen[inverse].reshape(expert_ids.shape)
-
-
-def busiest_activated(layout: ReplicaLayout, slots: np.ndarray) -> int:
-    """Activated slots on the busiest GPU for routed slots [B, k]."""
-    used = np.unique(slots)
-    return int(np.bincount(layout.gpu_of_slot[used], minlength=len(layout.node_of_gpu)).max())
-
-
-def greedy_vs_exact(placement: Placement, topology: Topology, expert_ids: np.ndarray) -> np.ndarray:
-    """Busiest GPU's activated experts, METRO greedy / exact, per layer: expert_ids [L, B, k] -> [L]."""
-    ratios = []
-    for layer, layout in enumerate(replica_layouts(placement, topology)):
-        ids = expert_ids[layer]
-        zeros, uniform = np.zeros(len(ids), dtype=np.int64), np.zeros(ids.shape)
-        greedy = busiest_activated(layout, route_metro(layout, ids, zeros, uniform))
-        exact = busiest_activated(layout, route_exact(layout, ids, zeros, uniform))
-        ratios.append(greedy / exact)
-    return np.array(ratios)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode-aware placement
 
 
 def activation_chance(profile: WorkloadProfile) -> np.ndarray:
@@ -205,6 +117,49 @@ def simulated_time(
     return total / len(batches)
 
 
+def node_tolerance(
+    profile: WorkloadProfile, model: ModelShape, topology: Topology, activated: int
+) -> float:
+    """How many more tokens than the mean a node may carry: where streaming ``activated`` experts
+    takes longer than computing a GPU's tokens (decode), until compute catches up (locality then
+    buys more than token balance), between BALANCE_TOLERANCE and MAX_BALANCE_TOLERANCE."""
+    tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
+    compute = tokens_per_gpu * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
+    memory = activated * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
+    return float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
+
+
+def primaries_row(gpu_of_expert: np.ndarray, topology: Topology) -> np.ndarray:
+    """One layer's slots [N] from each expert's GPU [E]: a GPU's experts in its first slots, by id."""
+    row = np.full(topology.num_slots, -1, dtype=np.int64)
+    for gpu in range(topology.num_gpus):
+        experts = np.sort(np.nonzero(gpu_of_expert == gpu)[0])
+        start = gpu * topology.slots_per_gpu
+        row[start : start + len(experts)] = experts
+    return row
+
+
+def best_replica_level(
+    row: np.ndarray,
+    chance: np.ndarray,
+    load: np.ndarray,
+    model: ModelShape,
+    topology: Topology,
+    batches: np.ndarray,
+    levels: list[int],
+) -> tuple[np.ndarray, float, int]:
+    """Of ``levels`` redundant replicas added to one layer's primaries ``row`` [N], the one with the
+    lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real gain): (row [N],
+    seconds, level). chance, load: [E]."""
+    best_row, best_time, best_level = row, np.inf, 0
+    for level in levels:
+        candidate = add_replicas(row, chance, load, topology, level)
+        seconds = simulated_time(candidate, model, topology, batches)
+        if seconds < best_time * (1.0 - 1e-3):
+            best_row, best_time, best_level = candidate, seconds, level
+    return best_row, best_time, best_level
+
+
 def policy_metro_aware(
     profile: WorkloadProfile, model: ModelShape, topology: Topology, options: PolicyOptions
 ) -> tuple[np.ndarray, SolverInfo]:
@@ -220,7 +175,8 @@ def policy_metro_aware(
        drawn from the profile; slots that do not pay stay empty (their HBM is free for KV cache).
     """
     started = time.perf_counter()
-    deadline = started + options.time_limit_s
+    # the per-layer replica search stops here; what follows it takes well under a tenth
+    deadline = started + 0.9 * options.time_limit_s
     load = profile.load
     num_layers, num_experts = load.shape
     chance = activation_chance(profile)
@@ -230,18 +186,9 @@ def policy_metro_aware(
     start = np.stack(
         [greedy_nodes(load[layer], ones[layer], node_slots) for layer in range(num_layers)]
     )
-    # Where streaming the experts takes longer than computing the tokens (decode), a node may take
-    # more tokens until compute catches up: locality then buys more than token balance.
-    tokens_per_gpu = profile.batch_size * profile.top_k / topology.num_gpus
-    compute = tokens_per_gpu * model.flops_per_token / (topology.gpu.peak_tflops * 1e12)
-    memory = capacity.max() * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
-    tolerance = float(np.clip(memory / compute - 1.0, BALANCE_TOLERANCE, MAX_BALANCE_TOLERANCE))
+    tolerance = node_tolerance(profile, model, topology, int(capacity.max()))
     presence = coplace_nodes(
-        profile,
-        ones,
-        node_slots,
-        initial=start,
-        balance_tolerance=tolerance,
+        profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
         deadline=started + 0.5 * options.time_limit_s,
     )
     transitions, _ = pair_matrices(profile)
@@ -253,31 +200,30 @@ def policy_metro_aware(
     extra_slots = topology.num_slots - num_experts
     levels = sorted({0, extra_slots // 4, extra_slots // 2, extra_slots})
     mapping = np.full((num_layers, topology.num_slots), -1, dtype=np.int64)
-    chosen_levels, simulated = [], 0.0
+    chosen_levels, simulated, unsimulated = [], 0.0, 0
     for layer in range(num_layers):
         gpu_of_expert = place_primaries(
             presence[layer], chance[layer], load[layer], capacity, topology
         )
-        row = np.full(topology.num_slots, -1, dtype=np.int64)
-        for gpu in range(topology.num_gpus):
-            experts = np.sort(np.nonzero(gpu_of_expert == gpu)[0])
-            row[gpu * topology.slots_per_gpu : gpu * topology.slots_per_gpu + len(experts)] = (
-                experts
-            )
-        best_row, best_time, best_level = row, np.inf, 0
-        for level in levels if time.perf_counter() < deadline else [0]:
-            candidate = add_replicas(row, chance[layer], load[layer], topology, level)
-            seconds = simulated_time(candidate, model, topology, batches[layer])
-            if seconds < best_time * (1.0 - 1e-3):  # more replicas only for a real gain
-                best_row, best_time, best_level = candidate, seconds, level
-        mapping[layer] = best_row
-        chosen_levels.append(best_level)
-        simulated += best_time
+        row = primaries_row(gpu_of_expert, topology)
+        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
+            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
+            unsimulated += 1
+            chosen_levels.append(0)
+            continue
+        mapping[layer], seconds, level = best_replica_level(
+            row, chance[layer], load[layer], model, topology, batches[layer], levels
+        )
+        chosen_levels.append(level)
+        simulated += seconds
     presence = node_presence(mapping, topology, num_experts)
     kept = locality_score(np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions)
     activated_cap = int(capacity.max())
+    notes = []
+    if unsimulated:
+        notes.append(f"time limit: {unsimulated} layers kept their primaries only, unsimulated")
     return mapping, SolverInfo(
-        status="heuristic",
+        status="time_limit" if unsimulated else "heuristic",
         objective=simulated,
         objective_name="slowest GPU's roofline seconds per step, summed over layers, under METRO "
         "routing on batches drawn from the profile",
@@ -287,5 +233,7 @@ def policy_metro_aware(
             f"{np.mean(chosen_levels):.1f} of {extra_slots} redundant slots on average",
             f"tokens kept on their node between layers: {kept:.1%}",
             f"batch of {profile.batch_size} tokens activates {chance.sum(1).mean():.1f} of {num_experts} experts per layer (expected)",
+            *notes,
         ],
+        router="metro",
     )

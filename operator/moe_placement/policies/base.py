@@ -1,0 +1,68 @@
+"""What every placement policy shares: its options, what it says about its solve, its result, and
+its signature.
+
+A policy is ``fn(profile, model, topology, options) -> (physical_to_logical_map [L, N], SolverInfo)``.
+Policies never raise on solver trouble: they return the best valid placement they have and say so
+in ``SolverInfo.status``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Knobs shared by policies.
+
+    previous: the placement serving now (migration-aware policies stay close to it).
+    move_budget: most expert replicas a re-solve may move (None: no budget).
+    """
+
+    time_limit_s: float = 30.0
+    previous: Placement | None = None
+    move_budget: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """How a policy's answer came about.
+
+    status: ``heuristic`` (no solver), ``optimal``, ``feasible`` (stopped with a gap),
+    ``time_limit``, or ``fallback`` (the solver failed; the warm start is returned).
+    objective and lower_bound are in the policy's own units (stated in ``objective_name``).
+    router: the router the placement is meant for (None: the phase's default).
+    """
+
+    status: str = "heuristic"
+    objective: float | None = None
+    lower_bound: float | None = None
+    objective_name: str = ""
+    notes: list[str] = field(default_factory=list)
+    router: str | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Relative gap between the objective and the lower bound, None when either is missing."""
+        if self.objective is None or self.lower_bound is None:
+            return None
+        return (self.objective - self.lower_bound) / max(abs(self.objective), 1e-12)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A policy's placement, how it was found, and how long it took."""
+
+    policy: str
+    placement: Placement
+    solver: SolverInfo
+    solve_seconds: float
+
+
+PolicyFn = Callable[[WorkloadProfile, ModelShape, Topology, PolicyOptions], tuple[np.ndarray, SolverInfo]]
