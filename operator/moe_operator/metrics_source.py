@@ -147,9 +147,12 @@ def _query(client: Any, url: str, query: str) -> list[Any]:
     """An instant query's result list; MetricsUnavailable when Prometheus fails or answers nonsense."""
     from prometheus_api_client import PrometheusApiClientException
     from requests import RequestException
+    from requests.exceptions import SSLError
 
     try:
         result = client.custom_query(query)
+    except SSLError:
+        raise  # the caller names the CA it verified against
     except (PrometheusApiClientException, RequestException) as error:
         raise MetricsUnavailable("PrometheusUnavailable", f"{url}: {type(error).__name__}: {error}"[:400]) from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:

@@ -173,6 +173,7 @@ def test_the_operator_drives_an_engine_backend_without_copying_weights(tmp_path,
     try:
         initial = Placement(linear_placement(3, 8, 12), 8, 3)
         publish(standin.placement_dir, initial, 0)
+        assert isinstance(wait(standin, initial, deadline_s=60), engine_backend.EngineLive)  # the engine is up
         spec = {
             "model": {"shape": SHAPE}, "topology": {"nodes": 1, "gpusPerNode": 4},
             "serving": {"engineKind": "sglang"},
