@@ -209,7 +209,7 @@ def bench_cycle(workdir: Path, policy: str, redundant: int, scrapes: int = 5) ->
         request = SolveRequest(
             policy=policy, profile=profile, model=model, topology=topology,
             options=resolved.spec.placement.policy_options(previous, seed=0), min_predicted_gain=0.0,
-            interval_s=300, max_copies_per_stage=resolved.spec.migration.max_steps_in_flight,
+            interval_s=300, max_copies_per_stage=resolved.spec.migration.max_copies_per_stage,
         )
         result = pool.submit(solve_and_gate, request).result()
         finished = time.perf_counter()

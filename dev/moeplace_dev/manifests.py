@@ -26,7 +26,7 @@ def manifest(name: str, namespace: str, prometheus_url: str, **sections: dict[st
             "objective": {"prefill": "tokenImbalance", "decode": "tokenImbalance",
                           "prefillRouter": "random", "decodeRouter": "random"},
         },
-        "migration": {"maxStepsInFlight": 4, "maxConcurrentTransfers": 4, "stepRetries": 2,
+        "migration": {"maxCopiesPerStage": 4, "maxConcurrentTransfers": 4, "stepRetries": 2,
                       "stepTimeoutSeconds": 10},
         "metrics": {"prometheusUrl": prometheus_url, "windowSeconds": 10, "minTokens": 50},
     }

@@ -600,7 +600,7 @@ class Controller:
             min_predicted_gain=placement.min_predicted_gain,
             interval_s=placement.rebalance_interval_seconds,
             max_concurrent_transfers=resolved.spec.migration.max_concurrent_transfers,
-            max_copies_per_stage=resolved.spec.migration.max_steps_in_flight,
+            max_copies_per_stage=resolved.spec.migration.max_copies_per_stage,
             keep_layers=profiled.missing_layers,
         )
 

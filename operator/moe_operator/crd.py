@@ -229,7 +229,7 @@ class MigrationSpec(SpecModel):
     max_concurrent_transfers: int = Field(
         4, ge=1, le=1024, description="Expert copies in flight at once."
     )
-    max_steps_in_flight: int = Field(
+    max_copies_per_stage: int = Field(
         8, ge=1, le=65536, description="Expert copies per migration stage (one activation per stage)."
     )
     step_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="Timeout of one agent call.")

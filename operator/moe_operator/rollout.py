@@ -116,7 +116,7 @@ class Rollout:
     def _record(
         self, ctx: CycleContext, source: Placement, target: Placement, generation: int, policy: str, rollback_of: str = ""
     ) -> builders.MigrationRecord:
-        max_copies = ctx.resolved.spec.migration.max_steps_in_flight
+        max_copies = ctx.resolved.spec.migration.max_copies_per_stage
         plan_id = plan_id_of(
             placement_hash(source.physical_to_logical_map), placement_hash(target.physical_to_logical_map), max_copies
         )

@@ -73,7 +73,7 @@ def test_operator_killed_mid_migration_resumes(api, operator, prometheus_factory
             # One copy per stage and a pause after each: a migration of many short stages.
             api.create(namespace, manifest(
                 name, namespace, prometheus.url,
-                migration={"maxStepsInFlight": 1, "maxConcurrentTransfers": 1, "stagePauseSeconds": 0.4},
+                migration={"maxCopiesPerStage": 1, "maxConcurrentTransfers": 1, "stagePauseSeconds": 0.4},
             ))
             running = wait_for(
                 lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "Running"
@@ -113,7 +113,7 @@ def test_agent_killed_mid_transfer_rolls_back_then_recovers(api, operator, prome
         with ReplicaChecker(agents, L, E) as checker:
             api.create(namespace, manifest(
                 name, namespace, prometheus.url,
-                migration={"maxStepsInFlight": 4, "maxConcurrentTransfers": 2, "stepRetries": 1,
+                migration={"maxCopiesPerStage": 4, "maxConcurrentTransfers": 2, "stepRetries": 1,
                            "stepTimeoutSeconds": 5},
             ))
 
@@ -180,7 +180,7 @@ def test_spec_change_and_pause_mid_migration(api, operator, prometheus_factory, 
         with ReplicaChecker(agents, L, E) as checker:
             api.create(namespace, manifest(
                 name, namespace, prometheus.url,
-                migration={"maxStepsInFlight": 1, "maxConcurrentTransfers": 1, "stagePauseSeconds": 0.4},
+                migration={"maxCopiesPerStage": 1, "maxConcurrentTransfers": 1, "stagePauseSeconds": 0.4},
             ))
             wait_for(
                 lambda: (m := api.status(namespace, name).get("migration") or {}).get("state") == "Running"

@@ -245,7 +245,7 @@ BAD_MANIFESTS = [
     ("unknown objective", {"placement": {"objective": {"decode": "vibes"}}}, "spec.placement.objective.decode"),
     ("unknown router", {"placement": {"objective": {"prefillRouter": "fastest"}}}, "spec.placement.objective.prefillRouter"),
     ("paused is a string", {"placement": {"paused": "maybe"}}, "spec.placement.paused"),
-    ("maxStepsInFlight 0", {"migration": {"maxStepsInFlight": 0}}, "spec.migration.maxStepsInFlight"),
+    ("maxCopiesPerStage 0", {"migration": {"maxCopiesPerStage": 0}}, "spec.migration.maxCopiesPerStage"),
     ("agentPort 70000", {"metrics": {"agentPort": 70000}}, "spec.metrics.agentPort"),
     ("windowSeconds 0", {"metrics": {"windowSeconds": 0}}, "spec.metrics.windowSeconds"),
     ("prometheusUrl not http", {"metrics": {"prometheusUrl": "ftp://x"}}, "spec.metrics.prometheusUrl"),

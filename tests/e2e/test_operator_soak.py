@@ -80,7 +80,7 @@ def soak_manifest(name: str, namespace: str, prometheus_url: str, **migration: o
         name, namespace, prometheus_url,
         placement={"rebalanceIntervalSeconds": 1, "minPredictedGain": 0.03, "evaluationBatches": 2},
         metrics={"prometheusUrl": prometheus_url, "windowSeconds": 4, "minTokens": 50},
-        migration={"maxStepsInFlight": 6, "maxConcurrentTransfers": 4, "stepRetries": 2, "stepTimeoutSeconds": 10,
+        migration={"maxCopiesPerStage": 6, "maxConcurrentTransfers": 4, "stepRetries": 2, "stepTimeoutSeconds": 10,
                    **migration},
     )
 

@@ -32,7 +32,7 @@ def body(**spec_extra):
         "placement": {"policy": "eplb_global", "redundantSlots": 4, "minPredictedGain": 0.01, "evaluationBatches": 1,
                       "objective": {"prefill": "tokenImbalance", "decode": "tokenImbalance",
                                     "prefillRouter": "random", "decodeRouter": "random"}},
-        "migration": {"maxStepsInFlight": 3, "stepRetries": 1},
+        "migration": {"maxCopiesPerStage": 3, "stepRetries": 1},
         "metrics": {"prometheusUrl": "http://prom.invalid:9090", "windowSeconds": 30},
     }
     for key, value in spec_extra.items():
@@ -184,7 +184,7 @@ async def test_many_migrations_in_one_process_through_alternating_shifts(make_st
 async def test_a_failed_migration_returns_to_the_exact_source_map(make_stack, planner):
     """A stage fails after earlier stages changed the map: the agents go back to the map from before
     the migration, which is published as RolledBack, not as a rebalance."""
-    stack = await make_stack(migration={"maxStepsInFlight": 2, "stepRetries": 1})
+    stack = await make_stack(migration={"maxCopiesPerStage": 2, "stepRetries": 1})
     kube, cluster, ctl = stack.kube, stack.cluster, stack.ctl
     stack.announce()
     await ctl.reconcile(kube.body)

@@ -101,7 +101,7 @@ def test_example_manifest_is_valid():
         ({"placement": {"redundantSlots": 3}}, "spec.placement.redundantSlots"),
         ({"topology": {"nodes": 2, "gpusPerNode": 16}}, "spec.topology"),
         ({"placement": {"policy": "nope"}}, "spec.placement.policy"),
-        ({"migration": {"maxStepsInFlight": 0}}, "spec.migration.maxStepsInFlight"),
+        ({"migration": {"maxCopiesPerStage": 0}}, "spec.migration.maxCopiesPerStage"),
         ({"serving": {"engine": {"image": "x"}, "workloadRef": {"kind": "StatefulSet", "name": "y"}}}, "spec.serving"),
         ({"metrics": {"prometheusUrl": "ftp://x"}}, "spec.metrics.prometheusUrl"),
     ],
