@@ -36,6 +36,11 @@ MAX_EXPERT_BYTES = 2e6
 # Short windows so that a rebalance shows within a minute (the example's are production-scale).
 DEMO_PLACEMENT = {"rebalanceIntervalSeconds": 15, "solverTimeLimitSeconds": 10}
 DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
+# The replay agents route one token stream with one router. Random replica choice (what engines do
+# without moeplace's routers) for both the agents and the gate's prediction, so that the imbalance
+# Prometheus measures is the one the placement controls, not a router's trade-off (METRO, for one,
+# concentrates tokens to stream fewer experts).
+DEMO_ROUTERS = {"prefillRouter": "random", "decodeRouter": "random"}
 LOAD_QUERY = "sum by (rank, layer) (increase(moeplace_expert_tokens_total[15s]))"
 CROSS_NODE_QUERY = "sum(rate(moeplace_cross_node_bytes_total[15s]))"
 ACTIVATED_QUERY = "max(avg by (rank) (moeplace_activated_experts))"
@@ -67,6 +72,7 @@ def build_demo_manifest(
     trace is replayed, the trace's model."""
     spec = json.loads(json.dumps(manifest["spec"]))
     spec.setdefault("placement", {}).update(DEMO_PLACEMENT)
+    spec["placement"].setdefault("objective", {}).update(DEMO_ROUTERS)
     spec.setdefault("metrics", {}).update(DEMO_METRICS, prometheusUrl=prometheus_url)
     if model is not None:
         preset = next((name for name, shape in MODEL_PRESETS.items() if shape == model), None)
