@@ -14,8 +14,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("operator", "agent", "dev")
 MAX_LINES = 80
@@ -126,11 +124,6 @@ def test_every_source_file_is_measured() -> None:
     assert {"operator/moe_operator/control.py", "agent/moe_agent/server.py", "dev/moeplace_dev/cluster.py"} <= names
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="functions of builders.py, credentials.py and moe_placement (migration plan check, ilp, "
-    "migration_aware, the models' validation) are still being split (the xfail goes when that lands)",
-)
 def test_functions_are_short_and_simple() -> None:
     found = offenders()
     report = "\n".join(str(shape) for shape in found)

@@ -18,7 +18,15 @@ import numpy as np
 
 from moe_placement.baselines import token_balance_lower_bound
 from moe_placement.cost import CostReport, DataFlow, evaluate
-from moe_placement.models import PHASES, ModelShape, Phase, PlacementError, RoutingBatch, Topology
+from moe_placement.models import (
+    PHASES,
+    ModelShape,
+    Phase,
+    PlacementError,
+    RoutingBatch,
+    Topology,
+    WorkloadProfile,
+)
 from moe_placement.policies import PlanResult, PolicyOptions, plan
 from moe_placement.request_routing import request_homes, tokens_per_gpu_imbalance
 from moe_placement.traces import Trace, load_profile, load_trace, sample_batches, sample_tokens
@@ -219,21 +227,24 @@ def run_bench(
                         homes["prefill"], lengths, topology.num_gpus
                     )
                     rows.append(row)
-        profile = fit_profiles["prefill"]
-        bound = token_balance_lower_bound(profile.load, topology.num_gpus, topology.num_slots)
-        rows.append(
-            {
-                "workload": workload.name,
-                "policy": "lower_bound",
-                "router": "-",
-                "prefill": {
-                    "token_imbalance": float(
-                        np.mean(bound / (profile.load.sum(-1) / topology.num_gpus))
-                    )
-                },
-            }
-        )
+        rows.append(_lower_bound_row(workload.name, fit_profiles["prefill"], topology))
     return rows, heat
+
+
+def _lower_bound_row(
+    workload: str, profile: WorkloadProfile, topology: Topology
+) -> dict[str, object]:
+    """The row of the token-balance lower bound for ``profile`` (load [L, E]), which no
+    placement can beat: it puts each policy's prefill token imbalance in context."""
+    bound = token_balance_lower_bound(profile.load, topology.num_gpus, topology.num_slots)
+    return {
+        "workload": workload,
+        "policy": "lower_bound",
+        "router": "-",
+        "prefill": {
+            "token_imbalance": float(np.mean(bound / (profile.load.sum(-1) / topology.num_gpus)))
+        },
+    }
 
 
 def _tokens_per_gpu(options: BenchOptions, phase: Phase) -> int:

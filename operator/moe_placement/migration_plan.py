@@ -401,38 +401,53 @@ def check_migration(old: Placement, plan: MigrationPlan) -> None:
         raise PlacementError("plan: initial_map is not the old placement's map")
     total = 0.0
     for index, stage in enumerate(plan.stages):
-        union = live.copy()
-        targets = set()
-        for copy in stage.copies:
-            where = f"stage {index}: copy of expert {copy.expert} (layer {copy.layer})"
-            if not (
-                0 <= copy.layer < live.shape[0]
-                and 0 <= copy.source_slot < live.shape[1]
-                and 0 <= copy.target_slot < live.shape[1]
-            ):
-                raise PlacementError(f"{where}: layer or slot out of range")
-            if (
-                live[copy.layer, copy.target_slot] != -1
-                or (copy.layer, copy.target_slot) in targets
-            ):
-                raise PlacementError(f"{where}: target slot {copy.target_slot} is not empty")
-            if live[copy.layer, copy.source_slot] != copy.expert:
-                raise PlacementError(f"{where}: source slot {copy.source_slot} does not hold it")
-            targets.add((copy.layer, copy.target_slot))
-            union[copy.layer, copy.target_slot] = copy.expert
-            total += copy.bytes
-        retired = np.asarray(stage.retired)
-        if retired.ndim != 2 or retired.shape[1] != 2:
-            raise PlacementError(f"stage {index}: retired has shape {retired.shape}, not [R, 2]")
-        if len(retired) and not (
-            np.all((retired >= 0) & (retired < live.shape)) and np.all(union[tuple(retired.T)] >= 0)
-        ):
-            raise PlacementError(f"stage {index}: retires a slot that is out of range or empty")
-        union[tuple(retired.T)] = -1
+        copied = _checked_copies(live, index, stage.copies)
+        union = _checked_retirements(copied, index, stage.retired)
         try:
             Placement(union, old.num_experts, old.slots_per_gpu)
         except PlacementError as error:
             raise PlacementError(f"stage {index}: {error}") from None
         live = union
+        # Summed copy by copy, in plan order, so the float total matches the plan builder's.
+        for copy in stage.copies:
+            total += copy.bytes
     if not np.isclose(total, plan.bytes_moved):
         raise PlacementError(f"plan: bytes_moved {plan.bytes_moved} != copies' {total}")
+
+
+def _checked_copies(live: np.ndarray, index: int, copies: tuple[ExpertCopy, ...]) -> np.ndarray:
+    """The map [L, N] with stage ``index``'s copies applied to ``live`` [L, N] (a new array);
+    PlacementError if a copy is out of range, targets a slot not empty before the stage (or one
+    already targeted in it) or reads a slot that does not hold its expert."""
+    union = live.copy()
+    targets: set[tuple[int, int]] = set()
+    for copy in copies:
+        where = f"stage {index}: copy of expert {copy.expert} (layer {copy.layer})"
+        if not (
+            0 <= copy.layer < live.shape[0]
+            and 0 <= copy.source_slot < live.shape[1]
+            and 0 <= copy.target_slot < live.shape[1]
+        ):
+            raise PlacementError(f"{where}: layer or slot out of range")
+        if live[copy.layer, copy.target_slot] != -1 or (copy.layer, copy.target_slot) in targets:
+            raise PlacementError(f"{where}: target slot {copy.target_slot} is not empty")
+        if live[copy.layer, copy.source_slot] != copy.expert:
+            raise PlacementError(f"{where}: source slot {copy.source_slot} does not hold it")
+        targets.add((copy.layer, copy.target_slot))
+        union[copy.layer, copy.target_slot] = copy.expert
+    return union
+
+
+def _checked_retirements(union: np.ndarray, index: int, retired: np.ndarray) -> np.ndarray:
+    """``union`` [L, N] with stage ``index``'s ``retired`` [R, 2] (layer, slot) pairs set to -1 (a
+    new array); PlacementError if retired is not [R, 2] or names a slot out of range or empty."""
+    retired = np.asarray(retired)
+    if retired.ndim != 2 or retired.shape[1] != 2:
+        raise PlacementError(f"stage {index}: retired has shape {retired.shape}, not [R, 2]")
+    if len(retired) and not (
+        np.all((retired >= 0) & (retired < union.shape)) and np.all(union[tuple(retired.T)] >= 0)
+    ):
+        raise PlacementError(f"stage {index}: retires a slot that is out of range or empty")
+    after = union.copy()
+    after[tuple(retired.T)] = -1
+    return after

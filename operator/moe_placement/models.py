@@ -220,6 +220,31 @@ class SparsePairs:
         return SparsePairs(layer, first, second, matrices[layer, first, second].astype(np.float64))
 
 
+def _checked_load(load: object) -> np.ndarray:
+    """``load`` as a float64 [L, E] array of token counts; PlacementError if it is empty, has a
+    negative or non-finite count, or no tokens at all."""
+    load = _as_array("load", load, 2, np.float64)
+    if load.shape[0] == 0 or load.shape[1] == 0:
+        raise PlacementError(f"load: empty, shape {load.shape}")
+    if not np.all(np.isfinite(load)) or np.any(load < 0):
+        raise PlacementError("load: counts must be finite and >= 0")
+    if load.sum() <= 0:
+        raise PlacementError("load: no tokens (all counts are zero)")
+    return load
+
+
+def _check_pairs(name: str, pairs: SparsePairs | None, max_layer: int, num_experts: int) -> None:
+    """PlacementError unless every layer of ``pairs`` is in 0..max_layer - 1 and both experts of
+    every pair in 0..num_experts - 1 (no pairs at all is fine)."""
+    if pairs is None or len(pairs.layer) == 0:
+        return
+    if pairs.layer.min() < 0 or pairs.layer.max() >= max_layer:
+        raise PlacementError(f"{name}: layer index out of range 0..{max_layer - 1}")
+    for side in (pairs.first, pairs.second):
+        if side.min() < 0 or side.max() >= num_experts:
+            raise PlacementError(f"{name}: expert id out of range 0..{num_experts - 1}")
+
+
 @dataclass(frozen=True)
 class WorkloadProfile:
     """What the experts see over a window of tokens.
@@ -240,13 +265,7 @@ class WorkloadProfile:
     batch_size: int = 4096
 
     def __post_init__(self) -> None:
-        load = _as_array("load", self.load, 2, np.float64)
-        if load.shape[0] == 0 or load.shape[1] == 0:
-            raise PlacementError(f"load: empty, shape {load.shape}")
-        if not np.all(np.isfinite(load)) or np.any(load < 0):
-            raise PlacementError("load: counts must be finite and >= 0")
-        if load.sum() <= 0:
-            raise PlacementError("load: no tokens (all counts are zero)")
+        load = _checked_load(self.load)
         object.__setattr__(self, "load", load)
         if self.top_k <= 0 or self.top_k > load.shape[1]:
             raise PlacementError(f"top_k: {self.top_k} not in 1..{load.shape[1]}")
@@ -254,17 +273,9 @@ class WorkloadProfile:
             raise PlacementError(f"phase: {self.phase!r} is not prefill or decode")
         if self.batch_size <= 0:
             raise PlacementError(f"batch_size: {self.batch_size} must be > 0")
-        for name, pairs, max_layer in (
-            ("transitions", self.transitions, load.shape[0] - 1),
-            ("coactivation", self.coactivation, load.shape[0]),
-        ):
-            if pairs is None or len(pairs.layer) == 0:
-                continue
-            if pairs.layer.min() < 0 or pairs.layer.max() >= max_layer:
-                raise PlacementError(f"{name}: layer index out of range 0..{max_layer - 1}")
-            for side in (pairs.first, pairs.second):
-                if side.min() < 0 or side.max() >= load.shape[1]:
-                    raise PlacementError(f"{name}: expert id out of range 0..{load.shape[1] - 1}")
+        # Transitions run from layer l to l + 1, so the last layer starts none.
+        _check_pairs("transitions", self.transitions, load.shape[0] - 1, load.shape[1])
+        _check_pairs("coactivation", self.coactivation, load.shape[0], load.shape[1])
         for domain, domain_load in self.domain_loads.items():
             if np.shape(domain_load) != load.shape:
                 raise PlacementError(

@@ -82,15 +82,7 @@ class SyntheticConfig:
                 f"popularity_skew: one value >= 0 or {self.num_layers} (one per layer), "
                 f"got {skew.tolist()}"
             )
-        if not self.domains or len(self.domains) != len(self.domain_weights):
-            raise PlacementError(
-                f"domain_weights: {len(self.domain_weights)} weights for "
-                f"{len(self.domains)} domains"
-            )
-        if len(set(self.domains)) != len(self.domains):
-            raise PlacementError(f"domains: names repeat in {self.domains}")
-        if min(self.domain_weights) < 0 or sum(self.domain_weights) <= 0:
-            raise PlacementError(f"domain_weights: {self.domain_weights} must be >= 0, not all 0")
+        _check_domains(self.domains, self.domain_weights)
         for name in ("domain_drift", "layer_follow", "decode_similarity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PlacementError(f"{name}: {getattr(self, name)} not in 0..1")
@@ -104,6 +96,17 @@ class SyntheticConfig:
         """Skew of every layer, [L]."""
         skew = np.atleast_1d(np.asarray(self.popularity_skew, dtype=np.float64))
         return np.broadcast_to(skew, (self.num_layers,))
+
+
+def _check_domains(domains: tuple[str, ...], weights: tuple[float, ...]) -> None:
+    """PlacementError unless there is at least one domain, names are distinct, and there is one
+    weight per domain, all >= 0 and not all 0."""
+    if not domains or len(domains) != len(weights):
+        raise PlacementError(f"domain_weights: {len(weights)} weights for {len(domains)} domains")
+    if len(set(domains)) != len(domains):
+        raise PlacementError(f"domains: names repeat in {domains}")
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise PlacementError(f"domain_weights: {weights} must be >= 0, not all 0")
 
 
 def generate(config: SyntheticConfig, seed: int = 0) -> Trace:

@@ -34,6 +34,39 @@ from moe_placement.models import PHASES, Phase, PlacementError, RoutingBatch, Sp
 OLMOE_MODELS = {"olmoe": "olmoe", "mistral": "mistral", "mixtral": "mistral"}
 
 
+def _checked_expert_ids(value: object, num_experts: object) -> np.ndarray:
+    """``value`` as an integer [L, T, k] array of expert ids in 0..num_experts - 1; PlacementError
+    if it is empty, ``num_experts`` is not an integer > 0, or k or an id exceeds it."""
+    expert_ids = _integer_array("expert_ids", value, 3)
+    num_layers, num_tokens, top_k = expert_ids.shape
+    if num_layers == 0 or num_tokens == 0 or top_k == 0:
+        raise PlacementError(f"expert_ids: empty trace, shape {expert_ids.shape}")
+    if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0:
+        raise PlacementError(f"num_experts: {num_experts!r} must be an integer > 0")
+    if top_k > num_experts:
+        raise PlacementError(f"expert_ids: top_k {top_k} exceeds num_experts {num_experts}")
+    if expert_ids.min() < 0 or expert_ids.max() >= num_experts:
+        raise PlacementError(
+            f"expert_ids: ids must be in 0..{num_experts - 1}, "
+            f"found {expert_ids.min()}..{expert_ids.max()}"
+        )
+    return expert_ids
+
+
+def _checked_offsets(value: object, num_tokens: int) -> np.ndarray:
+    """``value`` as integer sequence offsets [S + 1], running from 0 to ``num_tokens`` strictly
+    increasing (every sequence has a token); PlacementError otherwise."""
+    offsets = _integer_array("seq_offsets", value, 1)
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != num_tokens:
+        raise PlacementError(
+            f"seq_offsets: must run from 0 to T={num_tokens} with at least one sequence, "
+            f"got {len(offsets)} offsets"
+        )
+    if np.any(np.diff(offsets) <= 0):
+        raise PlacementError("seq_offsets: not strictly increasing (every sequence needs a token)")
+    return offsets
+
+
 @dataclass(frozen=True, eq=False)
 class Trace:
     """Per-token expert choices of a window of traffic.
@@ -54,31 +87,8 @@ class Trace:
     name: str = ""
 
     def __post_init__(self) -> None:
-        expert_ids = _integer_array("expert_ids", self.expert_ids, 3)
-        num_layers, num_tokens, top_k = expert_ids.shape
-        if num_layers == 0 or num_tokens == 0 or top_k == 0:
-            raise PlacementError(f"expert_ids: empty trace, shape {expert_ids.shape}")
-        if not isinstance(self.num_experts, (int, np.integer)) or self.num_experts <= 0:
-            raise PlacementError(f"num_experts: {self.num_experts!r} must be an integer > 0")
-        if top_k > self.num_experts:
-            raise PlacementError(
-                f"expert_ids: top_k {top_k} exceeds num_experts {self.num_experts}"
-            )
-        if expert_ids.min() < 0 or expert_ids.max() >= self.num_experts:
-            raise PlacementError(
-                f"expert_ids: ids must be in 0..{self.num_experts - 1}, "
-                f"found {expert_ids.min()}..{expert_ids.max()}"
-            )
-        offsets = _integer_array("seq_offsets", self.seq_offsets, 1)
-        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != num_tokens:
-            raise PlacementError(
-                f"seq_offsets: must run from 0 to T={num_tokens} with at least one sequence, "
-                f"got {len(offsets)} offsets"
-            )
-        if np.any(np.diff(offsets) <= 0):
-            raise PlacementError(
-                "seq_offsets: not strictly increasing (every sequence needs a token)"
-            )
+        expert_ids = _checked_expert_ids(self.expert_ids, self.num_experts)
+        offsets = _checked_offsets(self.seq_offsets, expert_ids.shape[1])
         domains = tuple(str(domain) for domain in self.domains)
         if len(domains) != len(offsets) - 1:
             raise PlacementError(f"domains: {len(domains)} names for {len(offsets) - 1} sequences")

@@ -57,7 +57,39 @@ def pack_ilp(
     if time_limit_s < MIN_SOLVE_S:
         return greedy, MilpResult("time_limit", greedy_max, None, "none"), greedy_max
     scale = max(float(weight.sum()) / num_groups, 1e-12)  # the ILP sees loads relative to the mean
-    items, groups = range(len(weight)), range(num_groups)
+    problem, x = _packing_problem(
+        weight / scale, copies, cap, group_slots, greedy, greedy_max / scale
+    )
+    result = solve_milp(problem, time_limit_s)
+    if result.status == "fallback":
+        return greedy, result, greedy_max
+    solution = np.array(
+        [[round(x[i, g].value() or 0) for g in range(num_groups)] for i in range(len(weight))],
+        dtype=np.int64,
+    )
+    bound = None if result.lower_bound is None else result.lower_bound * scale
+    valid = _is_packing(solution, copies, cap, group_slots)
+    if not valid or float((weight @ solution).max()) > greedy_max:
+        return greedy, MilpResult(result.status, greedy_max, bound, result.solver), greedy_max
+    return (
+        solution,
+        MilpResult(result.status, float((weight @ solution).max()), bound, result.solver),
+        greedy_max,
+    )
+
+
+def _packing_problem(
+    relative: np.ndarray,
+    copies: np.ndarray,
+    cap: np.ndarray,
+    group_slots: int,
+    greedy: np.ndarray,
+    greedy_busiest: float,
+) -> tuple[pulp.LpProblem, dict[tuple[int, int], pulp.LpVariable]]:
+    """The packing ILP (minimise the busiest group's load) and its variables x[i, g] (copies of item
+    i in group g), warm-started at ``greedy`` [n, G] whose busiest group carries ``greedy_busiest``.
+    relative [n]: each replica's load over the mean group load; copies [n], cap [n]."""
+    items, groups = range(len(relative)), range(greedy.shape[1])
     problem = pulp.LpProblem("stage1_packing", pulp.LpMinimize)
     busiest = problem.add_variable("busiest", lowBound=0)
     x = {
@@ -70,29 +102,23 @@ def pack_ilp(
         problem += pulp.lpSum(x[i, g] for g in groups) == int(copies[i])
     for g in groups:
         problem += pulp.lpSum(x[i, g] for i in items) <= group_slots
-        problem += pulp.LpAffineExpression([(x[i, g], weight[i] / scale) for i in items]) <= busiest
+        problem += pulp.LpAffineExpression([(x[i, g], relative[i]) for i in items]) <= busiest
     for (i, g), var in x.items():
         var.setInitialValue(int(greedy[i, g]))
-    busiest.setInitialValue(greedy_max / scale)
-    result = solve_milp(problem, time_limit_s)
-    if result.status == "fallback":
-        return greedy, result, greedy_max
-    solution = np.array(
-        [[round(x[i, g].value() or 0) for g in groups] for i in items], dtype=np.int64
-    )
-    valid = (
+    busiest.setInitialValue(greedy_busiest)
+    return problem, x
+
+
+def _is_packing(
+    solution: np.ndarray, copies: np.ndarray, cap: np.ndarray, group_slots: int
+) -> bool:
+    """Whether ``solution`` [n, G] places exactly copies [n] of each item, at most cap [n] per group
+    and at most ``group_slots`` per group (a solver may return an infeasible incumbent)."""
+    return bool(
         np.array_equal(solution.sum(1), copies)
         and np.all(solution.sum(0) <= group_slots)
         and np.all(solution >= 0)
         and np.all(solution <= cap[:, None])
-    )
-    bound = None if result.lower_bound is None else result.lower_bound * scale
-    if not valid or float((weight @ solution).max()) > greedy_max:
-        return greedy, MilpResult(result.status, greedy_max, bound, result.solver), greedy_max
-    return (
-        solution,
-        MilpResult(result.status, float((weight @ solution).max()), bound, result.solver),
-        greedy_max,
     )
 
 

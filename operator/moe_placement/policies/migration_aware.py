@@ -11,6 +11,7 @@ Shapes: L layers, E experts, N slots (G GPUs x S slots per GPU), M nodes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -378,7 +379,7 @@ def policy_migration_aware(
 
     moved_per_layer = np.zeros(num_layers, dtype=np.int64)
     applied = 0
-    room = np.inf if budget is None else float(budget)
+    room = _room(budget, 0)
     # past the deadline, layers not yet searched get no candidates (the loop below then stops)
     candidates = [
         search(layer, room) if time.perf_counter() < deadline else [] for layer in range(num_layers)
@@ -388,15 +389,10 @@ def policy_migration_aware(
         if time.perf_counter() > deadline:
             stop = "time limit"
             break
-        for layer, moves in enumerate(candidates):
-            if moves and any(move.moved > room for move in moves):
-                candidates[layer] = [move for move in moves if move.moved <= room] or search(
-                    layer, room
-                )
-        heads = [(moves[0].score, layer) for layer, moves in enumerate(candidates) if moves]
-        if not heads or min(heads)[0] >= -1e-9:
+        candidates = _within_room(candidates, room, search)
+        layer = _best_layer(candidates)
+        if layer is None:
             break
-        layer = min(heads)[1]
         move = candidates[layer].pop(0)
         moved_here = _apply_if_better(
             move, mapping, previous, profile.load, pairs, topology, flow, penalty,
@@ -410,14 +406,45 @@ def policy_migration_aware(
         moved_per_layer[layer] = moved_here
         presence[layer] = node_presence(mapping[layer : layer + 1], topology, num_experts)[0]
         applied += 1
-        room = np.inf if budget is None else float(budget - moved_per_layer.sum())
+        room = _room(budget, moved_per_layer.sum())
         # A change alters its layer's and its neighbours' affinities (a smaller room: above).
         for other in range(max(layer - 1, 0), min(layer + 2, num_layers)):
             tabu[other].clear()
             candidates[other] = search(other, room)
-    moved = int(moved_per_layer.sum())
+    return mapping, _search_info(stop, applied, int(moved_per_layer.sum()), budget)
+
+
+def _room(budget: int | None, used: int) -> float:
+    """Replicas that may still move: unlimited without a budget."""
+    return np.inf if budget is None else float(budget - used)
+
+
+def _within_room(
+    candidates: list[list[Move]], room: float, search: Callable[[int, float], list[Move]]
+) -> list[list[Move]]:
+    """Per layer, its candidate moves that fit in ``room``; a layer whose every candidate would
+    overdraw it is searched again with ``search(layer, room)``, since a smaller move may fit."""
+    return [
+        [move for move in moves if move.moved <= room] or search(layer, room)
+        if moves and any(move.moved > room for move in moves)
+        else moves
+        for layer, moves in enumerate(candidates)
+    ]
+
+
+def _best_layer(candidates: list[list[Move]]) -> int | None:
+    """The layer whose first candidate (each layer's best) gains most, None if no move gains (score
+    below -1e-9); ties go to the lowest layer."""
+    heads = [(moves[0].score, layer) for layer, moves in enumerate(candidates) if moves]
+    if not heads or min(heads)[0] >= -1e-9:
+        return None
+    return min(heads)[1]
+
+
+def _search_info(stop: str, applied: int, moved: int, budget: int | None) -> SolverInfo:
+    """What the search did: ``applied`` changes moving ``moved`` replicas, and why it stopped."""
     limit = f"budget {budget}" if budget is not None else f"penalty {MOVE_PENALTY} per replica"
-    return mapping, SolverInfo(
+    return SolverInfo(
         status="heuristic" if stop != "time limit" else "time_limit",
         objective=float(moved),
         objective_name="replicas moved from the previous placement",
