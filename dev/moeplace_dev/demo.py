@@ -169,7 +169,7 @@ def demo_agents(
         redundant_slots=spec["placement"].get("redundantSlots", 0),
         tokens_per_second=args.tokens_per_second,
         window_seconds=DEMO_METRICS["windowSeconds"],
-        router=spec["placement"].get("objective", {}).get("decodeRouter", "metro"),
+        router=DEMO_ROUTERS["decodeRouter"],
         same_seed=True,
         all_ranks_extra=[
             "--shift-after-seconds", str(shift_after), "--start-time", str(stream_start),
