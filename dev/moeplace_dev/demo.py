@@ -37,10 +37,11 @@ MAX_EXPERT_BYTES = 2e6
 DEMO_PLACEMENT = {"rebalanceIntervalSeconds": 15, "solverTimeLimitSeconds": 10}
 DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
 # The replay agents route one token stream with one router. Random replica choice (what engines do
-# without moeplace's routers) for both the agents and the gate's prediction, so that the imbalance
-# Prometheus measures is the one the placement controls, not a router's trade-off (METRO, for one,
-# concentrates tokens to stream fewer experts).
-DEMO_ROUTERS = {"prefillRouter": "random", "decodeRouter": "random"}
+# without moeplace's routers) for both the agents and the gate's prediction, and the gate scores that
+# one stream on the token imbalance the demo measures, so that the imbalance Prometheus shows is the
+# one the placement and the gate act on (METRO, for one, concentrates tokens to stream fewer experts,
+# and a gain averaged with another phase's objective can hide a token imbalance the demo shows).
+DEMO_ROUTERS = {"prefillRouter": "random", "decodeRouter": "random", "phases": "prefill", "prefill": "tokenImbalance"}
 LOAD_QUERY = "sum by (rank, layer) (increase(moeplace_expert_tokens_total[15s]))"
 CROSS_NODE_QUERY = "sum(rate(moeplace_cross_node_bytes_total[15s]))"
 ACTIVATED_QUERY = "max(avg by (rank) (moeplace_activated_experts))"
