@@ -41,7 +41,7 @@ DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
 # one stream on the token imbalance the demo measures, so that the imbalance Prometheus shows is the
 # one the placement and the gate act on (METRO, for one, concentrates tokens to stream fewer experts,
 # and a gain averaged with another phase's objective can hide a token imbalance the demo shows).
-DEMO_ROUTERS = {"prefillRouter": "random", "decodeRouter": "random", "phases": "prefill", "prefill": "tokenImbalance"}
+DEMO_OBJECTIVE = {"prefillRouter": "random", "decodeRouter": "random", "phases": "prefill", "prefill": "tokenImbalance"}
 LOAD_QUERY = "sum by (rank, layer) (increase(moeplace_expert_tokens_total[15s]))"
 CROSS_NODE_QUERY = "sum(rate(moeplace_cross_node_bytes_total[15s]))"
 ACTIVATED_QUERY = "max(avg by (rank) (moeplace_activated_experts))"
@@ -73,7 +73,7 @@ def build_demo_manifest(
     trace is replayed, the trace's model."""
     spec = json.loads(json.dumps(manifest["spec"]))
     spec.setdefault("placement", {}).update(DEMO_PLACEMENT)
-    spec["placement"].setdefault("objective", {}).update(DEMO_ROUTERS)
+    spec["placement"].setdefault("objective", {}).update(DEMO_OBJECTIVE)
     spec.setdefault("metrics", {}).update(DEMO_METRICS, prometheusUrl=prometheus_url)
     if model is not None:
         preset = next((name for name, shape in MODEL_PRESETS.items() if shape == model), None)
@@ -170,7 +170,7 @@ def demo_agents(
         redundant_slots=spec["placement"].get("redundantSlots", 0),
         tokens_per_second=args.tokens_per_second,
         window_seconds=DEMO_METRICS["windowSeconds"],
-        router=DEMO_ROUTERS["decodeRouter"],
+        router=DEMO_OBJECTIVE["prefillRouter"],
         same_seed=True,
         all_ranks_extra=[
             "--shift-after-seconds", str(shift_after), "--start-time", str(stream_start),
