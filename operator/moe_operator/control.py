@@ -264,11 +264,13 @@ class Controller:
             agents = await self._agents(namespace, name, resolved)
             if len(agents) == resolved.num_gpus:
                 client = await self._client(body, resolved)
-                adopted = self._common_map(await read_agents(client, agents), resolved)
+                # Only an attempt to adopt: agents that do not answer soon get a linear placement.
+                view = await asyncio.wait_for(read_agents(client, agents), self.agent_timeout_s)
+                adopted = self._common_map(view, resolved)
                 if adopted is not None:
                     placement, live_generation = adopted
                     return placement, max(live_generation, generation, 0), "adopted"
-        except (EndpointsError, Retry, KubeError) as error:
+        except (EndpointsError, Retry, KubeError, TimeoutError) as error:
             logger.info("%s/%s: agents not usable for the initial placement: %s", namespace, name, error)
         mapping = await asyncio.to_thread(
             linear_placement, resolved.model.num_layers, resolved.model.num_experts, resolved.topology.num_slots

@@ -295,7 +295,7 @@ def test_agents_receive_only_their_own_deployments_token(admin: Api, operator_pr
             assert {port for port, _, _ in captures[tenant].requests} == set(captures[tenant].ports)
         assert captures["tenant-c"].requests == []
         # tenant-c's deployment is reconciled (it has a phase) and still nothing reached its redirect.
-        wait_for(lambda: admin.status("tenant-c", "model").get("phase"), 60, "tenant-c reconciled")
+        wait_for(lambda: admin.status("tenant-c", "model").get("phase"), 120, "tenant-c reconciled")
         assert not captures["tenant-c"].requests
     finally:
         for capture in captures.values():
