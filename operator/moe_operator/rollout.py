@@ -70,6 +70,18 @@ def _seconds_since(timestamp: str | None) -> float:
     return max((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 0.0)
 
 
+def _back_on_source(reason: str, message: str, error: str | None = None) -> CycleOutcome:
+    """A migration given up, the map from before it published again: not Migrating, Degraded."""
+    return waiting(
+        CycleResult.ROLLED_BACK, message, error=error,
+        conditions=(
+            ConditionChange("Migrating", False, reason, message),
+            ConditionChange("Degraded", True, reason, message),
+        ),
+        event=Event("Warning", reason, message),
+    )
+
+
 def _placement(mapping: Any, resolved: ResolvedSpec) -> Placement:
     placement = Placement(np.asarray(mapping, dtype=np.int64), resolved.model.num_experts, resolved.topology.slots_per_gpu)
     placement.check_topology(resolved.model, resolved.topology)
@@ -280,14 +292,7 @@ class Rollout:
         await self.publish(ctx, source, generation, record.policy, migration=failed)
         await self.kube.delete_configmap(ctx.namespace, name)
         ctx.metrics.rebalance("failed")
-        return waiting(
-            CycleResult.ROLLED_BACK, message, error="agent",
-            conditions=(
-                ConditionChange("Migrating", False, "EngineApplyFailed", message),
-                ConditionChange("Degraded", True, "EngineApplyFailed", message),
-            ),
-            event=Event("Warning", "EngineApplyFailed", message),
-        )
+        return _back_on_source("EngineApplyFailed", message, error="agent")
 
     async def _diverged(
         self,
@@ -417,14 +422,7 @@ class Rollout:
         await self.publish(ctx, live, outcome.generation, record.policy, migration=migration)
         await self.kube.delete_configmap(ctx.namespace, builders.migration_configmap_name(ctx.name))
         ctx.metrics.rebalance("failed")
-        return waiting(
-            CycleResult.ROLLED_BACK, message,
-            conditions=(
-                ConditionChange("Migrating", False, "MigrationRolledBack", message),
-                ConditionChange("Degraded", True, "MigrationRolledBack", message),
-            ),
-            event=Event("Warning", "MigrationRolledBack", message),
-        )
+        return _back_on_source("MigrationRolledBack", message)
 
     async def publish(
         self,
