@@ -697,9 +697,11 @@ class PrometheusServer:
         if status != 200:
             raise ClusterError(f"Prometheus reload failed: HTTP {status} {body!r}")
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """Run an instant PromQL query; return the ``result`` list of the response's ``data``."""
-        status, body = _http(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Run an instant PromQL query, now or ``at`` (epoch seconds); return the ``result`` list of the
+        response's ``data``."""
+        params = {"query": promql} if at is None else {"query": promql, "time": f"{at:.3f}"}
+        status, body = _http(f"{self.url}/api/v1/query?" + urllib.parse.urlencode(params))
         if status != 200:
             raise ClusterError(f"Prometheus query {promql!r} failed: HTTP {status} {body!r}")
         return list(json.loads(body)["data"]["result"])

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -33,8 +33,15 @@ NAMESPACE = "default"
 OPERATOR_USER = "operator"
 # Experts of real models are scaled down (narrower FFNs) to this size so that a few agents fit in memory.
 MAX_EXPERT_BYTES = 2e6
-# Short windows so that a rebalance shows within a minute (the example's are production-scale).
-DEMO_PLACEMENT = {"rebalanceIntervalSeconds": 15, "solverTimeLimitSeconds": 10}
+# Short windows so that a rebalance shows within a minute (the example's are production-scale). The
+# gate predicts on batches of prefill size (the example's 128 tokens per GPU put a sampling floor of
+# ~1.15 under every placement's max/mean, diluting a few percent of real gain), and a placement
+# decided on a window that straddled the domain shift is replaced once the remaining gain exceeds 2%
+# (at 5% such a mixed placement stays, a few percent above what the new domain allows).
+DEMO_PLACEMENT = {
+    "rebalanceIntervalSeconds": 15, "solverTimeLimitSeconds": 10, "minPredictedGain": 0.02,
+    "evaluationBatches": 4, "prefillTokensPerGpu": 1024,
+}
 DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
 # The replay agents route one token stream with one router. Random replica choice (what engines do
 # without moeplace's routers) for both the agents and the gate's prediction, and the gate scores that
@@ -43,6 +50,10 @@ DEMO_METRICS = {"windowSeconds": 20, "minTokens": 100}
 # and a gain averaged with another phase's objective can hide a token imbalance the demo shows).
 DEMO_OBJECTIVE = {"prefillRouter": "random", "decodeRouter": "random", "phases": "prefill", "prefill": "tokenImbalance"}
 LOAD_QUERY = "sum by (rank, layer) (increase(moeplace_expert_tokens_total[15s]))"
+# Tokens over a whole period: the report measures each placement over the time it served (one 15 s
+# window of random replica choice is noisy by about 0.02 at this rate). increase() and not a difference
+# of sums: an agent exports only the experts it hosts, so series end and start with migrations.
+PERIOD_LOAD_QUERY = "sum by (rank, layer) (increase(moeplace_expert_tokens_total[{seconds}s]))"
 CROSS_NODE_QUERY = "sum(rate(moeplace_cross_node_bytes_total[15s]))"
 ACTIVATED_QUERY = "max(avg by (rank) (moeplace_activated_experts))"
 
@@ -238,7 +249,13 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_for(lambda: api.status(NAMESPACE, name).get("placement"), 60, "the initial placement")
 
         samples = watch(api, prometheus, name, model.num_layers, num_gpus, stream_start, args.duration)
-        report = write_report(args.out, samples, api.events(NAMESPACE), shift_after, model, num_gpus)
+        def period_load(first: float, last: float) -> np.ndarray:
+            query = PERIOD_LOAD_QUERY.format(seconds=round(last - first))
+            return load_matrix(prometheus.query(query, at=stream_start + last), num_gpus, model.num_layers)
+
+        report = write_report(
+            args.out, samples, api.events(NAMESPACE), shift_after, model, num_gpus, period_load
+        )
         say(f"report: {args.out / 'report.md'}")
         print(report)
         return 0
@@ -292,10 +309,11 @@ def watch(
 
 def write_report(
     out: Path, samples: list[Sample], events: list[dict[str, Any]], shift_after: float,
-    model: ModelShape, num_gpus: int,
+    model: ModelShape, num_gpus: int, period_load: Callable[[float, float], np.ndarray],
 ) -> str:
     """report.md, report.json, heatmaps.png and timeline.png in ``out``; returns the Markdown.
 
+    ``period_load(first, last)``: tokens per GPU per layer counted between two rows' times, [L, G].
     A rebalance is a migration that completed (the generation changed and the migration says
     Completed); rolled-back migrations are counted apart, from the operator's events."""
     rebalances = [
@@ -303,14 +321,16 @@ def write_report(
         if after.generation != before.generation and after.migration == "Completed"
     ]
     rolled_back = sum(event["reason"] == "MigrationRolledBack" for event in events)
-    snapshots = snapshots_of(samples, shift_after, rebalances[0][1].generation if rebalances else None)
+    periods = periods_of(
+        samples, shift_after, rebalances[0][1].generation if rebalances else None, period_load
+    )
     figures = {
         label: {
-            "seconds": round(s.seconds, 1), "generation": s.generation,
-            "imbalance": s.imbalance, "max_activated_experts": s.max_activated,
-            "cross_node_mb_s": s.cross_node_mb_s,
+            "seconds": [round(p.first.seconds, 1), round(p.last.seconds, 1)], "generation": p.last.generation,
+            "imbalance": p.imbalance, "tokens": float(p.load.sum()), "window_imbalance": p.last.imbalance,
+            "max_activated_experts": p.last.max_activated, "cross_node_mb_s": p.last.cross_node_mb_s,
         }
-        for label, s in snapshots.items() if s is not None
+        for label, p in periods.items() if p is not None
     }
     timeline = [
         {"seconds": round(after.seconds, 1), "generation": after.generation,
@@ -323,34 +343,58 @@ def write_report(
          "samples": [{k: v for k, v in vars(s).items() if k != "load"} for s in samples]},
         indent=1, default=float,
     ) + "\n")
-    plot_report(out, snapshots, samples, shift_after)
+    plot_report(out, periods, samples, shift_after)
     text = report_markdown(model, num_gpus, shift_after, figures, timeline, events, rolled_back)
     (out / "report.md").write_text(text)
     return text
 
 
-def snapshots_of(
-    samples: list[Sample], shift_after: float, first_rebalanced: int | None
-) -> dict[str, Sample | None]:
-    """The last measured row before the first rebalance, after it (generation ``first_rebalanced`` or
-    later, before the shift), and after the shift; None where there is none."""
-    measured = [s for s in samples if s.imbalance is not None]
+@dataclass
+class Period:
+    """The rows from ``first`` to ``last`` while one placement served one phase of the run, and the
+    tokens per GPU per layer counted between them, [L, G]."""
+
+    first: Sample
+    last: Sample
+    load: np.ndarray = field(repr=False)
+
+    @property
+    def imbalance(self) -> float | None:
+        return imbalance_of(self.load)
+
+
+# A shorter period is left out of the report rather than shown with a window's noise.
+MIN_PERIOD_SECONDS = 10.0
+
+
+def periods_of(
+    samples: list[Sample], shift_after: float, first_rebalanced: int | None,
+    period_load: Callable[[float, float], np.ndarray],
+) -> dict[str, Period | None]:
+    """Before the first rebalance (the initial generation), after it (generation ``first_rebalanced``
+    once its migration completed, until the shift or the next generation) and at the end (the last
+    generation after the shift, from when it went live); None where there is no such period of
+    ``MIN_PERIOD_SECONDS``. ``period_load`` as for ``write_report``."""
+    before_shift = [s for s in samples if s.seconds < shift_after]
     first_generation = samples[0].generation if samples else 0
-    initial = [s for s in measured if s.generation == first_generation and s.seconds < shift_after]
-    settled = [
-        s for s in measured
-        if first_rebalanced is not None and s.generation >= first_rebalanced and s.seconds < shift_after
-    ]
-    shifted = [s for s in measured if s.seconds >= shift_after]
-    return {
-        "before the first rebalance": _last(initial),
-        "after it (before the shift)": _last(settled),
-        "at the end (after the shift)": _last(shifted),
+    final_generation = samples[-1].generation if samples else 0
+    rows = {
+        "before the first rebalance": [
+            s for s in before_shift if s.generation == first_generation and s.imbalance is not None
+        ],
+        "after it (before the shift)": [
+            s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"
+        ],
+        "at the end (after the shift)": [
+            s for s in samples
+            if s.seconds >= shift_after and s.generation == final_generation and s.migration != "Running"
+        ],
     }
-
-
-def _last(rows: list[Sample]) -> Sample | None:
-    return rows[-1] if rows else None
+    return {
+        label: Period(found[0], found[-1], period_load(found[0].seconds, found[-1].seconds))
+        if found and found[-1].seconds - found[0].seconds >= MIN_PERIOD_SECONDS else None
+        for label, found in rows.items()
+    }
 
 
 def report_markdown(
@@ -363,12 +407,17 @@ def report_markdown(
         f"# moeplace demo: {model.name} on {num_gpus} GPUs", "",
         f"Domain shift after {shift_after:.0f} s; {len(timeline)} rebalance(s) completed, "
         f"{rolled_back} migration(s) rolled back.", "",
-        "| when | t (s) | generation | imbalance (max/mean) | max activated experts | cross-node MB/s |",
-        "|---|---|---|---|---|---|",
+        "Imbalance: max/mean GPU load, mean over layers, of the tokens counted over the whole period "
+        "(the last 15 s window beside it).", "",
+        "| when | t (s) | generation | imbalance over the period | last 15 s window | tokens | "
+        "max activated experts | cross-node MB/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, figure in figures.items():
+        first, last = figure["seconds"]
         lines.append(
-            f"| {label} | {figure['seconds']} | {figure['generation']} | {_fmt(figure['imbalance'])} | "
+            f"| {label} | {first:.0f}-{last:.0f} | {figure['generation']} | {_fmt(figure['imbalance'], 3)} | "
+            f"{_fmt(figure['window_imbalance'])} | {figure['tokens']:.0f} | "
             f"{_fmt(figure['max_activated_experts'], 1)} | {_fmt(figure['cross_node_mb_s'], 1)} |"
         )
     lines += ["", "Rebalances:", ""]
@@ -384,20 +433,20 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def plot_report(out: Path, snapshots: dict[str, Sample | None], samples: list[Sample], shift_after: float) -> None:
-    """heatmaps.png (per-GPU load per layer at each snapshot) and timeline.png (imbalance over time)."""
+def plot_report(out: Path, periods: dict[str, Period | None], samples: list[Sample], shift_after: float) -> None:
+    """heatmaps.png (per-GPU load per layer over each period) and timeline.png (imbalance over time)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = {label: s for label, s in snapshots.items() if s is not None}
+    present = {label: p for label, p in periods.items() if p is not None and p.imbalance is not None}
     if present:
         figure, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 4), squeeze=False)
-        for axis, (label, sample) in zip(axes[0], present.items()):
-            relative = sample.load / sample.load.mean(axis=1, keepdims=True)
+        for axis, (label, period) in zip(axes[0], present.items()):
+            relative = period.load / period.load.mean(axis=1, keepdims=True)
             image = axis.imshow(relative, aspect="auto", cmap="magma", vmin=0, vmax=2)
-            axis.set_title(f"{label}\ngen {sample.generation}, max/mean {sample.imbalance:.2f}", fontsize=9)
+            axis.set_title(f"{label}\ngen {period.last.generation}, max/mean {period.imbalance:.3f}", fontsize=9)
             axis.set_xticks(range(relative.shape[1]))
             axis.set_yticks(range(relative.shape[0]))
             axis.set_xlabel("GPU (rank)")
