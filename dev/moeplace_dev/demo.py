@@ -145,9 +145,10 @@ class Sample:
     status_imbalance: float | None
     max_activated: float | None
     cross_node_mb_s: float | None
-    migration: str
+    migration: str  # the migration's state (Running, Completed, RolledBack...), "-" before any
     cycle: str
     load: np.ndarray = field(repr=False)
+    progress: str = ""  # what the table shows of a running migration
 
     def row(self) -> str:
         def number(value: float | None, digits: int = 2) -> str:
@@ -157,7 +158,7 @@ class Sample:
             f"{self.seconds:6.0f}s  {self.phase:<10} gen {self.generation:<3} "
             f"imbalance {number(self.imbalance):>5} (status {number(self.status_imbalance):>5})  "
             f"max act {number(self.max_activated, 1):>4}  x-node {number(self.cross_node_mb_s, 1):>6} MB/s  "
-            f"{self.migration:<22} {self.cycle}"
+            f"{self.progress or self.migration:<22} {self.cycle}"
         )
 
 
@@ -286,8 +287,7 @@ def watch(
         progress = (
             f"stage {migration.get('stage', 0)}/{migration.get('stages', 0)} "
             f"{migration.get('bytesMoved', 0) / 1e6:.1f} MB"
-            if migration.get("state") == "Running"
-            else (migration.get("state") or "-")
+            if migration.get("state") == "Running" else ""
         )
         sample = Sample(
             seconds=time.time() - stream_start,
@@ -297,9 +297,10 @@ def watch(
             status_imbalance=status.get("imbalance"),
             max_activated=float(activated[0]["value"][1]) if activated else None,
             cross_node_mb_s=float(cross_node[0]["value"][1]) / 1e6 if cross_node else None,
-            migration=progress,
+            migration=migration.get("state") or "-",
             cycle=status.get("lastCycleResult") or "-",
             load=load,
+            progress=progress,
         )
         samples.append(sample)
         print(sample.row(), flush=True)
@@ -380,7 +381,8 @@ def periods_of(
     final_generation = samples[-1].generation if samples else 0
     rows = {
         "before the first rebalance": [
-            s for s in before_shift if s.generation == first_generation and s.imbalance is not None
+            s for s in before_shift
+            if s.generation == first_generation and s.imbalance is not None and s.migration != "Running"
         ],
         "after it (before the shift)": [
             s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"
