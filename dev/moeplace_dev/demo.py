@@ -327,7 +327,7 @@ def write_report(
     )
     figures = {
         label: {
-            "seconds": [round(p.first.seconds, 1), round(p.last.seconds, 1)], "generation": p.last.generation,
+            "seconds": [round(p.start, 1), round(p.last.seconds, 1)], "generation": p.last.generation,
             "imbalance": p.imbalance, "tokens": float(p.load.sum()), "window_imbalance": p.last.imbalance,
             "max_activated_experts": p.last.max_activated, "cross_node_mb_s": p.last.cross_node_mb_s,
         }
@@ -352,10 +352,10 @@ def write_report(
 
 @dataclass
 class Period:
-    """The rows from ``first`` to ``last`` while one placement served one phase of the run, and the
-    tokens per GPU per layer counted between them, [L, G]."""
+    """From ``start`` (seconds) to the row ``last`` one placement served one phase of the run; ``load``:
+    the tokens per GPU per layer counted in between, [L, G]."""
 
-    first: Sample
+    start: float
     last: Sample
     load: np.ndarray = field(repr=False)
 
@@ -372,30 +372,37 @@ def periods_of(
     samples: list[Sample], shift_after: float, first_rebalanced: int | None,
     period_load: Callable[[float, float], np.ndarray],
 ) -> dict[str, Period | None]:
-    """Before the first rebalance (the initial generation), after it (generation ``first_rebalanced``
-    once its migration completed, until the shift or the next generation) and at the end (the last
-    generation after the shift, from when it went live); None where there is no such period of
-    ``MIN_PERIOD_SECONDS``. ``period_load`` as for ``write_report``."""
+    """Before the first rebalance (the initial generation from the stream's start until a migration
+    runs), after it (generation ``first_rebalanced`` once its migration completed, until the shift or
+    the next generation) and at the end (the last generation after the shift, from when it went live);
+    None where there is no such period of ``MIN_PERIOD_SECONDS``. ``period_load`` as for
+    ``write_report``."""
     before_shift = [s for s in samples if s.seconds < shift_after]
     first_generation = samples[0].generation if samples else 0
     final_generation = samples[-1].generation if samples else 0
-    rows = {
-        "before the first rebalance": [
-            s for s in before_shift
-            if s.generation == first_generation and s.imbalance is not None and s.migration != "Running"
-        ],
-        "after it (before the shift)": [
-            s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"
-        ],
-        "at the end (after the shift)": [
-            s for s in samples
-            if s.seconds >= shift_after and s.generation == final_generation and s.migration != "Running"
-        ],
-    }
+    initial = [
+        s for s in before_shift
+        if s.generation == first_generation and s.imbalance is not None and s.migration != "Running"
+    ]
+    settled = [s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"]
+    final = [
+        s for s in samples
+        if s.seconds >= shift_after and s.generation == final_generation and s.migration != "Running"
+    ]
+
+    def period(start: float | None, rows: list[Sample]) -> Period | None:
+        if not rows:
+            return None
+        start = rows[0].seconds if start is None else start
+        if rows[-1].seconds - start < MIN_PERIOD_SECONDS:
+            return None
+        return Period(start, rows[-1], period_load(start, rows[-1].seconds))
+
     return {
-        label: Period(found[0], found[-1], period_load(found[0].seconds, found[-1].seconds))
-        if found and found[-1].seconds - found[0].seconds >= MIN_PERIOD_SECONDS else None
-        for label, found in rows.items()
+        # the agents serve the initial placement from the stream's start, before the first row
+        "before the first rebalance": period(0.0, initial),
+        "after it (before the shift)": period(None, settled),
+        "at the end (after the shift)": period(None, final),
     }
 
 

@@ -37,8 +37,8 @@ EVENTS = [{"type": "Normal", "reason": "PlacementPublished", "message": "generat
 
 def test_each_figure_is_measured_over_the_period_its_placement_served() -> None:
     periods = periods_of(SAMPLES, shift_after=42, first_rebalanced=2, period_load=period_load)
-    assert [(p.first.seconds, p.last.seconds) if p else None for p in periods.values()] == [
-        (10, 20), (25, 40), (55, 70)
+    assert [(p.start, p.last.seconds) if p else None for p in periods.values()] == [
+        (0, 20), (25, 40), (55, 70)
     ]
     # GPU 0 counts 10 x the period's end per second: max/mean = 4 t / (t + 3)
     assert [round(p.imbalance, 4) for p in periods.values() if p] == [
