@@ -368,6 +368,20 @@ class Period:
 MIN_PERIOD_SECONDS = 10.0
 
 
+def period_rows(
+    samples: list[Sample], shift_after: float, first_rebalanced: int | None,
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """The rows of ``periods_of``'s three periods (a running migration's rows belong to none)."""
+    if not samples:
+        return [], [], []
+    served = [s for s in samples if s.migration != "Running"]
+    before_shift = [s for s in served if s.seconds < shift_after]
+    initial = [s for s in before_shift if s.generation == samples[0].generation and s.imbalance is not None]
+    settled = [s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"]
+    final = [s for s in served if s.seconds >= shift_after and s.generation == samples[-1].generation]
+    return initial, settled, final
+
+
 def periods_of(
     samples: list[Sample], shift_after: float, first_rebalanced: int | None,
     period_load: Callable[[float, float], np.ndarray],
@@ -377,18 +391,7 @@ def periods_of(
     the next generation) and at the end (the last generation after the shift, from when it went live);
     None where there is no such period of ``MIN_PERIOD_SECONDS``. ``period_load`` as for
     ``write_report``."""
-    before_shift = [s for s in samples if s.seconds < shift_after]
-    first_generation = samples[0].generation if samples else 0
-    final_generation = samples[-1].generation if samples else 0
-    initial = [
-        s for s in before_shift
-        if s.generation == first_generation and s.imbalance is not None and s.migration != "Running"
-    ]
-    settled = [s for s in before_shift if s.generation == first_rebalanced and s.migration == "Completed"]
-    final = [
-        s for s in samples
-        if s.seconds >= shift_after and s.generation == final_generation and s.migration != "Running"
-    ]
+    initial, settled, final = period_rows(samples, shift_after, first_rebalanced)
 
     def period(start: float | None, rows: list[Sample]) -> Period | None:
         if not rows:
