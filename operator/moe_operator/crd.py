@@ -276,7 +276,11 @@ class MetricsSpec(SpecModel):
             "MoEDeployment's name>. Unset: the operator keeps <name>-agent-token for these agents alone."
         ),
     )
-    stats_top_pairs: int = Field(256, ge=0, le=65536, description="Transition pairs per layer asked of each agent.")
+    stats_top_pairs: int = Field(
+        256, ge=0, le=65536,
+        description="Transition pairs per layer asked of each agent (engineKind agent; engines record no "
+        "transitions, their profile is the load alone).",
+    )
     min_tokens: float = Field(1.0, ge=0, description="Fewer tokens in the window: metrics unusable.")
 
 
