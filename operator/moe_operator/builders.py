@@ -43,6 +43,14 @@ PLACEMENT_KEY = "placement.json"
 TARGET_KEY = "target.json"
 PLACEMENT_MOUNT = "/etc/moeplace/placement"
 TOKEN_MOUNT = "/etc/moeplace/agent-token"
+# engineKind sglang / vllm: the emptyDir the engine and its sidecars share (moe_agent.engines.contract's
+# default engine directory), the variables the plugins read, and where SGLang's HTTP server listens
+# (its --port default) for the rank-0 sidecar's recorder dumps.
+ENGINE_DIR_MOUNT = "/var/run/moeplace/engine"
+PLACEMENT_DIR_ENV = "MOEPLACE_PLACEMENT_DIR"
+ENGINE_DIR_ENV = "MOEPLACE_ENGINE_DIR"
+SGLANG_RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
+SGLANG_URL = "http://127.0.0.1:30000"
 
 RANK_PORT_PREFIX = "rank-"
 ANNOTATION_AGENT_HOST = "moeplace.io/agent-host"
@@ -521,20 +529,29 @@ def engine_selector(name: str) -> dict[str, str]:
     return {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "engine"}
 
 
-def _engine_container(engine: Any, gpus: int) -> dict[str, Any]:
-    """The engine's container: its image, command, env, GPUs and the placement ConfigMap mounted."""
+def _engine_container(resolved: ResolvedSpec) -> dict[str, Any]:
+    """The engine's container: its image, command, env, GPUs and the placement ConfigMap mounted; for
+    engineKind sglang / vllm also the engine directory and the variables the plugins read."""
+    engine = resolved.spec.serving.engine
+    kind = resolved.spec.serving.engine_kind
     resources = json.loads(json.dumps(engine.resources)) if engine.resources else {}
-    resources.setdefault("limits", {}).setdefault("nvidia.com/gpu", gpus)
-    for kind in ("limits", "requests"):  # quantities are strings in the API
-        if isinstance(resources.get(kind), dict):
-            resources[kind] = {name: str(value) for name, value in resources[kind].items()}
+    resources.setdefault("limits", {}).setdefault("nvidia.com/gpu", resolved.topology.gpus_per_node)
+    for resource_kind in ("limits", "requests"):  # quantities are strings in the API
+        if isinstance(resources.get(resource_kind), dict):
+            resources[resource_kind] = {name: str(value) for name, value in resources[resource_kind].items()}
+    env = [{"name": "MOEPLACE_PLACEMENT", "value": f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"}]
+    mounts = [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}]
+    if kind != "agent":
+        env += [{"name": PLACEMENT_DIR_ENV, "value": PLACEMENT_MOUNT}, {"name": ENGINE_DIR_ENV, "value": ENGINE_DIR_MOUNT}]
+        mounts.append({"name": "engine-dir", "mountPath": ENGINE_DIR_MOUNT})
+    if kind == "sglang":
+        env.append({"name": SGLANG_RECORDER_DIR_ENV, "value": ENGINE_DIR_MOUNT})
     container = {
         "name": "engine",
         "image": engine.image,
-        "env": [{"name": "MOEPLACE_PLACEMENT", "value": f"{PLACEMENT_MOUNT}/{SGLANG_KEY}"}]
-        + [{"name": var.name, "value": var.value} for var in engine.env],
+        "env": env + [{"name": var.name, "value": var.value} for var in engine.env],
         "resources": resources,
-        "volumeMounts": [{"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True}],
+        "volumeMounts": mounts,
     }
     if engine.command:
         container["command"] = list(engine.command)
@@ -543,46 +560,87 @@ def _engine_container(engine: Any, gpus: int) -> dict[str, Any]:
     return container
 
 
-def _agent_sidecar(resolved: ResolvedSpec, local: int) -> dict[str, Any]:
-    """The agent of local rank ``local``: global rank = pod ordinal * gpusPerNode + local."""
-    engine = resolved.spec.serving.engine
-    topology = resolved.topology
-    gpus = topology.gpus_per_node
+def _global_rank(resolved: ResolvedSpec, local: int) -> str:
+    """Shell arithmetic for the global rank of local rank ``local``: pod ordinal * gpusPerNode + local."""
+    return f"$(( ${{POD_NAME##*-}} * {resolved.topology.gpus_per_node} + {local} ))"
+
+
+def _rank_container(resolved: ResolvedSpec, local: int, name: str, command: str, mounts: list[dict[str, Any]],
+                    env: list[dict[str, Any]]) -> dict[str, Any]:
+    """A per-GPU container serving the agent contract on agentPort + local (port ``rank-<local>``)."""
     port = resolved.spec.metrics.agent_port + local
     return {
-        "name": f"agent-{local}",
-        "image": engine.agent_image,
+        "name": name,
+        "image": resolved.spec.serving.engine.agent_image,
         "command": ["sh", "-c"],
-        "args": [
-            "exec python -m moe_agent agent"
-            f" --rank $(( ${{POD_NAME##*-}} * {gpus} + {local} ))"
-            # the agent listens on 127.0.0.1 by default: in a pod, probes and scrapes come from
-            # outside the pod's loopback
-            f" --host 0.0.0.0 --port {port} --topology {topology.num_nodes}x{gpus}"
-            f" --redundant-slots {resolved.spec.placement.redundant_slots}"
-            f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
-            + " ".join(engine.agent_args)
-        ],
-        "env": [
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "MOEPLACE_MODEL", "value": json.dumps(resolved.model.model_dump(by_alias=True))},
-        ],
+        "args": [command],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *env],
         "ports": [{"name": f"{RANK_PORT_PREFIX}{local}", "containerPort": port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5},
         "volumeMounts": [
             {"name": "placement", "mountPath": PLACEMENT_MOUNT, "readOnly": True},
             {"name": "agent-token", "mountPath": TOKEN_MOUNT, "readOnly": True},
+            *mounts,
         ],
     }
 
 
-def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
-    """One pod per node: the engine container plus one agent sidecar per GPU (local rank r on
-    agentPort + r, global rank = pod ordinal * gpusPerNode + r); the placement ConfigMap is mounted
-    and named to the engine by ``MOEPLACE_PLACEMENT`` (SGLang's ``--init-expert-location``)."""
-    name = owner["metadata"]["name"]
+def _agent_sidecar(resolved: ResolvedSpec, local: int) -> dict[str, Any]:
+    """engineKind agent: moeplace's agent of local rank ``local``, which copies expert weights itself."""
     engine = resolved.spec.serving.engine
-    if engine is None:
+    topology = resolved.topology
+    command = (
+        "exec python -m moe_agent agent"
+        f" --rank {_global_rank(resolved, local)}"
+        # the agent listens on 127.0.0.1 by default: in a pod, probes and scrapes come from
+        # outside the pod's loopback
+        f" --host 0.0.0.0 --port {resolved.spec.metrics.agent_port + local}"
+        f" --topology {topology.num_nodes}x{topology.gpus_per_node}"
+        f" --redundant-slots {resolved.spec.placement.redundant_slots}"
+        f" --placement {PLACEMENT_MOUNT}/{PLACEMENT_KEY} --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} "
+        + " ".join(engine.agent_args)
+    )
+    model = {"name": "MOEPLACE_MODEL", "value": json.dumps(resolved.model.model_dump(by_alias=True))}
+    return _rank_container(resolved, local, f"agent-{local}", command, [], [model])
+
+
+def _engine_sidecar(resolved: ResolvedSpec, local: int) -> dict[str, Any]:
+    """engineKind sglang / vllm: the engine sidecar of local rank ``local`` (``python -m
+    moe_agent.engines sidecar``), reporting what the engine serves and its loads.
+
+    vLLM: every sidecar reads its rank's loads file. SGLang writes recorder dumps on global rank 0's
+    pod only, so the sidecar of global rank 0 asks SGLang for them and exports every rank's share; the
+    others export none. The pod template is the same for every pod, so the choice is made in the shell.
+    """
+    kind = resolved.spec.serving.engine_kind
+    if kind == "vllm":
+        loads = "--loads vllm"
+    else:
+        dumps = f"--loads sglang-dumps --sglang-url {SGLANG_URL}"
+        loads = f'$(if [ "$GLOBAL_RANK" -eq 0 ]; then echo "{dumps}"; else echo "--loads none"; fi)'
+    command = (
+        f"GLOBAL_RANK={_global_rank(resolved, local)}; exec python -m moe_agent.engines sidecar --rank $GLOBAL_RANK"
+        f" --host 0.0.0.0 --port {resolved.spec.metrics.agent_port + local}"
+        f" --placement-dir {PLACEMENT_MOUNT} --engine-dir {ENGINE_DIR_MOUNT}"
+        f" --token-file {TOKEN_MOUNT}/{AGENT_TOKEN_KEY} {loads} "
+        + " ".join(resolved.spec.serving.engine.agent_args)
+    )
+    # SGLang's rank-0 sidecar deletes the dumps it has read; vLLM's sidecars only read.
+    mount = {"name": "engine-dir", "mountPath": ENGINE_DIR_MOUNT, "readOnly": kind == "vllm"}
+    return _rank_container(resolved, local, f"sidecar-{local}", command, [mount], [])
+
+
+def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
+    """One pod per node: the engine container plus one container per GPU (local rank r on agentPort +
+    r, global rank = pod ordinal * gpusPerNode + r), all mounting the placement ConfigMap, which
+    ``MOEPLACE_PLACEMENT`` names to the engine (SGLang's ``--init-expert-location``).
+
+    engineKind agent: the per-GPU containers are moeplace's agents (``agent-<r>``). sglang / vllm:
+    they are engine sidecars (``sidecar-<r>``), and an emptyDir at ``ENGINE_DIR_MOUNT`` is shared by
+    the engine (the plugins write the live map and loads there, SGLang its recorder dumps) and them.
+    """
+    name = owner["metadata"]["name"]
+    if resolved.spec.serving.engine is None:
         raise ValueError("spec.serving.engine: not set")
     gpus = resolved.topology.gpus_per_node
     token_secret, token_key = agent_token_source(owner, resolved)
@@ -594,7 +652,11 @@ def build_engine_statefulset(owner: Mapping[str, Any], resolved: ResolvedSpec) -
             "secret": {"secretName": token_secret, "items": [{"key": token_key, "path": AGENT_TOKEN_KEY}]},
         },
     ]
-    containers = [_engine_container(engine, gpus)] + [_agent_sidecar(resolved, local) for local in range(gpus)]
+    per_gpu = _agent_sidecar
+    if resolved.spec.serving.engine_kind != "agent":
+        volumes.append({"name": "engine-dir", "emptyDir": {}})
+        per_gpu = _engine_sidecar
+    containers = [_engine_container(resolved)] + [per_gpu(resolved, local) for local in range(gpus)]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",

@@ -541,7 +541,9 @@ class Controller:
         if tokens < max(spec.min_tokens, 1e-9):
             raise MetricsUnavailable("NoData", f"only {tokens:.0f} tokens in the last {spec.window_seconds}s")
         documents = []
-        if spec.stats_top_pairs > 0:
+        # An engine's sidecars serve no /v1/stats: SGLang's recorder and vLLM's load window count
+        # experts, not transitions between them, so an engine's profile is its load alone.
+        if spec.stats_top_pairs > 0 and ctx.resolved.spec.serving.engine_kind == "agent":
             answers = await asyncio.gather(
                 *(ctx.client.stats(url, spec.stats_top_pairs) for url in ctx.agents.values()), return_exceptions=True
             )

@@ -115,8 +115,9 @@ class EnvVar(SpecModel):
 
 
 class EngineSpec(SpecModel):
-    """A serving engine the operator deploys as a StatefulSet (one pod per node), with one agent
-    sidecar per GPU of the pod; the engine reads the placement ConfigMap at start."""
+    """A serving engine the operator deploys as a StatefulSet (one pod per node), with one sidecar per
+    GPU of the pod (moeplace's agent, or for engineKind sglang / vllm the engine sidecar); the
+    placement ConfigMap is mounted into every container."""
 
     image: str = Field(min_length=1, description="Engine container image.")
     command: list[str] = Field(default_factory=list, description="Engine command (image default if empty).")
@@ -131,7 +132,9 @@ class EngineSpec(SpecModel):
         "moeplace/agent:0.1.0", min_length=1, description="Image of the moeplace agent sidecar."
     )
     agent_args: list[str] = Field(
-        default_factory=list, description="Extra arguments of every agent sidecar."
+        default_factory=list,
+        description="Extra arguments of every per-GPU sidecar: the agent's (python -m moe_agent agent), or for "
+        "engineKind sglang/vllm the engine sidecar's (python -m moe_agent.engines sidecar).",
     )
 
 
@@ -273,7 +276,11 @@ class MetricsSpec(SpecModel):
             "MoEDeployment's name>. Unset: the operator keeps <name>-agent-token for these agents alone."
         ),
     )
-    stats_top_pairs: int = Field(256, ge=0, le=65536, description="Transition pairs per layer asked of each agent.")
+    stats_top_pairs: int = Field(
+        256, ge=0, le=65536,
+        description="Transition pairs per layer asked of each agent (engineKind agent; engines record no "
+        "transitions, their profile is the load alone).",
+    )
     min_tokens: float = Field(1.0, ge=0, description="Fewer tokens in the window: metrics unusable.")
 
 

@@ -95,3 +95,26 @@ def test_vllm_loads_file_exports_this_ranks_share_of_each_new_window(tmp_path):
     for (_, layer, expert), value in counts.items():
         assert value == share[layer, expert]
     assert sum(counts.values()) == share.sum() > 0
+
+
+def test_the_standins_sglang_recorder_dumps_what_the_sidecar_reads(tmp_path):
+    """The stand-in's SGLang recorder (tests/e2e's load source) writes stat-mode dumps the sidecar
+    reads: topK choices per token on every MoE layer, nothing on the dense layer, the popularity
+    switching with the phase."""
+    from moe_agent.engines.standin import SglangRecorder
+
+    model = RESOLVED.model
+    recorder = SglangRecorder(tmp_path, tokens_per_second=100.0, shift_seconds=10.0, started=0.0)
+    recorder.advance(model, now=5.0)  # phase 0
+    recorder.dump()
+    dump = torch.load(next(tmp_path.glob(contract.SGLANG_DUMP_GLOB)), weights_only=True)
+    assert dump["rank"] == 0 and dump["logical_count"].shape == (1, 4, 8)  # [steps, num_hidden_layers, E]
+    assert dump["logical_count"][0, 0].sum() == 0  # the dense layer
+    first = contract.read_sglang_dumps(tmp_path, model)  # MoE rows, the file consumed
+    assert first.shape == (3, 8) and not list(tmp_path.glob(contract.SGLANG_DUMP_GLOB))
+    np.testing.assert_allclose(first.sum(axis=1), 100 * 5 * 2, atol=8)  # whole counts; fractions carry over
+    recorder.advance(model, now=15.0)  # 10 s of phase 1
+    recorder.dump()
+    second = contract.read_sglang_dumps(tmp_path, model)
+    np.testing.assert_allclose(second.sum(axis=1), 100 * 10 * 2, atol=8)
+    assert (np.argmax(first, axis=1) != np.argmax(second, axis=1)).any()  # another popularity

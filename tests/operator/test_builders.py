@@ -125,18 +125,11 @@ def test_engine_agents_listen_on_every_address_with_their_rank_and_port(tmp_path
     its rank-<r> container port, with the global rank ordinal x gpusPerNode + r."""
     spec = resolved(serving={"engine": {"image": "sglang:1", "agentArgs": ["--router", "metro"]}})
     pod = builders.build_engine_statefulset(OWNER, spec)["spec"]["template"]["spec"]
-    shim = tmp_path / "python"  # stands in for the interpreter: prints its arguments
-    shim.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
-    shim.chmod(0o755)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     for ordinal in (0, 1):
         for local, container in enumerate(pod["containers"][1:]):
-            assert container["command"] == ["sh", "-c"]
-            env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "POD_NAME": f"demo-engine-{ordinal}"}
-            out = subprocess.run(["sh", "-c", *container["args"]], env=env, capture_output=True, text=True,
-                                 check=True).stdout
-            argv = json.loads(out)
+            argv = run_container_command(container, ordinal, tmp_path)
             assert argv[:3] == ["-m", "moe_agent", "agent"]
             args = parser.parse_args(argv[3:])
             assert args.host == "0.0.0.0"
@@ -150,6 +143,74 @@ def test_engine_agents_listen_on_every_address_with_their_rank_and_port(tmp_path
             assert str(args.token_file) == f"{builders.TOKEN_MOUNT}/token"
     # agentArgs come last, so a deployment can still choose another address.
     assert shlex.split(pod["containers"][1]["args"][0])[-2:] == ["--router", "metro"]
+
+
+def run_container_command(container, ordinal, tmp_path):
+    """The argv ``python`` gets when ``container``'s shell command runs in pod ``demo-engine-<ordinal>``."""
+    shim = tmp_path / "python"  # stands in for the interpreter: prints its arguments
+    shim.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    shim.chmod(0o755)
+    assert container["command"] == ["sh", "-c"]
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "POD_NAME": f"demo-engine-{ordinal}"}
+    out = subprocess.run(["sh", "-c", *container["args"]], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_engine_kinds_run_engine_sidecars_sharing_the_engine_directory(kind, tmp_path):
+    """engineKind sglang / vllm: one ``python -m moe_agent.engines sidecar`` per GPU, with flags the
+    sidecar's own parser accepts, reading the engine's files from an emptyDir the engine shares;
+    the engine gets the variables the plugins read (contract's) and, for SGLang, the recorder's
+    directory. Loads: every vLLM sidecar reads its rank's file; of SGLang's, only global rank 0's asks
+    the server for recorder dumps (the same pod template runs on every node)."""
+    from moe_agent.engines import contract, sidecar
+
+    spec = resolved(serving={"engineKind": kind, "engine": {"image": "engine:1", "agentArgs": ["--interval", "5"],
+                                                             "env": [{"name": "A", "value": "1"}]}})
+    pod = builders.build_engine_statefulset(OWNER, spec)["spec"]["template"]["spec"]
+    engine, *sidecars = pod["containers"]
+    assert [c["name"] for c in sidecars] == ["sidecar-0", "sidecar-1"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["engine-dir"] == {"name": "engine-dir", "emptyDir": {}}
+    assert builders.ENGINE_DIR_MOUNT == contract.DEFAULT_ENGINE_DIR
+    assert builders.PLACEMENT_MOUNT == contract.DEFAULT_PLACEMENT_DIR
+    env = {var["name"]: var["value"] for var in engine["env"]}
+    assert env[contract.PLACEMENT_DIR_ENV] == builders.PLACEMENT_MOUNT
+    assert env[contract.ENGINE_DIR_ENV] == builders.ENGINE_DIR_MOUNT
+    assert env["A"] == "1"
+    assert (env.get("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR") == builders.ENGINE_DIR_MOUNT) == (kind == "sglang")
+    assert {"name": "engine-dir", "mountPath": builders.ENGINE_DIR_MOUNT} in engine["volumeMounts"]
+    parser = argparse.ArgumentParser()
+    sidecar.add_arguments(parser)
+    loads = {}
+    for ordinal in (0, 1):
+        for local, container in enumerate(sidecars):
+            argv = run_container_command(container, ordinal, tmp_path)
+            assert argv[:3] == ["-m", "moe_agent.engines", "sidecar"]
+            args = parser.parse_args(argv[3:])
+            assert args.rank == ordinal * 2 + local and args.host == "0.0.0.0"
+            assert args.port == container["ports"][0]["containerPort"] == 9400 + local
+            assert container["ports"][0]["name"] == f"rank-{local}"
+            assert container["readinessProbe"]["httpGet"]["port"] == args.port
+            assert str(args.placement_dir) == builders.PLACEMENT_MOUNT
+            assert str(args.engine_dir) == builders.ENGINE_DIR_MOUNT
+            assert str(args.token_file) == f"{builders.TOKEN_MOUNT}/token"
+            assert args.interval == 5.0  # agentArgs reach the sidecars
+            loads[args.rank] = (args.loads, args.sglang_url)
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            assert mounts["engine-dir"]["mountPath"] == builders.ENGINE_DIR_MOUNT
+            assert mounts["engine-dir"]["readOnly"] == (kind == "vllm")  # SGLang's rank 0 deletes the dumps
+            assert mounts["placement"]["readOnly"] and mounts["agent-token"]["readOnly"]
+    if kind == "vllm":
+        assert loads == {rank: ("vllm", None) for rank in range(4)}
+    else:
+        assert loads == {0: ("sglang-dumps", builders.SGLANG_URL), 1: ("none", None), 2: ("none", None),
+                         3: ("none", None)}
+    # The replay agents' engine directory and variables are not there for engineKind agent.
+    agent_pod = builders.build_engine_statefulset(OWNER, resolved(serving={"engine": {"image": "x"}}))
+    assert "engine-dir" not in {v["name"] for v in agent_pod["spec"]["template"]["spec"]["volumes"]}
+    agent_env = {var["name"] for var in agent_pod["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert agent_env == {"MOEPLACE_PLACEMENT"}
 
 
 def test_podmonitor_labels_agents_series_with_namespace_and_deployment():

@@ -7,15 +7,12 @@ kubelet mounts a ConfigMap), the stand-in "moves" after a delay and reports thro
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engine_standin import Standin
 from moe_agent.engines import contract
 from moe_operator import builders, engine_backend
 from moe_operator.agents import AgentClient
@@ -23,7 +20,6 @@ from moe_operator.crd import resolve_spec
 from moe_placement.baselines import linear_placement
 from moe_placement.models import Placement
 
-REPO = Path(__file__).resolve().parents[2]
 SHAPE = {"numLayers": 3, "numExperts": 8, "topK": 2, "hiddenSize": 64, "expertIntermediateSize": 32,
          "firstKDenseReplace": 1}
 OWNER = {
@@ -49,33 +45,16 @@ def shifted(seed: int) -> Placement:
     return Placement(np.stack(rows), 8, 3)
 
 
-class Standin:
-    def __init__(self, tmp_path: Path, move_delay: float = 0.3, lagging: str = ""):
-        self.placement_dir = tmp_path / "placement"
-        self.engine_dir = tmp_path / "engine"
-        self.placement_dir.mkdir()
-        token_file = tmp_path / "token"
-        token_file.write_text(TOKEN)
-        publish(self.placement_dir, shifted(0), 1)
-        env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'agent'}"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moe_agent.engines", "standin", "--placement-dir", str(self.placement_dir),
-             "--engine-dir", str(self.engine_dir), "--ports", "0,0,0,0", "--token-file", str(token_file),
-             "--move-delay", str(move_delay), "--lagging-ranks", lagging],
-            stdout=subprocess.PIPE, env=env, text=True,
-        )
-        ports = json.loads(self.process.stdout.readline())["ports"]
-        self.announced = {int(rank): f"http://127.0.0.1:{port}" for rank, port in ports.items()}
-        self.agents = dict(self.announced)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+def start_standin(tmp_path: Path, move_delay: float = 0.3, lagging: str = "") -> Standin:
+    """A stand-in engine that starts on generation 1 (``shifted(0)``)."""
+    standin = Standin(tmp_path, TOKEN, move_delay, lagging)
+    publish(standin.placement_dir, shifted(0), 1)
+    return standin.start()
 
 
 @pytest.fixture(scope="module")
 def shared_standin(tmp_path_factory):
-    process = Standin(tmp_path_factory.mktemp("standin"), move_delay=0.3)
+    process = start_standin(tmp_path_factory.mktemp("standin"), move_delay=0.3)
     yield process
     process.stop()
 
@@ -91,7 +70,7 @@ def standin(shared_standin):
 
 @pytest.fixture
 def lagging_standin(tmp_path):
-    process = Standin(tmp_path, move_delay=0.05, lagging="1,3")
+    process = start_standin(tmp_path, move_delay=0.05, lagging="1,3")
     yield process
     process.stop()
 
@@ -169,10 +148,11 @@ def test_the_operator_drives_an_engine_backend_without_copying_weights(tmp_path,
     from moe_operator.outcomes import CycleResult
     from moe_placement.models import placement_hash
 
-    standin = Standin(tmp_path, move_delay=0.3)
+    standin = Standin(tmp_path, TOKEN, move_delay=0.3)
     try:
         initial = Placement(linear_placement(3, 8, 12), 8, 3)
         publish(standin.placement_dir, initial, 0)
+        standin.start()
         assert isinstance(wait(standin, initial, deadline_s=60), engine_backend.EngineLive)  # the engine is up
         spec = {
             "model": {"shape": SHAPE}, "topology": {"nodes": 1, "gpusPerNode": 4},

@@ -19,6 +19,7 @@ Files are written to a temporary name and renamed, so a reader sees a whole file
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -128,6 +129,35 @@ def read_published(directory: Path) -> PublishedMap | None:
         if published_hash != placement_hash(placement.physical_to_logical_map):
             raise PlacementError(f"{hash_path}: {published_hash} is not the hash of {document_path}'s map")
     return PublishedMap(int(generation_text), document.model, document.topology, fill_empty_slots(placement))
+
+
+class FallbackLog:
+    """Says once per reason why an engine's plugin falls back to the engine's own algorithm (the
+    plugins run every rebalance: the same reason would otherwise be logged at every one)."""
+
+    def __init__(self, logger: logging.Logger, fallback: str):
+        self.logger = logger
+        self.fallback = fallback
+        self.reasons: set[str] = set()
+
+    def __call__(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.add(reason)
+            self.logger.warning("moeplace: %s; %s", reason, self.fallback)
+
+
+def published_for_engine(fallback: FallbackLog) -> PublishedMap | None:
+    """The published placement in ``placement_dir()`` as a plugin applies it, or None (logged through
+    ``fallback``) when nothing is published or the files cannot be read."""
+    directory = placement_dir()
+    try:
+        published = read_published(directory)
+    except (PlacementError, OSError) as error:
+        fallback(f"the published placement is unreadable ({error})")
+        return None
+    if published is None:
+        fallback(f"no placement published in {directory}")
+    return published
 
 
 class EngineStatus(BaseModel):

@@ -36,25 +36,14 @@ from moe_placement.models import PlacementError, placement_hash
 logger = logging.getLogger("moeplace.sglang")
 
 TARGET = "_moeplace_target"
-_logged: set[str] = set()
-
-
-def _log_once(reason: str) -> None:
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.warning("moeplace: %s; SGLang's own EPLB algorithm decides", reason)
+_log_once = contract.FallbackLog(logger, "SGLang's own EPLB algorithm decides")
 
 
 def rank0_target(live: np.ndarray) -> np.ndarray | None:
     """On rank 0: the published map as SGLang's full map [num_hidden_layers, P] when it fits the live
     one (same shape), else None with a log line."""
-    try:
-        published = contract.read_published(contract.placement_dir())
-    except (PlacementError, OSError) as error:
-        _log_once(f"the published placement is unreadable ({error})")
-        return None
+    published = contract.published_for_engine(_log_once)
     if published is None:
-        _log_once(f"no placement published in {contract.placement_dir()}")
         return None
     try:
         full = sglang_physical_to_logical_map(published.target, published.model)

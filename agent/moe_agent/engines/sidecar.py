@@ -12,6 +12,9 @@ Loads (``--loads``), polled every ``--interval`` seconds and split over ranks by
 * ``sglang-dumps``: SGLang writes recorder dumps on rank 0's node only, so the rank-0 sidecar asks
   for one (``POST <sglang-url>/dump_expert_distribution_record``), reads and deletes the dumps, and
   exports every rank's share; the other sidecars run with ``--loads none``.
+
+Requests that match no route are logged (method and path), so a caller that takes the sidecar for a
+replay agent (a stage or activate call) shows in its log.
 """
 
 from __future__ import annotations
@@ -111,6 +114,12 @@ class EngineSidecar:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        unrouted = request.match_info.http_exception
+        if unrouted is not None:
+            logger.warning("moeplace sidecar: rank %d: no route for %s %s", self.rank, request.method, request.path)
+            return error_response(
+                unrouted.status, f"{request.path}: an engine sidecar serves GET /v1/placement, /metrics and /healthz only"
+            )
         if request.path.startswith("/v1/") and not self.tokens.accepts(request.headers.get("Authorization")):
             return error_response(401, "authorization: missing or wrong bearer token")
         return await handler(request)
@@ -178,10 +187,14 @@ class EngineSidecar:
                 self.add_load(load, live, list(range(published.topology.num_gpus)))
 
     async def request_dump(self, session: aiohttp.ClientSession) -> None:
-        """Ask SGLang to start recording (idempotent) and to dump what it recorded."""
-        for path in ("/start_expert_distribution_record", "/dump_expert_distribution_record"):
-            async with session.post(self.sglang_url + path) as response:
-                response.raise_for_status()
+        """Ask SGLang to dump what its recorder counted since the last dump (the dump resets it).
+
+        Never ``/start_expert_distribution_record``: it resets the recorder too (``start_record`` in
+        ``sglang/srt/eplb/expert_distribution.py``), and with ``--enable-eplb`` the EPLB manager has
+        started recording already.
+        """
+        async with session.post(self.sglang_url + "/dump_expert_distribution_record") as response:
+            response.raise_for_status()
 
     async def poll_forever(self, interval_s: float) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

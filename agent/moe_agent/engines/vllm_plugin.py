@@ -28,18 +28,13 @@ from typing import Any
 import numpy as np
 
 from moe_agent.engines import contract
-from moe_placement.models import PlacementError, placement_hash
+from moe_placement.models import placement_hash
 
 logger = logging.getLogger("moeplace.vllm")
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"applied": None, "loads": None, "windows": 0, "logged": set()}
-
-
-def _log_once(reason: str) -> None:
-    if reason not in _state["logged"]:
-        _state["logged"].add(reason)
-        logger.warning("moeplace: %s; vLLM's default EPLB policy decides", reason)
+_state: dict[str, Any] = {"applied": None, "loads": None, "windows": 0}
+_log_once = contract.FallbackLog(logger, "vLLM's default EPLB policy decides")
 
 
 def _ep_rank() -> int:
@@ -54,13 +49,8 @@ def _ep_rank() -> int:
 def published_target(num_layers: int, num_experts: int, num_replicas: int, num_ranks: int) -> contract.PublishedMap | None:
     """The published map when it fits this engine ([num_layers, num_replicas] over num_ranks), else
     None with a log line naming why."""
-    try:
-        published = contract.read_published(contract.placement_dir())
-    except (PlacementError, OSError) as error:
-        _log_once(f"the published placement is unreadable ({error})")
-        return None
+    published = contract.published_for_engine(_log_once)
     if published is None:
-        _log_once(f"no placement published in {contract.placement_dir()}")
         return None
     target = published.target
     fits = (target.num_layers, target.num_slots, target.num_experts, target.num_gpus) == (
