@@ -1,0 +1,171 @@
+"""A LeaderWorkerSet of 2 groups x 2 nodes x 2 GPUs, end to end: kubernetes-sigs/lws's CRD, pods named
+and labelled as LWS makes them, their Endpoints and EndpointSlices as Kubernetes' controllers write
+them, 8 replay agent processes (2 expert-parallel groups of 4 ranks), a Prometheus scraping all of
+them, and the operator as a process. The skewed load triggers a rebalance; one migration moves both
+groups, each copying inside its own group, and ends with every agent of both groups on the published
+map; status says so per group.
+
+The API server (1.20) serves EndpointSlices only as discovery.k8s.io/v1beta1, so the operator reads
+the Endpoints (discovery's choice); the test checks that the published slices map to the same groups.
+The agents run on this machine: the Endpoints announce each pod at a placeholder address with the
+``moeplace.io/agent-host`` annotation, and the operator runs with --agent-host-override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from e2e_support import (
+    AGENT_TOKEN,
+    LWS_GROUP,
+    LWS_LABELS,
+    LWS_VERSION,
+    TINY_SHAPE,
+    Agents,
+    Api,
+    Operator,
+    ReplicaChecker,
+    install_lws_crd,
+    lws_object,
+    lws_pods,
+    manifest,
+    raw,
+    skewed_trace,
+    wait_for,
+)
+from moe_operator import builders, settings
+from moe_operator.crd import WorkloadRef
+from moe_operator.discovery import agents_from_endpoint_slices
+from moe_placement.models import placement_hash
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+NAME, LWS, NAMESPACE = "moe", "vllm", "lws-migrate"
+GROUPS, NODES, GPUS_PER_NODE = 2, 2, 2
+L, E = TINY_SHAPE["numLayers"], TINY_SHAPE["numExperts"]
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: Any) -> Api:
+    admin = Api(control_plane.kubeconfig)
+    admin.install_crd()
+    admin.bind_operator_role("operator")
+    install_lws_crd(admin)
+    return admin
+
+
+@pytest.fixture(scope="module")
+def operator(api: Api, control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    process = Operator(tmp_path_factory.mktemp("operator"), control_plane.kubeconfig_for("operator"),
+                       namespaces=[NAMESPACE])
+    process.start()
+    yield process
+    process.stop()
+    print(process.log()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def groups(api: Api, prometheus_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Agents]]:
+    """Per LWS group, its 4 replay agents (ranks 0..3 of the group, 2 per pod) on loopback."""
+    workdir = tmp_path_factory.mktemp("agents")
+    trace = skewed_trace(workdir / "trace.npz")
+    started = []
+    try:
+        for group in range(GROUPS):
+            agents = Agents(workdir / f"group-{group}", trace, num_gpus=NODES * GPUS_PER_NODE, topology="2x2")
+            started.append(agents)
+            agents.start()
+        yield started
+    finally:
+        for agents in started:
+            agents.stop()
+
+
+def publish_endpoints(api: Api, namespace: str, groups: list[Agents]) -> list[dict[str, Any]]:
+    """The pods, their Endpoints and EndpointSlices as the endpoints controllers write them for the
+    agents Service: each pod's ``rank-<r>`` ports resolve to its own agents' ports, so every pod is its
+    own subset and its own slice. Returns the stored slices."""
+    pods = {}
+    for pod in lws_pods(LWS, GROUPS, NODES, GPUS_PER_NODE):
+        stored = api.core.create_namespaced_pod(namespace, pod)
+        pods[pod["metadata"]["name"]] = stored
+    service = builders.agents_service_name(NAME)
+    subsets, slices_path = [], f"/apis/discovery.k8s.io/v1beta1/namespaces/{namespace}/endpointslices"
+    for name, pod in sorted(pods.items()):
+        labels = pod.metadata.labels
+        group, worker = int(labels[f"{LWS_LABELS}/group-index"]), int(labels[f"{LWS_LABELS}/worker-index"])
+        ip = f"10.{group}.0.{10 + worker}"  # a placeholder: the annotation sends calls to 127.0.0.1
+        ref = {"kind": "Pod", "namespace": namespace, "name": name, "uid": pod.metadata.uid}
+        ports = [{"name": f"rank-{local}", "port": groups[group].ports[worker * GPUS_PER_NODE + local],
+                  "protocol": "TCP"} for local in range(GPUS_PER_NODE)]
+        subsets.append({"addresses": [{"ip": ip, "targetRef": ref}], "ports": ports})
+        raw(api.api_client, "POST", slices_path, body={
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-{name}", "labels": {"kubernetes.io/service-name": service},
+                         "annotations": {builders.ANNOTATION_AGENT_HOST: "127.0.0.1"}},
+            "addressType": "IPv4", "ports": ports,
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "targetRef": ref}],
+        })
+    api.core.create_namespaced_endpoints(namespace, {
+        "metadata": {"name": service, "annotations": {builders.ANNOTATION_AGENT_HOST: "127.0.0.1"}},
+        "subsets": subsets,
+    })
+    secret = {"metadata": {"name": builders.agent_token_secret_name(NAME),
+                           "labels": {builders.LABEL_AGENT_TOKEN_FOR: NAME}},
+              "stringData": {builders.AGENT_TOKEN_KEY: AGENT_TOKEN}}
+    api.core.create_namespaced_secret(namespace, secret)
+    return raw(api.api_client, "GET", slices_path,
+               query=[("labelSelector", f"kubernetes.io/service-name={service}")])["items"]
+
+
+def test_one_migration_moves_every_leaderworkerset_group(api: Api, operator: Operator, groups: list[Agents],
+                                                         prometheus_factory: Any, monkeypatch: Any) -> None:
+    namespace = api.namespace(NAMESPACE)
+    api.custom.create_namespaced_custom_object(LWS_GROUP, LWS_VERSION, namespace, "leaderworkersets",
+                                               lws_object(LWS, GROUPS, NODES))
+    slices = publish_endpoints(api, namespace, groups)
+    monkeypatch.setattr(settings, "_current", settings.OperatorSettings(agent_host_override=True))
+    from_slices = agents_from_endpoint_slices(slices, GPUS_PER_NODE, WorkloadRef(kind="LeaderWorkerSet", name=LWS))
+    assert from_slices.groups == {g: {r: agents.url(r) for r in agents.ports} for g, agents in enumerate(groups)}
+
+    prometheus = prometheus_factory([target for agents in groups for target in agents.targets], "1s")
+    with ReplicaChecker(groups[0], L, E) as first, ReplicaChecker(groups[1], L, E) as second:
+        api.create(namespace, manifest(NAME, namespace, prometheus.url,
+                                       serving={"workloadRef": {"kind": "LeaderWorkerSet", "name": LWS}}))
+        status = wait_for(
+            lambda: (s := api.status(namespace, NAME)).get("lastRebalanceTime")
+            and s.get("migration", {}).get("state") == "Completed" and s,
+            180, "a completed migration",
+        )
+        migration = status["migration"]
+        assert migration["stage"] == migration["stages"] >= 1
+        # bytesTotal is the plan's bytes times the 2 groups; more than half of it moved means both
+        # groups copied (the agents count a copy's bytes as sent, a little above the plan's estimate).
+        assert migration["bytesMoved"] > 0.9 * migration["bytesTotal"] > 0
+
+        def converged() -> Any:
+            published = api.published(namespace, NAME)
+            answers = [agents.placement(rank) for agents in groups for rank in sorted(agents.ports)]
+            if published is None or any(answer is None for answer in answers):
+                return None
+            mapping, generation = published
+            if not all(a["hash"] == placement_hash(mapping) and a["generation"] == generation for a in answers):
+                return None
+            current = api.status(namespace, NAME)
+            return current.get("placement", {}).get("generation") == generation and (generation, current)
+
+        generation, current = wait_for(converged, 60, "both groups' agents on the published placement")
+        assert generation > 0
+        assert current["groups"] == GROUPS and current["agentsExpected"] == GROUPS * NODES * GPUS_PER_NODE
+        wait_for(lambda: api.status(namespace, NAME).get("groupStatus") == [
+            {"index": g, "agents": 4, "reachable": 4, "generation": generation, "serving": True}
+            for g in range(GROUPS)
+        ], 30, "status.groupStatus: both groups serving the published generation")
+        reasons = {event["reason"] for event in api.events(namespace)}
+        assert {"Rebalancing", "MigrationCompleted"} <= reasons, reasons
+    for checker in (first, second):
+        assert checker.samples > 10
+        assert checker.violations == [], checker.violations[:5]
