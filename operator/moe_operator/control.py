@@ -556,6 +556,7 @@ class Controller:
             model.num_layers,
             model.num_experts,
             ctx.resolved.num_gpus,
+            num_groups=ctx.layout.groups,
         )
         tokens = float(load.sum() / model.top_k)
         report.tokens = tokens
