@@ -509,7 +509,7 @@ class Controller:
         expected = placement_hash(engine_map(published.placement).physical_to_logical_map)
         lagging = sorted(rank for rank, answer in view.answers.items() if answer.hash != expected)
         if lagging:
-            message = f"the engine does not serve published generation {published.generation} on ranks {lagging} yet"
+            message = f"the engine does not serve published generation {published.generation} on {ctx.layout.names(lagging)} yet"
             return waiting(
                 CycleResult.ENGINE_APPLYING, message,
                 conditions=(ConditionChange("Degraded", True, "EngineApplying", message),),

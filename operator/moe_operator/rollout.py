@@ -259,7 +259,9 @@ class Rollout:
         remaining = ctx.resolved.spec.migration.engine_apply_timeout_seconds - elapsed
         ctx.metrics.migrating(True)
         try:
-            outcome = await wait_until_live(ctx.client, ctx.agents, target, max(min(remaining, ENGINE_POLL_S), 0.0))
+            outcome = await wait_until_live(
+                ctx.client, ctx.agents, target, max(min(remaining, ENGINE_POLL_S), 0.0), groups=ctx.layout.groups
+            )
         finally:
             ctx.metrics.migrating(False)
         name = builders.migration_configmap_name(ctx.name)

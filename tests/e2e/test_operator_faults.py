@@ -5,7 +5,6 @@ and no expert ever has zero live replicas."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,8 +13,6 @@ from e2e_support import (
     AGENT_TOKEN,
     TINY_SHAPE,
     Agents,
-    Api,
-    Operator,
     ReplicaChecker,
     manifest,
     skewed_trace,
@@ -26,24 +23,6 @@ from moe_placement.models import placement_hash
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 L, E = TINY_SHAPE["numLayers"], TINY_SHAPE["numExperts"]
-
-
-@pytest.fixture(scope="module")
-def api(control_plane) -> Api:
-    admin = Api(control_plane.kubeconfig)
-    admin.install_crd()
-    admin.bind_operator_role("operator")
-    return admin
-
-
-@pytest.fixture(scope="module")
-def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
-    workdir = tmp_path_factory.mktemp("operator-faults")
-    process = Operator(workdir, control_plane.kubeconfig_for("operator"))
-    process.start()
-    yield process
-    process.stop()
-    print(process.log()[-4000:])
 
 
 def start_stack(api, prometheus_factory, tmp_path_factory, namespace, name, extra=None):

@@ -49,16 +49,10 @@ L, E = TINY_SHAPE["numLayers"], TINY_SHAPE["numExperts"]
 
 
 @pytest.fixture(scope="module")
-def api(control_plane: Any) -> Api:
-    admin = Api(control_plane.kubeconfig)
-    admin.install_crd()
-    admin.bind_operator_role("operator")
-    install_lws_crd(admin)
-    return admin
-
-
-@pytest.fixture(scope="module")
 def operator(api: Api, control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator watching only this module's namespace (others' deployments on this API server
+    are not its business), with the LeaderWorkerSet CRD installed."""
+    install_lws_crd(api)
     process = Operator(tmp_path_factory.mktemp("operator"), control_plane.kubeconfig_for("operator"),
                        namespaces=[NAMESPACE])
     process.start()

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from e2e_support import (
     TINY_SHAPE,
     Agents,
     Api,
-    Operator,
     ReplicaChecker,
     manifest,
     skewed_trace,
@@ -41,21 +39,12 @@ L, E = TINY_SHAPE["numLayers"], TINY_SHAPE["numExperts"]
 
 @pytest.fixture(scope="module")
 def api(control_plane) -> Api:
+    """The shared fixture's setup, plus the monitoring CRDs (the shared ``operator`` starts after it)."""
     admin = Api(control_plane.kubeconfig)
     admin.install_monitoring_crds()  # before the operator starts: it looks for them at reconcile
     admin.install_crd()
     admin.bind_operator_role("operator")
     return admin
-
-
-@pytest.fixture(scope="module")
-def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
-    workdir = tmp_path_factory.mktemp("operator")
-    process = Operator(workdir, control_plane.kubeconfig_for("operator"))
-    process.start()
-    yield process
-    process.stop()
-    print(process.log()[-3000:])
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, Operator, ReplicaChecker, manifest, wait_for
+from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, ReplicaChecker, manifest, wait_for
 from moeplace_dev.cluster import ManagedProcess, _http
 from moe_placement.models import placement_hash
 
@@ -42,23 +41,6 @@ def two_domain_trace(path: Path) -> Path:
     )
     save_trace(generate(config, 11), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def api(control_plane) -> Api:
-    admin = Api(control_plane.kubeconfig)
-    admin.install_crd()
-    admin.bind_operator_role("operator")
-    return admin
-
-
-@pytest.fixture(scope="module")
-def operator(api, control_plane, tmp_path_factory) -> Iterator[Operator]:
-    process = Operator(tmp_path_factory.mktemp("operator-soak"), control_plane.kubeconfig_for("operator"))
-    process.start()
-    yield process
-    process.stop()
-    print(process.log()[-4000:])
 
 
 def start_stack(api, prometheus_factory, tmp_path_factory, namespace, name, extra=None) -> tuple[Agents, object]:
