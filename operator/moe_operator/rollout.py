@@ -280,11 +280,11 @@ class Rollout:
                 status={"migration": done, "lastRebalanceTime": now_iso()},
             )
         if isinstance(outcome, EngineTimedOut) and remaining > ENGINE_POLL_S:
-            lagging = ", ".join(f"rank {rank}: {why}" for rank, why in sorted(outcome.lagging.items())[:4])
+            lagging = ", ".join(f"{ctx.layout.name(rank)}: {why}" for rank, why in sorted(outcome.lagging.items())[:4])
             return waiting(CycleResult.ENGINE_APPLYING, f"plan {record.plan_id}: waiting for the engine ({lagging})")
         why = (
             f"not served within {ctx.resolved.spec.migration.engine_apply_timeout_seconds:.0f}s"
-            if isinstance(outcome, EngineTimedOut) else f"rank {outcome.rank}: {outcome.message}"
+            if isinstance(outcome, EngineTimedOut) else f"{ctx.layout.name(outcome.rank)}: {outcome.message}"
         )
         message = f"plan {record.plan_id}: {why}; the previous map is published again for the engine"
         source = _placement(record.source, ctx.resolved)
