@@ -294,6 +294,9 @@ class OperatorProcess:
     metrics_port: int = field(default_factory=free_port)
     solver_workers: int = 0
     prometheus_url: str | None = None
+    # Watch only these namespaces (every namespace when empty), so that operators of several test
+    # modules on one API server leave each other's deployments alone.
+    namespaces: Sequence[str] = ()
     proc: subprocess.Popen | None = None
     starts: int = 0
 
@@ -301,7 +304,8 @@ class OperatorProcess:
         self.starts += 1
         log = open(self.workdir / f"operator-{self.starts}.log", "wb")
         argv = [
-            sys.executable, "-m", "moe_operator", "--kubeconfig", str(self.kubeconfig), "--all-namespaces",
+            sys.executable, "-m", "moe_operator", "--kubeconfig", str(self.kubeconfig),
+            *([f"--namespace={namespace}" for namespace in self.namespaces] or ["--all-namespaces"]),
             "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
             "--solver-workers", str(self.solver_workers),
             # The agents run on this machine, announced under a placeholder address (build_external_endpoints).

@@ -337,6 +337,10 @@ def build_external_endpoints(
     }
 
 
+# The pod label leaderworkerset.sigs.k8s.io/group-index as Prometheus' Kubernetes discovery names it.
+LWS_GROUP_INDEX_META = "__meta_kubernetes_pod_label_leaderworkerset_sigs_k8s_io_group_index"
+
+
 def podmonitor_relabelings(namespace: str, name: str) -> list[dict[str, Any]]:
     """Relabelings giving every scraped agent series ``namespace`` and ``deployment`` (the
     MoEDeployment's name) as static labels: the operator's ``spec.metrics.matchLabels``, the chart's
@@ -350,9 +354,16 @@ def podmonitor_relabelings(namespace: str, name: str) -> list[dict[str, Any]]:
 
 def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[str, Any]:
     """A prometheus-operator PodMonitor scraping every agent port (``rank-<r>``) of the deployment's
-    pods, the series labelled ``namespace`` and ``deployment`` (podmonitor_relabelings)."""
+    pods, the series labelled ``namespace`` and ``deployment`` (podmonitor_relabelings), and for a
+    LeaderWorkerSet ``group`` (the pod's group-index: the load check counts ranks per group)."""
     meta = owner["metadata"]
     name = meta["name"]
+    relabelings = podmonitor_relabelings(meta["namespace"], name)
+    workload = resolved.spec.serving.workload_ref
+    if workload is not None and workload.kind == "LeaderWorkerSet":
+        relabelings.append({
+            "sourceLabels": [LWS_GROUP_INDEX_META], "targetLabel": "group", "action": "replace",
+        })
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -364,7 +375,7 @@ def build_podmonitor(owner: Mapping[str, Any], resolved: ResolvedSpec) -> dict[s
                     "port": port["name"],
                     "path": "/metrics",
                     "interval": "15s",
-                    "relabelings": podmonitor_relabelings(meta["namespace"], name),
+                    "relabelings": relabelings,
                 }
                 for port in agent_ports(resolved)
             ],

@@ -37,7 +37,7 @@ from moe_operator import metrics as om
 from moe_operator.agents import AgentClient
 from moe_operator.credentials import AgentTokenError, deployment_token
 from moe_operator.crd import PlacementStatus, ResolvedSpec, SpecError, resolve_spec
-from moe_operator.discovery import EndpointsError, discover_agents
+from moe_operator.discovery import EndpointsError, KeyedAgents, discover_agents
 from moe_operator.engine_backend import engine_map
 from moe_operator.kube import Kube, KubeError
 from moe_operator.metrics_source import MetricsReport, MetricsUnavailable, build_profile, fetch_load, parse_stats
@@ -50,7 +50,7 @@ from moe_operator.outcomes import (
     Event,
     waiting,
 )
-from moe_operator.plan_runner import AgentsView, converge, read_agents
+from moe_operator.plan_runner import AgentsView, GroupLayout, converge, read_agents
 from moe_operator.rollout import Rollout
 from moe_operator.solver import SolveRequest, SolveResult, solve_and_gate, token_imbalance
 from moe_operator.status import StatusWriter, condition_reason, now_iso
@@ -142,8 +142,19 @@ class Controller:
             self._clients[key] = AgentClient(token=token, timeout_s=timeout)
         return self._clients[key]
 
-    async def _agents(self, namespace: str, name: str, resolved: ResolvedSpec) -> dict[int, str]:
-        return (await discover_agents(self.kube, namespace, name, resolved)).group(0)
+    async def _agents(self, namespace: str, name: str, resolved: ResolvedSpec) -> KeyedAgents:
+        found = await discover_agents(self.kube, namespace, name, resolved)
+        return found.keyed(await self._layout(namespace, resolved))
+
+    async def _layout(self, namespace: str, resolved: ResolvedSpec) -> GroupLayout:
+        """One group of ``num_gpus`` ranks; a LeaderWorkerSet has one per replica (each its own
+        expert-parallel group, all serving the one published placement)."""
+        ref = resolved.spec.serving.workload_ref
+        if ref is None or ref.kind != "LeaderWorkerSet":
+            return GroupLayout(resolved.num_gpus)
+        workload = await self.kube.get_workload(namespace, ref.kind, ref.name)
+        replicas = ((workload or {}).get("spec") or {}).get("replicas", 1)  # the LWS API's default
+        return GroupLayout(resolved.num_gpus, max(int(replicas), 1))
 
     # ------------------------------------------------------------------------------------------
     # Reconcile (create / resume / spec update)
@@ -261,12 +272,13 @@ class Controller:
         """The agents' map when they all serve one valid map; else a linear placement."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            agents = await self._agents(namespace, name, resolved)
-            if len(agents) == resolved.num_gpus:
+            announced = await self._agents(namespace, name, resolved)
+            expected = len(announced.layout.keys)
+            if len(announced.agents) == expected and not announced.stray:
                 client = await self._client(body, resolved)
                 # Only an attempt to adopt: agents that do not answer soon get a linear placement.
-                view = await asyncio.wait_for(read_agents(client, agents), self.agent_timeout_s)
-                adopted = self._common_map(view, resolved)
+                view = await asyncio.wait_for(read_agents(client, announced.agents), self.agent_timeout_s)
+                adopted = self._common_map(view, resolved, expected)
                 if adopted is not None:
                     placement, live_generation = adopted
                     return placement, max(live_generation, generation, 0), "adopted"
@@ -277,8 +289,9 @@ class Controller:
         )
         return Placement(mapping, resolved.model.num_experts, resolved.topology.slots_per_gpu), max(generation, 0), "initial"
 
-    def _common_map(self, view: AgentsView, resolved: ResolvedSpec) -> tuple[Placement, int] | None:
-        if view.errors or len(view.answers) != resolved.num_gpus:
+    def _common_map(self, view: AgentsView, resolved: ResolvedSpec, expected: int) -> tuple[Placement, int] | None:
+        """The map every one of the ``expected`` agents serves (and their highest generation), if valid."""
+        if view.errors or len(view.answers) != expected:
             return None
         if len({answer.hash for answer in view.answers.values()}) != 1:
             return None
@@ -407,14 +420,15 @@ class Controller:
         body, resolved = loaded.body, loaded.resolved
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            agents = await self._agents(namespace, name, resolved)
+            announced = await self._agents(namespace, name, resolved)
         except EndpointsError as error:
             return CycleOutcome(
                 CycleResult.ENDPOINTS_INVALID, str(error), error="agent",
                 conditions=(ConditionChange("Degraded", True, "EndpointsInvalid", str(error)),),
             )
+        agents, layout = announced.agents, announced.layout
         metrics.set(om.AGENTS_EXPECTED, len(agents))
-        if not agents:
+        if not agents and not announced.stray:
             return self._no_agents(loaded, metrics)
         try:
             client = await self._client(body, resolved)
@@ -425,14 +439,17 @@ class Controller:
         view = await read_agents(client, agents)
         metrics.set(om.AGENTS_REACHABLE, len(view.answers))
         base = {"agentsExpected": len(agents), "agentsReachable": len(view.answers), "lastCycleTime": now_iso()}
-        problems = _agent_problems(agents, view, resolved.num_gpus)
+        ctx = CycleContext(body, resolved, loaded.writer, metrics, client, agents, base, view, layout)
+        published = loaded.published
+        ctx.record_groups(placement_hash(published.placement.physical_to_logical_map), published.generation)
+        problems = _agent_problems(announced, view)
         if problems:
             message = "; ".join(problems)
             return waiting(
                 CycleResult.AGENTS_UNAVAILABLE, message, status=base, error="agent" if view.errors else None,
                 conditions=(ConditionChange("Degraded", True, "AgentsUnavailable", message),),
             )
-        return CycleContext(body, resolved, loaded.writer, metrics, client, agents, base, view)
+        return ctx
 
     def _no_agents(self, loaded: Loaded, metrics: om.DeploymentMetrics) -> CycleOutcome:
         metrics.set(om.AGENTS_REACHABLE, 0)
@@ -457,7 +474,7 @@ class Controller:
             return self._engine_serves(ctx, view, published)
         placement_status = loaded.writer.observed.placement or PlacementStatus()
         if not placement_status.confirmed:
-            adopted = self._common_map(view, ctx.resolved)
+            adopted = self._common_map(view, ctx.resolved, len(ctx.layout.keys))
             if adopted is not None and placement_hash(adopted[0].physical_to_logical_map) != placement_hash(
                 published.placement.physical_to_logical_map
             ):
@@ -468,7 +485,11 @@ class Controller:
                     event=Event("Normal", "PlacementAdopted", f"agents' placement adopted at generation {live_generation}"),
                 )
         target_generation = _converge_generation(view, published)
-        problems = await converge(ctx.client, ctx.agents, published.placement.physical_to_logical_map, target_generation, view)
+        digest = placement_hash(published.placement.physical_to_logical_map)
+        problems = await converge(
+            ctx.client, ctx.agents, published.placement.physical_to_logical_map, target_generation, view, ctx.layout
+        )
+        ctx.record_groups(digest, target_generation)
         if problems:
             message = "agents diverge from the published placement: " + "; ".join(problems[:3])
             return waiting(
@@ -488,7 +509,7 @@ class Controller:
         expected = placement_hash(engine_map(published.placement).physical_to_logical_map)
         lagging = sorted(rank for rank, answer in view.answers.items() if answer.hash != expected)
         if lagging:
-            message = f"the engine does not serve published generation {published.generation} on ranks {lagging} yet"
+            message = f"the engine does not serve published generation {published.generation} on {ctx.layout.names(lagging)} yet"
             return waiting(
                 CycleResult.ENGINE_APPLYING, message,
                 conditions=(ConditionChange("Degraded", True, "EngineApplying", message),),
@@ -535,6 +556,7 @@ class Controller:
             model.num_layers,
             model.num_experts,
             ctx.resolved.num_gpus,
+            num_groups=ctx.layout.groups,
         )
         tokens = float(load.sum() / model.top_k)
         report.tokens = tokens
@@ -631,18 +653,22 @@ class Controller:
         old.shutdown(wait=False, cancel_futures=True)
 
 
-def _agent_problems(agents: Mapping[int, str], view: AgentsView, expected: int) -> list[str]:
-    """What keeps the cycle from acting on the agents: ranks missing, extra, or not answering."""
+def _agent_problems(announced: KeyedAgents, view: AgentsView) -> list[str]:
+    """What keeps the cycle from acting on the agents: ranks (of any group) missing, extra, or not
+    answering."""
+    layout, agents = announced.layout, announced.agents
     problems = []
-    missing = sorted(set(range(expected)) - set(agents))
+    missing = sorted(set(layout.keys) - set(agents))
     if missing:
-        problems.append(f"ranks {missing} not announced")
-    extra = sorted(set(agents) - set(range(expected)))
+        problems.append(f"{layout.names(missing)} not announced")
+    extra = sorted(set(agents) - set(layout.keys))
     if extra:
-        problems.append(f"ranks {extra} beyond the {expected} GPUs")
+        problems.append(f"ranks {extra} beyond the {layout.ranks} GPUs")
+    if announced.stray:
+        problems.append(f"{', '.join(announced.stray)} outside the {layout.groups} groups of {layout.ranks} GPUs")
     if view.errors:
         problems.append(
-            "unreachable: " + ", ".join(f"rank {r} ({e.message[:80]})" for r, e in sorted(view.errors.items()))
+            "unreachable: " + ", ".join(f"{layout.name(r)} ({e.message[:80]})" for r, e in sorted(view.errors.items()))
         )
     return problems
 

@@ -364,6 +364,16 @@ class MigrationStatus(SpecModel):
     solver_status: str = Field("", description="Status of the solve that produced the target.")
 
 
+class GroupStatus(SpecModel):
+    """One expert-parallel group (a LeaderWorkerSet replica) and the published placement."""
+
+    index: int = Field(..., ge=0, description="The group's leaderworkerset.sigs.k8s.io/group-index.")
+    agents: int = Field(0, ge=0, description="Its agents announced in the agents Service's endpoints.")
+    reachable: int = Field(0, ge=0, description="Its agents answering /v1/placement.")
+    generation: int = Field(0, description="Lowest placement generation its answering agents serve.")
+    serving: bool = Field(False, description="Whether every rank of the group serves the published placement.")
+
+
 class MoEDeploymentStatus(SpecModel):
     """Observed state (the operator also keeps its own bookkeeping here)."""
 
@@ -391,7 +401,15 @@ class MoEDeploymentStatus(SpecModel):
     groups: int = Field(
         0,
         ge=0,
-        description="Expert-parallel groups (LeaderWorkerSet replicas; 1 otherwise); the one published placement applies to every group.",
+        description=(
+            "Expert-parallel groups of a LeaderWorkerSet workloadRef (its replicas; unset otherwise): "
+            "the one published placement applies to every group, and a migration moves all of them."
+        ),
+    )
+    group_status: list[GroupStatus] = Field(
+        default_factory=list,
+        description="Per LeaderWorkerSet group: its agents and whether they serve the published placement.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["index"]},
     )
     agent_token_secret: str = Field("", description="Secret holding the agents' bearer token.")
 

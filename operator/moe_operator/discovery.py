@@ -14,6 +14,8 @@ The rank mapping, from either object:
     expert-parallel group with its own ranks; the operator applies one placement to every group.
 
   global rank = node * gpusPerNode + r, counted inside the group;
+  The controller keys the agents of every group by ``group * GPUs + rank`` (``plan_runner.GroupLayout``,
+  as many groups as the LeaderWorkerSet's ``spec.replicas``) and runs one migration on all of them;
 * an address without a pod is node 0 of group 0: global rank = ``r`` (the local demo announces its
   agent processes as one address with ports ``rank-0`` .. ``rank-<G-1>``).
 
@@ -38,6 +40,7 @@ from typing import Any, Literal
 from moe_operator import builders, settings
 from moe_operator.crd import ResolvedSpec, WorkloadRef
 from moe_operator.kube import Kube
+from moe_operator.plan_runner import GroupLayout
 
 SLICES_GROUP = "discovery.k8s.io"
 SLICES_VERSION = "v1"
@@ -66,6 +69,32 @@ class AgentGroups:
     @property
     def count(self) -> int:
         return sum(len(agents) for agents in self.groups.values())
+
+    def keyed(self, layout: GroupLayout) -> KeyedAgents:
+        """The agents keyed as ``layout`` keys them (``group * ranks + rank``). One group announced as
+        group 0: its ranks as they are (ranks beyond the GPUs included; the caller reports them).
+        Otherwise an agent outside the layout (a rank beyond a group's GPUs, a group beyond the
+        LeaderWorkerSet's replicas) is left out and named in ``stray``."""
+        if layout.groups == 1 and set(self.groups) <= {0}:
+            return KeyedAgents(dict(self.group(0)), layout)
+        agents: dict[int, str] = {}
+        stray = []
+        for group, ranks in sorted(self.groups.items()):
+            for rank, url in sorted(ranks.items()):
+                if group < layout.groups and rank < layout.ranks:
+                    agents[layout.key(group, rank)] = url
+                else:
+                    stray.append(f"group {group} rank {rank}")
+        return KeyedAgents(agents, layout, tuple(stray))
+
+
+@dataclass(frozen=True)
+class KeyedAgents:
+    """Agents keyed by ``layout`` (key -> base URL), and the announced agents it has no key for."""
+
+    agents: dict[int, str]
+    layout: GroupLayout
+    stray: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

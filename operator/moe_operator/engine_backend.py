@@ -65,13 +65,15 @@ def engine_map(target: Placement) -> Placement:
 
 @dataclass
 class EngineWait:
-    """Wait for the engine behind ``agents`` (rank -> sidecar base URL) to serve ``target``."""
+    """Wait for the engine behind ``agents`` (rank -> sidecar base URL; with ``groups`` > 1 keyed
+    ``group * GPUs + rank``, as ``plan_runner.GroupLayout`` keys them) to serve ``target`` in every group."""
 
     client: AgentClient
     agents: Mapping[int, str]
     target: Placement
     deadline_s: float
     poll_s: float = 0.5
+    groups: int = 1
     expected_hash: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +101,7 @@ class EngineWait:
 
     async def run(self) -> EngineOutcome:
         start = time.monotonic()
-        ranks = range(self.target.num_gpus)
+        ranks = range(self.target.num_gpus * self.groups)
         while True:
             try:
                 answers = dict(await asyncio.gather(*(self._ask(rank) for rank in ranks)))
@@ -130,7 +132,12 @@ class _Fatal(Exception):
 
 
 async def wait_until_live(
-    client: AgentClient, agents: Mapping[int, str], target: Placement, deadline_s: float, poll_s: float = 0.5
+    client: AgentClient,
+    agents: Mapping[int, str],
+    target: Placement,
+    deadline_s: float,
+    poll_s: float = 0.5,
+    groups: int = 1,
 ) -> EngineOutcome:
     """Poll every rank's ``GET /v1/placement`` until all serve ``engine_map(target)``; see EngineWait."""
-    return await EngineWait(client, agents, target, deadline_s, poll_s).run()
+    return await EngineWait(client, agents, target, deadline_s, poll_s, groups).run()

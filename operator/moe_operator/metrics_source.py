@@ -4,6 +4,14 @@ co-activation from the agents' ``/v1/stats``.
 Bad samples (labels that are not integers, ids out of range, NaN or negative values, malformed
 stats) are skipped and counted by reason in a ``MetricsReport``; the cycle reports them in status and
 events. Nothing here blocks the event loop: ``fetch_load`` is synchronous and runs in a worker thread.
+
+LeaderWorkerSet groups: every group serves the one published placement, so the load it is balanced
+for is the sum over groups. The load query sums by (layer, expert) over every series, hence over
+every group: an agent's series carry its rank inside its group, and rank r of each group serves the
+same slots. The operator's PodMonitor labels a LeaderWorkerSet's series with ``group`` (the pod's
+group-index); when the series carry it, the check that every rank exports load is made per group
+(a rank silent in one group is not hidden by the same rank of another). Series without a ``group``
+label (a Prometheus scraping the agents some other way) are checked by rank over all groups.
 """
 
 from __future__ import annotations
@@ -78,10 +86,10 @@ def load_query(window_seconds: int, match_labels: Mapping[str, str] | None = Non
     return f"sum by (layer, expert) (increase({LOAD_METRIC}{{{matchers}}}[{int(window_seconds)}s]))"
 
 
-def ranks_query(match_labels: Mapping[str, str] | None = None) -> str:
-    """PromQL of the ranks that export load series."""
+def ranks_query(match_labels: Mapping[str, str] | None = None, by_group: bool = False) -> str:
+    """PromQL of the ranks (with ``by_group``: the (group, rank) pairs) that export load series."""
     matchers = _matchers(match_labels or {})
-    return f"count by (rank) ({LOAD_METRIC}{{{matchers}}})"
+    return f"count by ({'group, ' if by_group else ''}rank) ({LOAD_METRIC}{{{matchers}}})"
 
 
 def activated_query(match_labels: Mapping[str, str] | None = None) -> str:
@@ -172,6 +180,36 @@ def missing_ranks(rows: Sequence[Any], num_ranks: int) -> list[int]:
     return [rank for rank in range(num_ranks) if rank not in present]
 
 
+def silent_ranks(rows: Sequence[Any], num_ranks: int, num_groups: int) -> list[str]:
+    """The ranks, named ``group g rank r``, that no row of a ``count by (group, rank)`` result names.
+    Rows without a ``group`` label (series nobody labelled by group) are checked by rank alone
+    (``rank r``), over all groups."""
+    labelled = [
+        row.get("metric") or {}
+        for row in rows if isinstance(row, Mapping) and isinstance(row.get("metric") or {}, Mapping)
+    ]
+    if not any("group" in metric for metric in labelled):
+        return [f"rank {rank}" for rank in missing_ranks(rows, num_ranks)]
+    present = {(_int_label(metric, "group"), _int_label(metric, "rank")) for metric in labelled}
+    return [
+        f"group {group} rank {rank}"
+        for group in range(num_groups) for rank in range(num_ranks) if (group, rank) not in present
+    ]
+
+
+def _check_ranks(client: Any, url: str, match_labels: Mapping[str, str], num_ranks: int, num_groups: int) -> None:
+    """MetricsUnavailable (RanksMissing) when some rank (of some group) exports no load series."""
+    if num_groups > 1:
+        rows = _query(client, url, ranks_query(match_labels, by_group=True))
+        silent_agents = silent_ranks(rows, num_ranks, num_groups)
+        if silent_agents:
+            raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from {', '.join(silent_agents)}")
+        return
+    silent = missing_ranks(_query(client, url, ranks_query(match_labels)), num_ranks)
+    if silent:
+        raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from ranks {silent}")
+
+
 def fetch_load(
     url: str,
     window_seconds: int,
@@ -181,14 +219,16 @@ def fetch_load(
     num_ranks: int,
     timeout_s: float = 10.0,
     auth: settings.PrometheusAuth | None = None,
+    num_groups: int = 1,
 ) -> tuple[np.ndarray, MetricsReport, float | None]:
     """Query Prometheus (blocking; run in a thread): (load [L, E], report, live max activated experts).
 
     ``auth`` (default: the operator's ``--prometheus-*`` flags for this URL, see
     ``OperatorSettings.prometheus_auth``) verifies an https server's certificate and sends a bearer
     token. Raises MetricsUnavailable when Prometheus does not answer or answers nonsense, returns no
-    usable series, or some rank exports none (its tokens would be missing from the load); reason
-    ``PrometheusTLS`` when its certificate does not verify.
+    usable series, or some rank exports none (its tokens would be missing from the load; with
+    ``num_groups`` > 1, some rank of some group, see ``silent_ranks``); reason ``PrometheusTLS`` when
+    its certificate does not verify.
     """
     from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
     from requests import RequestException, Session
@@ -216,9 +256,7 @@ def fetch_load(
             raise MetricsUnavailable("NoData", f"{url}: no {LOAD_METRIC} series in the last {window_seconds}s")
         if report.used == 0:
             raise MetricsUnavailable("BadData", f"{url}: no usable series ({report.summary()})")
-        silent = missing_ranks(_query(client, url, ranks_query(match_labels)), num_ranks)
-        if silent:
-            raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from ranks {silent}")
+        _check_ranks(client, url, match_labels, num_ranks, num_groups)
         activated = None
         try:
             rows = client.custom_query(activated_query(match_labels))

@@ -11,7 +11,7 @@ from typing import Any
 
 from moe_operator import metrics as om
 from moe_operator.agents import AgentClient
-from moe_operator.plan_runner import AgentsView
+from moe_operator.plan_runner import ONE_GROUP, AgentsView, GroupLayout, build_group_status
 from moe_operator.crd import ConditionType, ResolvedSpec
 from moe_operator.status import StatusWriter
 
@@ -98,6 +98,18 @@ class CycleContext:
     agents: dict[int, str]
     base: dict[str, Any] = field(default_factory=dict)
     view: AgentsView | None = None
+    layout: GroupLayout = ONE_GROUP
+
+    def record_groups(self, digest: str, generation: int) -> None:
+        """``status.groups`` and ``groupStatus`` from the current view, for a LeaderWorkerSet
+        workload (its groups against the map ``digest`` at ``generation``)."""
+        ref = self.resolved.spec.serving.workload_ref
+        if self.view is None or ref is None or ref.kind != "LeaderWorkerSet":
+            return
+        self.base.update(
+            groups=self.layout.groups,
+            groupStatus=build_group_status(self.layout, self.agents, self.view, digest, generation),
+        )
 
     @property
     def namespace(self) -> str:

@@ -26,6 +26,11 @@ run out the stage is undone (staged slots retired, the union de-activated) and t
 with a plan of its own. Every map activated gives every expert at least one slot and copies only go
 into empty slots, so no expert loses its last live replica at any moment.
 
+With several expert-parallel groups (LeaderWorkerSet replicas) one plan runs on all of them in
+lockstep (``GroupLayout``): every group serves the same map, so each copy runs once per group, from
+and to that group's agents, and every activation goes to every group's agents. A stage that fails in
+any group is undone in all of them, so at every stage boundary all groups serve one map.
+
 Shapes: L layers, N slots.
 """
 
@@ -67,6 +72,38 @@ class RequestIds:
 
     def __call__(self, *parts: object) -> str:
         return ".".join([self.plan_id, self.nonce, *(str(part) for part in parts)])
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which agent a key of an agents mapping names: ``group * ranks + rank`` for ``groups`` groups of
+    ``ranks`` ranks each. One group (the default) keys agents by rank. A slot's owner is the same
+    rank in every group, since every group serves the same map."""
+
+    ranks: int = 0
+    groups: int = 1
+
+    def key(self, group: int, rank: int) -> int:
+        return group * self.ranks + rank
+
+    def keys_of(self, rank: int) -> list[int]:
+        """The keys of ``rank`` in every group."""
+        return [self.key(group, rank) for group in range(self.groups)]
+
+    @property
+    def keys(self) -> range:
+        """Every agent the layout expects."""
+        return range(self.ranks * self.groups)
+
+    def name(self, key: int) -> str:
+        return f"rank {key}" if self.groups == 1 else f"group {key // self.ranks} rank {key % self.ranks}"
+
+    def names(self, keys: Sequence[int]) -> str:
+        """``ranks [..]`` for one group, ``group g rank r, ...`` for several."""
+        return f"ranks {list(keys)}" if self.groups == 1 else ", ".join(self.name(key) for key in keys)
+
+
+ONE_GROUP = GroupLayout()
 
 
 @dataclass(frozen=True)
@@ -201,7 +238,8 @@ def activate_request(request_id: str, generation: int, mapping: np.ndarray) -> A
 
 @dataclass
 class PlanRunner:
-    """Runs one plan. ``record`` persists progress; ``should_stop`` is polled between stages."""
+    """Runs one plan. ``record`` persists progress; ``should_stop`` is polled between stages;
+    ``layout`` names the agents' groups (``agents`` is keyed by it)."""
 
     client: AgentClient
     agents: Mapping[int, str]
@@ -210,12 +248,13 @@ class PlanRunner:
     record: Callable[[Progress], Awaitable[None]]
     should_stop: Callable[[], bool] = lambda: False
     on_step: Callable[[str, float], None] = lambda result, bytes_moved: None
+    layout: GroupLayout = ONE_GROUP
 
     view: AgentsView | None = None
     ids: RequestIds = field(default_factory=lambda: RequestIds("none"))
 
-    def _owner(self, slot: int) -> int:
-        return int(slot) // self.slots_per_gpu
+    def _owner(self, slot: int, group: int = 0) -> int:
+        return self.layout.key(group, int(slot) // self.slots_per_gpu)
 
     async def _read(self) -> AgentsView:
         """A fresh view of every agent (at the start and after a failure; steps that succeed keep the
@@ -227,10 +266,14 @@ class PlanRunner:
             await asyncio.sleep(self.options.backoff_s * 2**attempt)
             last = await read_agents(self.client, self.agents)
         if last.errors:
-            ranks = ", ".join(f"{rank} ({error.message})" for rank, error in sorted(last.errors.items()))
+            ranks = ", ".join(f"{self._label(rank)} ({error.message})" for rank, error in sorted(last.errors.items()))
             raise StepFailed(f"agents unreachable: {ranks}")
         self.view = last
         return last
+
+    def _label(self, key: int) -> str:
+        """How messages name an agent: its rank, with its group when there are several."""
+        return str(key) if self.layout.groups == 1 else self.layout.name(key)
 
     async def _current(self) -> AgentsView:
         return self.view if self.view is not None else await self._read()
@@ -285,7 +328,7 @@ class PlanRunner:
         results = await asyncio.gather(*calls, return_exceptions=True)
         for (rank, layer, slot), result in zip(slots, results):
             if isinstance(result, BaseException):
-                raise StepFailed(f"retire of orphan staged slot {slot} of layer {layer} on rank {rank}: {result}")
+                raise StepFailed(f"retire of orphan staged slot {slot} of layer {layer} on {self.layout.name(rank)}: {result}")
             view.set_slot(rank, layer, slot, -1, "empty")
 
     async def _run_stage(
@@ -306,7 +349,7 @@ class PlanRunner:
             ("s", index, "final"),
             after,
             skip_hashes={after_hash},
-            last=retired_owners(union, after, self.slots_per_gpu),
+            last={key for rank in retired_owners(union, after, self.slots_per_gpu) for key in self.layout.keys_of(rank)},
             fatal=False,
         )
         progress = replace(progress, stage=index + 1, step="")
@@ -317,13 +360,16 @@ class PlanRunner:
         if not copies:
             return 0.0
         view = await self._current()
-        semaphore = asyncio.Semaphore(self.options.max_concurrent_transfers)
+        # Each group moves weights over its own links: the transfer limit holds per group.
+        semaphores = [asyncio.Semaphore(self.options.max_concurrent_transfers) for _ in range(self.layout.groups)]
 
-        async def one(number: int, copy: ExpertCopy) -> float:
-            async with semaphore:
-                return await self._copy(index, number, copy, prev, view)
+        async def one(number: int, copy: ExpertCopy, group: int) -> float:
+            async with semaphores[group]:
+                return await self._copy(index, number, copy, prev, view, group)
 
-        results = await asyncio.gather(*(one(n, c) for n, c in enumerate(copies)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(one(n, c, g) for g in range(self.layout.groups) for n, c in enumerate(copies)), return_exceptions=True
+        )
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             self.view = None  # something went wrong: read the agents again before the next step
@@ -334,14 +380,14 @@ class PlanRunner:
             raise StepFailed("; ".join(str(failure) for failure in failures[:3]))
         return float(sum(results))
 
-    def _sources(self, copy: ExpertCopy, prev: np.ndarray, view: AgentsView) -> list[int]:
-        """Slots to copy from: the plan's source first, then other live replicas of the expert."""
+    def _sources(self, copy: ExpertCopy, prev: np.ndarray, view: AgentsView, group: int) -> list[int]:
+        """Slots to copy from, in ``group``: the plan's source first, then other live replicas of the expert."""
         slots = [int(copy.source_slot)] + [
             int(slot) for slot in np.nonzero(prev[copy.layer] == copy.expert)[0] if slot != copy.source_slot
         ]
         usable = []
         for slot in slots:
-            owner = self._owner(slot)
+            owner = self._owner(slot, group)
             if owner not in self.agents:
                 continue
             state = view.slot_state(owner, copy.layer, slot)
@@ -350,13 +396,15 @@ class PlanRunner:
             usable.append(slot)
         return usable or slots[:1]
 
-    async def _copy(self, index: int, number: int, copy: ExpertCopy, prev: np.ndarray, view: AgentsView) -> float:
-        target = self._owner(copy.target_slot)
+    async def _copy(
+        self, index: int, number: int, copy: ExpertCopy, prev: np.ndarray, view: AgentsView, group: int
+    ) -> float:
+        target = self._owner(copy.target_slot, group)
         url = self.agents[target]
         held = view.slot_state(target, copy.layer, copy.target_slot)
         if held is not None and held[0] == copy.expert and held[1] in ("staged", "live"):
             return 0.0  # done before (a resumed stage)
-        sources = self._sources(copy, prev, view)
+        sources = self._sources(copy, prev, view, group)
         errors = []
         for attempt in range(self.options.retries + 1):
             source_slot = sources[attempt % len(sources)]
@@ -365,7 +413,7 @@ class PlanRunner:
                 layer=copy.layer,
                 slot=copy.target_slot,
                 expert=copy.expert,
-                source=StageSource(peer=self.agents[self._owner(source_slot)]),
+                source=StageSource(peer=self.agents[self._owner(source_slot, group)]),
                 timeout_seconds=self.options.step_timeout_s,
             )
             try:
@@ -383,7 +431,7 @@ class PlanRunner:
             return float(answer.bytes)
         raise StepFailed(
             f"copy of layer {copy.layer} expert {copy.expert} to slot {copy.target_slot} "
-            f"(rank {target}) failed: {errors[-1] if errors else 'no source'}"
+            f"({self.layout.name(target)}) failed: {errors[-1] if errors else 'no source'}"
         )
 
     async def _holds(self, url: str, copy: ExpertCopy) -> bool:
@@ -489,6 +537,7 @@ async def converge(
     mapping: np.ndarray,
     generation: int,
     view: AgentsView,
+    layout: GroupLayout = ONE_GROUP,
 ) -> list[str]:
     """Bring agents that lag behind the published placement (a restarted agent serving the right map
     at an older generation, or one that missed an activation it holds the weights for) onto it.
@@ -500,10 +549,31 @@ async def converge(
         if answer.hash == digest and answer.generation == generation:
             continue
         if answer.generation > generation:
-            problems.append(f"rank {rank} serves generation {answer.generation} > published {generation}")
+            problems.append(f"{layout.name(rank)} serves generation {answer.generation} > published {generation}")
             continue
         try:
             view.update(rank, await client.activate(agents[rank], activate_request(ids("g", generation, "r", rank), generation, mapping)))
         except AgentError as error:
-            problems.append(f"rank {rank}: {error.message or error}")
+            problems.append(f"{layout.name(rank)}: {error.message or error}")
     return problems
+
+
+def build_group_status(
+    layout: GroupLayout, agents: Mapping[int, str], view: AgentsView, digest: str, generation: int
+) -> list[dict[str, int | bool]]:
+    """``status.groupStatus`` (camelCase): per group, its agents announced and answering, the lowest
+    generation they serve, and whether every one of its ranks serves the map ``digest`` at
+    ``generation``."""
+    entries = []
+    for group in range(layout.groups):
+        keys = [layout.key(group, rank) for rank in range(layout.ranks)]
+        answers = [view.answers[key] for key in keys if key in view.answers]
+        entries.append({
+            "index": group,
+            "agents": sum(key in agents for key in keys),
+            "reachable": len(answers),
+            "generation": min((answer.generation for answer in answers), default=0),
+            "serving": len(answers) == layout.ranks
+            and all(answer.hash == digest and answer.generation == generation for answer in answers),
+        })
+    return entries

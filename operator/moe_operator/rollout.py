@@ -113,7 +113,7 @@ class Rollout:
             target_hash=placement_hash(target.physical_to_logical_map),
             from_generation=generation,
             stages=result.stages,
-            bytes_total=result.bytes_to_move,
+            bytes_total=result.bytes_to_move * ctx.layout.groups,
             started_at=now_iso(),
             message=result.reason,
             policy=policy,
@@ -122,7 +122,7 @@ class Rollout:
         await self.kube.put_configmap(builders.build_migration_configmap(ctx.body, record))
         ctx.writer.condition("Migrating", True, "MigrationRunning", f"plan {record.plan_id}: {result.stages} stages")
         await ctx.writer.patch(migration=migration)
-        progress = Progress(plan_id=record.plan_id, stages=result.stages, bytes_total=result.bytes_to_move)
+        progress = Progress(plan_id=record.plan_id, stages=result.stages, bytes_total=migration.bytes_total)
         return await self._run(ctx, record, result.plan, progress, migration, should_stop)
 
     def _record(
@@ -181,7 +181,7 @@ class Rollout:
             stage=migration.stage,
             step=migration.step,
             bytes_moved=migration.bytes_moved,
-            bytes_total=migration.bytes_total or plan.bytes_moved,
+            bytes_total=migration.bytes_total or plan.bytes_moved * ctx.layout.groups,
         )
         self.event(ctx.body, "Normal", "MigrationResumed", f"plan {progress.plan_id} at stage {progress.stage}/{progress.stages}")
         return await self._run(ctx, record, plan, progress, migration, should_stop)
@@ -259,7 +259,9 @@ class Rollout:
         remaining = ctx.resolved.spec.migration.engine_apply_timeout_seconds - elapsed
         ctx.metrics.migrating(True)
         try:
-            outcome = await wait_until_live(ctx.client, ctx.agents, target, max(min(remaining, ENGINE_POLL_S), 0.0))
+            outcome = await wait_until_live(
+                ctx.client, ctx.agents, target, max(min(remaining, ENGINE_POLL_S), 0.0), groups=ctx.layout.groups
+            )
         finally:
             ctx.metrics.migrating(False)
         name = builders.migration_configmap_name(ctx.name)
@@ -278,11 +280,11 @@ class Rollout:
                 status={"migration": done, "lastRebalanceTime": now_iso()},
             )
         if isinstance(outcome, EngineTimedOut) and remaining > ENGINE_POLL_S:
-            lagging = ", ".join(f"rank {rank}: {why}" for rank, why in sorted(outcome.lagging.items())[:4])
+            lagging = ", ".join(f"{ctx.layout.name(rank)}: {why}" for rank, why in sorted(outcome.lagging.items())[:4])
             return waiting(CycleResult.ENGINE_APPLYING, f"plan {record.plan_id}: waiting for the engine ({lagging})")
         why = (
             f"not served within {ctx.resolved.spec.migration.engine_apply_timeout_seconds:.0f}s"
-            if isinstance(outcome, EngineTimedOut) else f"rank {outcome.rank}: {outcome.message}"
+            if isinstance(outcome, EngineTimedOut) else f"{ctx.layout.name(outcome.rank)}: {outcome.message}"
         )
         message = f"plan {record.plan_id}: {why}; the previous map is published again for the engine"
         source = _placement(record.source, ctx.resolved)
@@ -304,7 +306,9 @@ class Rollout:
     ) -> CycleOutcome:
         assert ctx.view is not None
         generation = ctx.view.max_generation + 1
-        problems = await converge(ctx.client, ctx.agents, published.physical_to_logical_map, generation, ctx.view)
+        problems = await converge(
+            ctx.client, ctx.agents, published.physical_to_logical_map, generation, ctx.view, ctx.layout
+        )
         if problems:
             message = f"plan {migration.plan_id}: agents serve different maps and cannot all serve the published one: " + (
                 "; ".join(problems[:3])
@@ -333,6 +337,7 @@ class Rollout:
             record=persist,
             should_stop=should_stop,
             on_step=lambda result, bytes_moved: ctx.metrics.migration_step(result, bytes_moved),
+            layout=ctx.layout,
         )
 
     async def _completed(
@@ -343,8 +348,9 @@ class Rollout:
         solver = {"status": migration.solver_status or "heuristic"}
         await self.publish(ctx, live, outcome.generation, record.policy, solver, migration=migration, rebalanced=True)
         # Agents skipped by the last activation (already on the map) catch up on its generation.
-        await converge(ctx.client, ctx.agents, live.physical_to_logical_map, outcome.generation,
-                       await read_agents(ctx.client, ctx.agents))
+        ctx.view = await read_agents(ctx.client, ctx.agents)
+        await converge(ctx.client, ctx.agents, live.physical_to_logical_map, outcome.generation, ctx.view, ctx.layout)
+        ctx.record_groups(placement_hash(live.physical_to_logical_map), outcome.generation)
         await self.kube.delete_configmap(ctx.namespace, builders.migration_configmap_name(ctx.name))
         ctx.metrics.rebalance("applied")
         message = (
@@ -398,7 +404,7 @@ class Rollout:
         rollback = MigrationStatus(
             plan_id=back.plan_id, state="Running", rollback_of=forward_plan,
             target_hash=placement_hash(original.physical_to_logical_map), from_generation=outcome.generation,
-            stages=len(plan.stages), bytes_total=plan.bytes_moved, started_at=now_iso(),
+            stages=len(plan.stages), bytes_total=plan.bytes_moved * ctx.layout.groups, started_at=now_iso(),
             message=f"returning to the map before plan {forward_plan}: {outcome.message}",
             policy=record.policy, solver_status=migration.solver_status,
         )
@@ -408,7 +414,7 @@ class Rollout:
             # One rollback attempt per cycle: the next cycle resumes it once the agents answer.
             return waiting(CycleResult.ROLLING_BACK, rollback.message, event=Event("Warning", "MigrationRollingBack", rollback.message))
         self.event(ctx.body, "Warning", "MigrationRollingBack", rollback.message)
-        progress = Progress(plan_id=back.plan_id, stages=len(plan.stages), bytes_total=plan.bytes_moved)
+        progress = Progress(plan_id=back.plan_id, stages=len(plan.stages), bytes_total=plan.bytes_moved * ctx.layout.groups)
         return await self._run(ctx, back, plan, progress, rollback, should_stop)
 
     async def _rolled_back(

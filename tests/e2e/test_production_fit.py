@@ -13,9 +13,9 @@
 * Prometheus behind TLS with a self-signed CA: queries work with the CA file and fail with reason
   ``PrometheusTLS`` without it.
 
-The LeaderWorkerSet CRD here is a minimal one with the real group, version, kind and names
-(leaderworkersets.leaderworkerset.x-k8s.io/v1, schema left open): the published manifest (1.2 MB,
-kubernetes-sigs/lws) is not vendored in this repository.
+The LeaderWorkerSet CRD is kubernetes-sigs/lws's published one (tests/e2e/fixtures/leaderworkerset-crd.yaml),
+trimmed: the 1.3 MB of embedded PodTemplateSpec schema under spec.leaderWorkerTemplate is left open
+(the file's header says why and what else is verbatim).
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e_support import Api, manifest, wait_for
+from e2e_support import (
+    LWS_GROUP,
+    LWS_LABELS,
+    LWS_VERSION,
+    Api,
+    install_lws_crd,
+    lws_object,
+    lws_pods,
+    manifest,
+    raw,
+    wait_for,
+)
 from moe_operator import builders
 from moe_operator.credentials import AgentTokenError, deployment_token, secret_value
 from moe_operator.crd import resolve_spec
@@ -47,9 +58,6 @@ from moeplace_dev.cluster import free_port
 from moeplace_dev.localstack import subprocess_env
 
 pytestmark = pytest.mark.e2e
-
-LWS_GROUP, LWS_VERSION = "leaderworkerset.x-k8s.io", "v1"
-LWS_LABELS = "leaderworkerset.sigs.k8s.io"
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +72,6 @@ def admin(control_plane: Any) -> Api:
 def operator_kubeconfig(control_plane: Any, admin: Api) -> Path:
     """The operator's user, bound to deploy/rbac.yaml's ClusterRole and nothing else."""
     return control_plane.kubeconfig_for("operator")
-
-
-def raw(api: client.ApiClient, method: str, path: str, body: Any = None,
-        query: list[tuple[str, str]] | None = None, accept: str = "application/json",
-        content_type: str = "application/json") -> Any:
-    """One API call by path (for what the typed client lacks: v1beta1 EndpointSlices, Tables, apply)."""
-    headers = {"Accept": accept, "Content-Type": content_type}
-    method, url, headers, body, _ = api.param_serialize(
-        method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
-    )
-    response = api.call_api(method, url, headers, body)
-    response.read()
-    return json.loads(response.data)
 
 
 def kube_for(kubeconfig: Path) -> Kube:
@@ -313,64 +308,13 @@ def test_agents_come_from_endpoints_on_a_server_without_discovery_v1(admin: Api,
     assert asyncio.run(agent_objects(kube)) == "Endpoints"
 
 
-def install_lws_crd(admin: Api) -> None:
-    crd = {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"leaderworkersets.{LWS_GROUP}"},
-        "spec": {
-            "group": LWS_GROUP,
-            "scope": "Namespaced",
-            "names": {"kind": "LeaderWorkerSet", "listKind": "LeaderWorkerSetList", "plural": "leaderworkersets",
-                      "singular": "leaderworkerset", "shortNames": ["lws"]},
-            "versions": [{
-                "name": LWS_VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}},
-            }],
-        },
-    }
-    try:
-        admin.ext.create_custom_resource_definition(crd)
-    except client.ApiException as error:
-        if error.status != 409:
-            raise
-    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
-                         admin.ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
-             30, "LWS CRD established")
-
-
-def lws_pods(name: str, groups: int, size: int) -> list[dict[str, Any]]:
-    """Pods as the LWS controller makes them: the leader ``<name>-<group>`` (worker 0) and workers
-    ``<name>-<group>-<worker>``, labelled with the group and worker index, LWS_WORKER_INDEX set."""
-    pods = []
-    for group in range(groups):
-        for worker in range(size):
-            pod = f"{name}-{group}" if worker == 0 else f"{name}-{group}-{worker}"
-            pods.append({
-                "metadata": {"name": pod, "labels": {
-                    f"{LWS_LABELS}/name": name, f"{LWS_LABELS}/group-index": str(group),
-                    f"{LWS_LABELS}/worker-index": str(worker), f"{LWS_LABELS}/group-key": f"key{group}"}},
-                "spec": {"containers": [{
-                    "name": "agent", "image": "moeplace:test",
-                    "env": [{"name": "LWS_WORKER_INDEX", "value": str(worker)},
-                            {"name": "LWS_LEADER_ADDRESS", "value": f"{name}-{group}.{name}"}],
-                    "ports": [{"name": f"rank-{r}", "containerPort": 9400 + r} for r in range(2)],
-                }]},
-            })
-    return pods
-
-
 def test_leaderworkerset_groups_map_to_separate_rank_spaces(admin: Api, operator_kubeconfig: Path) -> None:
     """2 groups x 2 nodes x 2 GPUs: 2 groups of ranks 0..3, each rank at the pod LWS gave that
     group-index and worker-index, whether read from Endpoints or from EndpointSlices."""
     install_lws_crd(admin)
     namespace = admin.namespace("lws")
-    admin.custom.create_namespaced_custom_object(LWS_GROUP, LWS_VERSION, namespace, "leaderworkersets", {
-        "apiVersion": f"{LWS_GROUP}/{LWS_VERSION}", "kind": "LeaderWorkerSet", "metadata": {"name": "vllm"},
-        "spec": {"replicas": 2, "leaderWorkerTemplate": {"size": 2}}})
+    admin.custom.create_namespaced_custom_object(LWS_GROUP, LWS_VERSION, namespace, "leaderworkersets",
+                                                 lws_object("vllm", 2, 2))
     body = create_deployment(admin, namespace, "model",
                              serving={"workloadRef": {"kind": "LeaderWorkerSet", "name": "vllm"}})
     resolved = resolve_spec(body["spec"])

@@ -234,6 +234,13 @@ def test_podmonitor_labels_agents_series_with_namespace_and_deployment():
     }
 
 
+def test_podmonitor_labels_a_leaderworkersets_series_with_their_group():
+    spec = resolved(serving={"workloadRef": {"kind": "LeaderWorkerSet", "name": "vllm"}})
+    (endpoint, _) = builders.build_podmonitor(OWNER, spec)["spec"]["podMetricsEndpoints"]
+    discovered = {"__address__": "10.0.0.1:9400", "rank": "1", builders.LWS_GROUP_INDEX_META: "1"}
+    assert relabel(discovered, endpoint["relabelings"])["group"] == "1"
+
+
 def relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
     """Prometheus' ``replace`` relabeling (the defaults prometheus-operator leaves in place: source
     labels joined by ``;``, regex ``(.*)`` anchored, replacement ``$1``)."""

@@ -13,10 +13,13 @@ from fake_agents import FakeCluster
 from fake_kube import FakeKube
 from moe_operator import builders, control, settings
 from moe_operator import metrics as om
+from moe_operator.agents import AgentError
 from moe_operator.crd import SpecError
+from moe_operator.discovery import KeyedAgents
 from moe_operator.kube import KubeError
 from moe_operator.metrics_source import MetricsReport, MetricsUnavailable
 from moe_operator.outcomes import CycleResult
+from moe_operator.plan_runner import AgentsView, GroupLayout
 from moe_placement.baselines import linear_placement
 from moe_placement.models import placement_hash
 
@@ -422,3 +425,17 @@ async def test_an_agent_restarted_mid_rollback_is_brought_back_in(make_stack):
     assert np.array_equal(stack.published()[0], source)
     assert stack.cluster.maps() == {placement_hash(source)}
     assert stack.cluster.violations == []
+
+
+def test_agent_problems_name_the_group_and_rank():
+    layout = GroupLayout(ranks=2, groups=2)
+    announced = KeyedAgents({0: "a", 1: "b", 3: "d"}, layout, ("group 2 rank 0",))
+    view = AgentsView({}, errors={1: AgentError("b", "placement", 0, "refused")})
+    assert control._agent_problems(announced, view) == [
+        "group 1 rank 0 not announced",
+        "group 2 rank 0 outside the 2 groups of 2 GPUs",
+        "unreachable: group 0 rank 1 (refused)",
+    ]
+    # One group: the messages as they always were.
+    single = KeyedAgents({0: "a", 2: "c"}, GroupLayout(ranks=2))
+    assert control._agent_problems(single, AgentsView({})) == ["ranks [1] not announced", "ranks [2] beyond the 2 GPUs"]

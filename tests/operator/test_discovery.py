@@ -10,11 +10,13 @@ import pytest
 from moe_operator import builders, settings
 from moe_operator.crd import WorkloadRef
 from moe_operator.discovery import (
+    AgentGroups,
     EndpointsError,
     agents_from_endpoint_slices,
     agents_from_endpoints,
     pod_position,
 )
+from moe_operator.plan_runner import GroupLayout
 
 LWS = WorkloadRef(kind="LeaderWorkerSet", name="vllm-2")
 STS = WorkloadRef(kind="StatefulSet", name="engine")
@@ -129,3 +131,13 @@ def test_ipv6_only_slices_and_the_override_annotation(override):
     local = endpoint_slice("IPv4", [{"addresses": [builders.PLACEHOLDER_IP]}], ports,
                            {builders.ANNOTATION_AGENT_HOST: "127.0.0.1"})
     assert agents_from_endpoint_slices([local], 4).group(0) == {0: "http://127.0.0.1:9400"}
+
+
+def test_groups_are_keyed_group_times_ranks_and_agents_outside_the_layout_are_named():
+    found = AgentGroups("EndpointSlice", {0: {0: "a", 1: "b"}, 1: {0: "c", 1: "d", 2: "x"}, 2: {0: "y"}})
+    keyed = found.keyed(GroupLayout(ranks=2, groups=2))
+    assert keyed.agents == {0: "a", 1: "b", 2: "c", 3: "d"}
+    assert keyed.stray == ("group 1 rank 2", "group 2 rank 0")
+    # One group announced as group 0 keeps its ranks as they are (the caller reports extra ranks).
+    single = AgentGroups("Endpoints", {0: {0: "a", 1: "b", 2: "x"}}).keyed(GroupLayout(ranks=2))
+    assert single.agents == {0: "a", 1: "b", 2: "x"} and single.stray == ()

@@ -10,7 +10,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from moe_operator.metrics_source import MetricsUnavailable, fetch_load, load_query, parse_load, parse_stats
+from moe_operator.metrics_source import (
+    MetricsUnavailable,
+    fetch_load,
+    load_query,
+    parse_load,
+    parse_stats,
+    ranks_query,
+    silent_ranks,
+)
 from moe_placement.agent_api import StatsAnswer
 
 
@@ -168,3 +176,14 @@ def test_the_bearer_token_goes_only_to_the_operators_own_prometheus(tmp_path):
                       "https://thanos-querier.monitoring.svc:9092"):
         auth = operator.prometheus_auth(elsewhere)
         assert auth.headers() == {} and auth.verify() == "/ca.pem", elsewhere
+
+
+def test_ranks_are_counted_per_group_when_the_series_carry_one():
+    assert ranks_query({}, by_group=True) == "count by (group, rank) (moeplace_expert_tokens_total{})"
+    rows = [{"metric": {"group": str(g), "rank": str(r)}, "value": [0, "4"]} for g in (0, 1) for r in (0, 1, 2)]
+    rows.append({"metric": {"group": "0", "rank": "3"}, "value": [0, "4"]})
+    # Rank 3 of group 1 is silent, though rank 3 of group 0 exports.
+    assert silent_ranks(rows, 4, 2) == ["group 1 rank 3"]
+    # Series nobody labelled by group: checked by rank over all groups.
+    unlabelled = [{"metric": {"rank": str(r)}, "value": [0, "4"]} for r in (0, 1, 3)]
+    assert silent_ranks(unlabelled, 4, 2) == ["rank 2"]

@@ -10,7 +10,19 @@ from hypothesis import strategies as st
 
 from fake_agents import TOKEN, FakeCluster
 from moe_operator.agents import AgentClient
-from moe_operator.plan_runner import PlanRunner, Progress, RunOptions, RunState, converge, read_agents, union_map
+from moe_operator.plan_runner import (
+    AgentsView,
+    GroupLayout,
+    PlanRunner,
+    Progress,
+    RunOptions,
+    RunState,
+    build_group_status,
+    converge,
+    read_agents,
+    union_map,
+)
+from moe_placement.agent_api import PlacementAnswer
 from moe_placement.baselines import linear_placement
 from moe_placement.migration_plan import ExpertCopy
 from moe_placement.models import ModelShape, Placement, WorkloadProfile, placement_hash
@@ -229,3 +241,73 @@ def test_property_no_expert_loses_its_last_replica(planner, seed, per_stage):
             await fakes.stop()
 
     asyncio.run(main())
+
+
+@pytest.fixture
+async def second_group():
+    """A second expert-parallel group of fake agents serving the same map as ``cluster``."""
+    fakes = FakeCluster(source().physical_to_logical_map, 8, 3)
+    await fakes.start()
+    yield fakes
+    await fakes.stop()
+
+
+def grouped_runner(client, groups):
+    layout = GroupLayout(ranks=4, groups=len(groups))
+    agents = {layout.key(g, agent.rank): agent.url for g, fakes in enumerate(groups) for agent in fakes.agents}
+
+    async def keep(state: Progress) -> None:
+        pass
+
+    return PlanRunner(
+        client=client, agents=agents, slots_per_gpu=3, record=keep, layout=layout,
+        options=RunOptions(max_concurrent_transfers=2, retries=1, backoff_s=0.01),
+    )
+
+
+async def test_one_plan_runs_on_every_group_with_copies_inside_each_group(planner, cluster, second_group, client):
+    target = target_for(5)
+    plan_obj = planner(source(), target, MODEL, TOPOLOGY, max_copies_per_stage=3)
+    outcome = await grouped_runner(client, [cluster, second_group]).run(plan_obj, Progress("p", len(plan_obj.stages)))
+    assert outcome.state == RunState.COMPLETED, outcome.message
+    copies = sum(len(stage.copies) for stage in plan_obj.stages)
+    for fakes in (cluster, second_group):
+        assert all(np.array_equal(agent.map, target.physical_to_logical_map) for agent in fakes.agents)
+        assert len({agent.generation for agent in fakes.agents}) == 1
+        own = {agent.url for agent in fakes.agents}
+        peers = [peer for agent in fakes.agents for peer in agent.peers]
+        assert len(peers) == copies and set(peers) <= own, "each group copies from its own agents"
+        assert fakes.violations == []
+    assert outcome.generation == cluster.agents[0].generation == second_group.agents[0].generation
+
+
+async def test_a_stage_failing_in_one_group_is_undone_in_every_group(planner, cluster, second_group, client):
+    plan_obj = planner(source(), target_for(4), MODEL, TOPOLOGY, max_copies_per_stage=4)
+    second_group.agents[copies_of(plan_obj)[-1].target_slot // 3].fail_stage = 100
+    outcome = await grouped_runner(client, [cluster, second_group]).run(plan_obj, Progress("p", len(plan_obj.stages)))
+    assert outcome.state == RunState.FAILED and "group 1 rank" in outcome.message
+    failing = next(i for i, stage in enumerate(plan_obj.stages) if stage.copies)
+    before = plan_obj.map_after(failing - 1) if failing else source().physical_to_logical_map
+    for fakes in (cluster, second_group):
+        for agent in fakes.agents:
+            assert np.array_equal(agent.map, before)
+            assert all(state == "live" for _, state in agent.slots.values()), "staged slots retired"
+        assert fakes.violations == []
+
+
+def test_group_layout_keys_names_and_group_status():
+    layout = GroupLayout(ranks=4, groups=2)
+    assert [layout.key(1, 2), layout.keys_of(3), list(layout.keys)] == [6, [3, 7], list(range(8))]
+    assert layout.name(6) == "group 1 rank 2" and layout.names([1, 6]) == "group 0 rank 1, group 1 rank 2"
+    assert GroupLayout(ranks=4).name(3) == "rank 3" and GroupLayout(ranks=4).names([1, 2]) == "ranks [1, 2]"
+
+    def answer(digest: str, generation: int) -> PlacementAnswer:
+        return PlacementAnswer(rank=0, generation=generation, hash=digest, num_layers=1, num_experts=1,
+                               slots_per_gpu=1, num_gpus=1, physical_to_logical_map=[[0]])
+
+    view = AgentsView({key: answer("h", 3) for key in range(4)} | {4: answer("h", 2), 5: answer("old", 2)})
+    agents = {key: f"http://a{key}" for key in range(7)}
+    assert build_group_status(layout, agents, view, "h", 3) == [
+        {"index": 0, "agents": 4, "reachable": 4, "generation": 3, "serving": True},
+        {"index": 1, "agents": 3, "reachable": 2, "generation": 2, "serving": False},
+    ]

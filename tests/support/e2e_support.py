@@ -13,17 +13,82 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
+import yaml
+from kubernetes import client
 
 from moeplace_dev.localstack import Agents as LocalAgents
 from moeplace_dev.localstack import Api, wait_for
 from moeplace_dev.localstack import OperatorProcess as Operator
 from moeplace_dev.manifests import TINY_SHAPE, manifest
 
-__all__ = ["AGENT_TOKEN", "TINY_SHAPE", "Agents", "Api", "Operator", "ReplicaChecker", "manifest",
-           "skewed_trace", "wait_for"]
+__all__ = ["AGENT_TOKEN", "LWS_GROUP", "LWS_LABELS", "LWS_VERSION", "TINY_SHAPE", "Agents", "Api", "Operator",
+           "ReplicaChecker", "install_lws_crd", "lws_object", "lws_pods", "manifest", "raw", "skewed_trace", "wait_for"]
 
 AGENT_TOKEN = "e2e-agent-token"
+LWS_GROUP, LWS_VERSION = "leaderworkerset.x-k8s.io", "v1"
+LWS_LABELS = "leaderworkerset.sigs.k8s.io"
+LWS_CRD = Path(__file__).resolve().parents[1] / "e2e" / "fixtures" / "leaderworkerset-crd.yaml"
+
+
+def raw(api: client.ApiClient, method: str, path: str, body: Any = None,
+        query: list[tuple[str, str]] | None = None, accept: str = "application/json",
+        content_type: str = "application/json") -> Any:
+    """One API call by path (for what the typed client lacks: v1beta1 EndpointSlices, Tables, apply)."""
+    headers = {"Accept": accept, "Content-Type": content_type}
+    method, url, headers, body, _ = api.param_serialize(
+        method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
+    )
+    response = api.call_api(method, url, headers, body)
+    response.read()
+    return json.loads(response.data)
+
+
+def install_lws_crd(api: Api) -> None:
+    """Apply kubernetes-sigs/lws's LeaderWorkerSet CRD (the fixture file; its header says what is
+    trimmed) and wait until it is established."""
+    crd = yaml.safe_load(LWS_CRD.read_text())
+    try:
+        api.ext.create_custom_resource_definition(crd)
+    except client.ApiException as error:
+        if error.status != 409:
+            raise
+    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
+                         api.ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
+             30, "LWS CRD established")
+
+
+def lws_pods(name: str, groups: int, size: int, gpus_per_node: int = 2) -> list[dict[str, Any]]:
+    """Pods as the LWS controller makes them: the leader ``<name>-<group>`` (worker 0) and workers
+    ``<name>-<group>-<worker>``, labelled with the group and worker index, LWS_WORKER_INDEX set,
+    one container port ``rank-<r>`` per GPU."""
+    pods = []
+    for group in range(groups):
+        for worker in range(size):
+            pod = f"{name}-{group}" if worker == 0 else f"{name}-{group}-{worker}"
+            pods.append({
+                "metadata": {"name": pod, "labels": {
+                    f"{LWS_LABELS}/name": name, f"{LWS_LABELS}/group-index": str(group),
+                    f"{LWS_LABELS}/worker-index": str(worker), f"{LWS_LABELS}/group-key": f"key{group}"}},
+                "spec": {"containers": [{
+                    "name": "agent", "image": "moeplace:test",
+                    "env": [{"name": "LWS_WORKER_INDEX", "value": str(worker)},
+                            {"name": "LWS_LEADER_ADDRESS", "value": f"{name}-{group}.{name}"}],
+                    "ports": [{"name": f"rank-{r}", "containerPort": 9400 + r} for r in range(gpus_per_node)],
+                }]},
+            })
+    return pods
+
+
+def lws_object(name: str, replicas: int, size: int) -> dict[str, Any]:
+    """A LeaderWorkerSet as a user writes it (valid against the published CRD)."""
+    template = {"spec": {"containers": [{"name": "agent", "image": "moeplace:test"}]}}
+    return {
+        "apiVersion": f"{LWS_GROUP}/{LWS_VERSION}", "kind": "LeaderWorkerSet", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "leaderWorkerTemplate": {"size": size, "workerTemplate": template}},
+    }
 
 
 def skewed_trace(path: Path, skew: float = 1.6, seed: int = 7) -> Path:

@@ -50,6 +50,7 @@ class FakeAgent:
         self.runner: web.AppRunner | None = None
         self.url = ""
         self.calls: list[str] = []
+        self.peers: list[str] = []  # the source peer of every copy it ran
 
     def answer(self) -> dict[str, Any]:
         return {
@@ -119,6 +120,7 @@ class FakeAgent:
             if self.fail_stage > 0:
                 self.fail_stage -= 1
                 return 502, {"error": "peer: injected failure"}
+            self.peers.append(body.source.peer)
             await asyncio.sleep(self.stage_delay)
             try:
                 async with aiohttp.ClientSession() as session:
