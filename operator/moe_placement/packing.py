@@ -47,15 +47,19 @@ def greedy_packing(
     Needs sum(copies) <= num_groups * group_slots and copies <= cap * num_groups."""
     count = np.zeros((len(weight), num_groups), dtype=np.int64)
     free = np.full(num_groups, group_slots)
+    # kept up to date instead of weight @ count per replica, which made a packing O(n^2 G)
+    group_load = np.zeros(num_groups)
     items = np.repeat(np.arange(len(weight)), copies)
     for item in items[np.argsort(-weight[items], kind="stable")]:
         allowed = (free > 0) & (count[item] < cap[item])
         if not allowed.any():
             _make_room(count, free, cap, item)
+            group_load = weight @ count  # _make_room moved replicas between groups
             allowed = (free > 0) & (count[item] < cap[item])
-        group = int(np.argmin(np.where(allowed, weight @ count, np.inf)))
+        group = int(np.argmin(np.where(allowed, group_load, np.inf)))
         count[item, group] += 1
         free[group] -= 1
+        group_load[group] += weight[item]
     return count
 
 

@@ -36,6 +36,8 @@ CANDIDATE_ROUTERS = ("random", "local_first", "metro")
 ROUTER_PREFERENCE = ("metro", "local_first", "random")  # ties (e.g. no replicas) go to the first
 SCORED_BATCHES = 2
 MAX_SCORED_TOKENS = 4096  # tokens per scored batch: enough to rank candidates, seconds at V3 scale
+MIN_SCORED_TOKENS = 256  # fewest tokens per scored batch when drawing them is cut short
+SAMPLING_SHARE = 0.2  # of the time limit for drawing the scored batches
 SCORING_SHARE = 0.5  # of the time limit left for scoring; the rest solves
 SMOOTHING = 0.05  # share of a token's next-layer choice drawn from the layer's popularity alone
 
@@ -46,12 +48,15 @@ def profile_batches(
     num_batches: int,
     rng: np.random.Generator,
     max_tokens: int = MAX_SCORED_TOKENS,
+    seconds: float = float("inf"),
 ) -> list[RoutingBatch]:
     """Batches of ``profile.batch_size`` tokens (at most ``max_tokens``), expert_ids [L, B, k],
     drawn from the profile: layer
     0 by popularity, each later layer by the transitions from the token's experts one layer up
     (mixed with a little popularity), k distinct experts by a Gumbel race. Token i starts on GPU
-    i mod G."""
+    i mod G. Where the first batch's first layers show that drawing them all would take longer
+    than ``seconds``, every batch is cut to the tokens that fit (at least MIN_SCORED_TOKENS): a
+    token's layers depend on its own earlier layers only, so the tokens kept are drawn as before."""
     load = profile.load
     num_layers, num_experts = load.shape
     transitions = pair_matrices(profile)[0].astype(np.float32)
@@ -60,7 +65,9 @@ def profile_batches(
     log_popularity = np.log(np.maximum(popularity, 1e-30))
     batch = min(profile.batch_size, max_tokens)
     batches = []
-    for _ in range(num_batches):
+    started = time.perf_counter()
+    measured_layer = min(1, num_layers - 1)  # layer 1 is the first to follow transitions
+    for index in range(num_batches):
         ids = np.empty((num_layers, batch, profile.top_k), dtype=np.int64)
         log_weight = np.broadcast_to(log_popularity[0], (batch, num_experts))
         for layer in range(num_layers):
@@ -69,6 +76,11 @@ def profile_batches(
             top = np.argpartition(-race, profile.top_k - 1, axis=1)[:, : profile.top_k]
             order = np.argsort(-np.take_along_axis(race, top, 1), axis=1)
             ids[layer] = np.take_along_axis(top, order, 1)
+            if index == 0 and layer == measured_layer:
+                projected = (time.perf_counter() - started) / (layer + 1) * num_layers * num_batches
+                fits = max(MIN_SCORED_TOKENS, int(batch * seconds / projected))
+                if fits < batch:
+                    batch, ids = fits, ids[:, :fits].copy()
             if layer + 1 == num_layers:
                 break
             log_weight = np.broadcast_to(log_popularity[layer + 1], (batch, num_experts))
@@ -93,29 +105,39 @@ def policy_auto(
     started = time.perf_counter()
     deadline = started + options.time_limit_s
     rng = np.random.default_rng(options.seed)
-    batches = profile_batches(profile, topology.num_gpus, SCORED_BATCHES, rng)
+    batches = profile_batches(
+        profile, topology.num_gpus, SCORED_BATCHES, rng,
+        seconds=SAMPLING_SHARE * options.time_limit_s,
+    )
     routers = [name for name in CANDIDATE_ROUTERS if name in ROUTERS]
     results: dict[tuple[str, str], float] = {}
     mappings: dict[str, np.ndarray] = {}
     parts: dict[tuple[str, str], tuple[float, float]] = {}
     skipped: list[str] = []
-    scoring_s = 0.0  # one evaluation's time, measured on the first
+    # one evaluation's time per router, the longest seen (routers differ: local_first builds
+    # each placement's nearest replicas first); a router not yet measured is guessed at the slowest
+    scoring_s: dict[str, float] = {}
+
+    def scoring_guess(router: str) -> float:
+        return scoring_s.get(router, max(scoring_s.values(), default=0.0))
+
     for index, (name, policy) in enumerate(CANDIDATES.items()):
         left = deadline - time.perf_counter()
         remaining = len(CANDIDATES) - index
-        share = (left - remaining * len(routers) * scoring_s) / remaining
-        if index and share < SCORING_SHARE * scoring_s:
+        one_candidate_s = sum(scoring_guess(router) for router in routers)
+        share = (left - remaining * one_candidate_s) / remaining
+        if index and share < SCORING_SHARE * one_candidate_s:
             skipped.append(name)
             continue
         mapping, _ = policy(profile, model, topology, replace(options, time_limit_s=share))
         placement = Placement(mapping.copy(), model.num_experts, topology.slots_per_gpu)
         for router in routers:
-            if results and time.perf_counter() + scoring_s > deadline:
+            if results and time.perf_counter() + scoring_guess(router) > deadline:
                 skipped.append(f"{name}+{router}")
                 continue
             scored = time.perf_counter()
             report = evaluate(placement, model, topology, batches, router, options.seed)
-            scoring_s = max(scoring_s, time.perf_counter() - scored)
+            scoring_s[router] = max(scoring_s.get(router, 0.0), time.perf_counter() - scored)
             results[name, router] = report.moe_time_s
             parts[name, router] = (report.compute_time_s, report.comm_time_s)
             mappings[name] = mapping

@@ -14,10 +14,11 @@ import numpy as np
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
 from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
 from moe_placement.pairs import locality_score, pair_matrices
+from moe_placement.parallel import layer_chunks, run_chunks, worker_count
 from moe_placement.policies.base import PolicyOptions, SolverInfo
 from moe_placement.presence import node_presence
 from moe_placement.routing import replica_layouts, route_metro
-from moe_placement.traces import sample_tokens
+from moe_placement.traces import sample_expert_ids
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
 MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
@@ -160,6 +161,66 @@ def best_replica_level(
     return best_row, best_time, best_level
 
 
+def layer_profile(profile: WorkloadProfile, layers: slice) -> WorkloadProfile:
+    """The loads (and domain loads) of ``layers`` of ``profile``: what sampling tokens needs."""
+    return WorkloadProfile(
+        load=profile.load[layers],
+        top_k=profile.top_k,
+        domain_loads={name: load[layers] for name, load in profile.domain_loads.items()},
+        phase=profile.phase,
+        batch_size=profile.batch_size,
+    )
+
+
+def simulated_batches(profile: WorkloadProfile, layer: int, seed: int) -> np.ndarray:
+    """SIMULATED_BATCHES decode batches of one layer of a one-layer ``profile``, [X, B, k], drawn
+    from a generator of its own (seed, layer): the same tokens however the layers are split up."""
+    batch_tokens = min(profile.batch_size, 8192)
+    rng = np.random.default_rng([seed, layer])
+    tokens, _, _ = sample_expert_ids(profile, SIMULATED_BATCHES * batch_tokens, rng)
+    return tokens.reshape(SIMULATED_BATCHES, batch_tokens, profile.top_k)
+
+
+def search_layers(
+    profile: WorkloadProfile,
+    first_layer: int,
+    presence: np.ndarray,
+    chance: np.ndarray,
+    capacity: np.ndarray,
+    model: ModelShape,
+    topology: Topology,
+    levels: list[int],
+    seed: int,
+    deadline: float,
+) -> tuple[np.ndarray, list[int | None], float]:
+    """Primaries and the best replica level for the consecutive layers of ``profile`` (layer
+    ``first_layer`` of the model onwards), until ``deadline`` (time.perf_counter()); a layer reached
+    after it keeps its primaries only, unsimulated. presence [l, E, N], chance [l, E], capacity [G]
+    -> (mapping [l, N], level of each layer (None: not simulated), simulated seconds summed)."""
+    load = profile.load
+    mapping = np.full((len(load), topology.num_slots), -1, dtype=np.int64)
+    chosen_levels: list[int | None] = []
+    simulated = 0.0
+    for layer in range(len(load)):
+        gpu_of_expert = place_primaries(
+            presence[layer], chance[layer], load[layer], capacity, topology
+        )
+        row = primaries_row(gpu_of_expert, topology)
+        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
+            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
+            chosen_levels.append(None)
+            continue
+        batches = simulated_batches(
+            layer_profile(profile, slice(layer, layer + 1)), first_layer + layer, seed
+        )
+        mapping[layer], seconds, level = best_replica_level(
+            row, chance[layer], load[layer], model, topology, batches, levels
+        )
+        chosen_levels.append(level)
+        simulated += seconds
+    return mapping, chosen_levels, simulated
+
+
 def policy_metro_aware(
     profile: WorkloadProfile, model: ModelShape, topology: Topology, options: PolicyOptions
 ) -> tuple[np.ndarray, SolverInfo]:
@@ -193,29 +254,22 @@ def policy_metro_aware(
     )
     transitions, _ = pair_matrices(profile)
 
-    rng = np.random.default_rng(options.seed)
-    batch_tokens = min(profile.batch_size, 8192)
-    tokens = sample_tokens(profile, SIMULATED_BATCHES * batch_tokens, rng).expert_ids
-    batches = tokens.reshape(num_layers, SIMULATED_BATCHES, batch_tokens, profile.top_k)
     extra_slots = topology.num_slots - num_experts
     levels = sorted({0, extra_slots // 4, extra_slots // 2, extra_slots})
-    mapping = np.full((num_layers, topology.num_slots), -1, dtype=np.int64)
-    chosen_levels, simulated, unsimulated = [], 0.0, 0
-    for layer in range(num_layers):
-        gpu_of_expert = place_primaries(
-            presence[layer], chance[layer], load[layer], capacity, topology
-        )
-        row = primaries_row(gpu_of_expert, topology)
-        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
-            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
-            unsimulated += 1
-            chosen_levels.append(0)
-            continue
-        mapping[layer], seconds, level = best_replica_level(
-            row, chance[layer], load[layer], model, topology, batches[layer], levels
-        )
-        chosen_levels.append(level)
-        simulated += seconds
+    chunks = layer_chunks(num_layers, worker_count(num_layers, options.workers))
+    searched = run_chunks(
+        search_layers,
+        [
+            (layer_profile(profile, chunk), chunk.start, presence[chunk], chance[chunk], capacity,
+             model, topology, levels, options.seed, deadline)
+            for chunk in chunks
+        ],
+    )
+    mapping = np.concatenate([rows for rows, _, _ in searched])
+    chosen_levels = [level for _, chunk_levels, _ in searched for level in chunk_levels]
+    simulated = float(sum(seconds for _, _, seconds in searched))
+    unsimulated = chosen_levels.count(None)
+    chosen_levels = [level or 0 for level in chosen_levels]
     presence = node_presence(mapping, topology, num_experts)
     kept = locality_score(np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions)
     activated_cap = int(capacity.max())
