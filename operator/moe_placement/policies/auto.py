@@ -144,25 +144,8 @@ def policy_auto(
     (best, best_router), best_time = min(
         results.items(), key=lambda item: (item[1], ROUTER_PREFERENCE.index(item[0][1]))
     )
-    base_router = "random" if ("eplb", "random") in results else best_router
-    baseline = results["eplb", base_router]
-    compute, comm = parts[best, best_router]
-    base_compute, base_comm = parts["eplb", base_router]
-    reason = (
-        f"{profile.phase}: {best} with {best_router} routing predicts {best_time * 1e3:.3f} ms per step, "
-        f"{1 - best_time / baseline:.1%} below eplb+{base_router} ({baseline * 1e3:.3f} ms); "
-        f"compute {base_compute * 1e3:.3f} -> {compute * 1e3:.3f} ms, "
-        f"all-to-all {base_comm * 1e3:.3f} -> {comm * 1e3:.3f} ms"
-    )
-    table = ", ".join(
-        f"{name}: " + "/".join(
-            f"{results[name, r] * 1e3:.3f}" if (name, r) in results else "-" for r in routers
-        )
-        for name in mappings
-    )
     notes = [
-        reason,
-        f"ms per step by router ({'/'.join(routers)}): {table}",
+        *_choice_notes(profile.phase, best, best_router, results, parts, routers),
         f"recommended router: {best_router}; chose in {time.perf_counter() - started:.1f} s",
     ]
     if skipped:
@@ -174,3 +157,35 @@ def policy_auto(
         notes=notes,
         router=best_router,
     )
+
+
+def _choice_notes(
+    phase: str,
+    best: str,
+    best_router: str,
+    results: dict[tuple[str, str], float],
+    parts: dict[tuple[str, str], tuple[float, float]],
+    routers: list[str],
+) -> list[str]:
+    """Why ``best`` with ``best_router`` won against eplb, and every scored candidate's time per
+    router. results: predicted MoE seconds, parts: (compute, all-to-all) seconds, by (candidate,
+    router)."""
+    best_time = results[best, best_router]
+    base_router = "random" if ("eplb", "random") in results else best_router
+    baseline = results["eplb", base_router]
+    compute, comm = parts[best, best_router]
+    base_compute, base_comm = parts["eplb", base_router]
+    reason = (
+        f"{phase}: {best} with {best_router} routing predicts {best_time * 1e3:.3f} ms per step, "
+        f"{1 - best_time / baseline:.1%} below eplb+{base_router} ({baseline * 1e3:.3f} ms); "
+        f"compute {base_compute * 1e3:.3f} -> {compute * 1e3:.3f} ms, "
+        f"all-to-all {base_comm * 1e3:.3f} -> {comm * 1e3:.3f} ms"
+    )
+    candidates = dict.fromkeys(name for name, _ in results)
+    table = ", ".join(
+        f"{name}: " + "/".join(
+            f"{results[name, r] * 1e3:.3f}" if (name, r) in results else "-" for r in routers
+        )
+        for name in candidates
+    )
+    return [reason, f"ms per step by router ({'/'.join(routers)}): {table}"]

@@ -32,21 +32,24 @@ def policy_locality(
             for layer in range(profile.num_layers)
         ]
     )
+    deadline = started + 0.9 * options.time_limit_s
     presence = coplace_nodes(
         profile,
         counts,
         node_slots,
         initial=start,
         # the rest of the time limit packs the GPUs (a second or two at DeepSeek-V3's size)
-        deadline=started + 0.9 * options.time_limit_s,
+        deadline=deadline,
     )
+    # the search returns at its deadline or when no swap helps: past it, it was cut short
+    stopped_early = time.perf_counter() > deadline
     before, after = (
         locality_score(start, counts, transitions),
         locality_score(presence, counts, transitions),
     )
     mapping = gpus_within_nodes(presence, profile.load, topology)
     return mapping, SolverInfo(
-        status="heuristic",
+        status="time_limit" if stopped_early else "heuristic",
         objective=1.0 - after,
         objective_name="share of layer-to-layer token flow leaving its node",
         notes=[
