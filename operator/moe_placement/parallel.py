@@ -55,9 +55,9 @@ def worker_count(num_layers: int, workers: int | None) -> int:
     return min(wanted, num_layers)
 
 
-def layer_chunks(num_layers: int, num_chunks: int) -> list[slice]:
-    """``num_chunks`` contiguous slices of range(num_layers), sizes differing by at most one."""
-    bounds = [num_layers * index // num_chunks for index in range(num_chunks + 1)]
+def even_chunks(count: int, num_chunks: int) -> list[slice]:
+    """``num_chunks`` contiguous slices of range(count), sizes differing by at most one."""
+    bounds = [count * index // num_chunks for index in range(num_chunks + 1)]
     return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 

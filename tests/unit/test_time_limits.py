@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from moe_placement.baselines import linear_placement
 from moe_placement.models import ModelShape, Placement, Topology
-from moe_placement.parallel import can_fork, layer_chunks, run_chunks, worker_count
+from moe_placement.parallel import can_fork, even_chunks, run_chunks, worker_count
 from moe_placement.policies import PolicyOptions, plan
 from moe_placement.presets import gpu_preset
 from moe_placement.traces import Trace
@@ -67,7 +67,7 @@ def test_layer_chunks_in_worker_processes_give_the_one_process_placement(policy)
 def test_layer_chunks_cover_every_layer_once_in_order():
     for num_layers in range(1, 12):
         for num_chunks in range(1, num_layers + 1):
-            chunks = layer_chunks(num_layers, num_chunks)
+            chunks = even_chunks(num_layers, num_chunks)
             assert len(chunks) == num_chunks
             covered = np.concatenate([np.arange(num_layers)[chunk] for chunk in chunks])
             assert np.array_equal(covered, np.arange(num_layers))

@@ -25,6 +25,7 @@ from moe_placement.policies.ilp import policy_ilp
 from moe_placement.policies.locality import policy_locality
 from moe_placement.policies.metro_aware import policy_metro_aware
 from moe_placement.routing import ROUTERS
+from moe_placement.traces import smallest_per_row
 
 CANDIDATES = {
     "eplb": policy_eplb,
@@ -73,9 +74,7 @@ def profile_batches(
         for layer in range(num_layers):
             uniform = rng.random((batch, num_experts), dtype=np.float32)
             race = log_weight - np.log(-np.log(uniform + np.float32(1e-30)))
-            top = np.argpartition(-race, profile.top_k - 1, axis=1)[:, : profile.top_k]
-            order = np.argsort(-np.take_along_axis(race, top, 1), axis=1)
-            ids[layer] = np.take_along_axis(top, order, 1)
+            ids[layer] = smallest_per_row(-race, profile.top_k)
             if index == 0 and layer == measured_layer:
                 projected = (time.perf_counter() - started) / (layer + 1) * num_layers * num_batches
                 fits = max(MIN_SCORED_TOKENS, int(batch * seconds / projected))

@@ -32,7 +32,7 @@ import pulp
 from moe_placement.milp import MIP_GAP, STATUS_ORDER, MilpResult, solve_milp, worst_status
 from moe_placement.models import ModelShape, Topology, WorkloadProfile
 from moe_placement.packing import greedy_packing, replica_counts
-from moe_placement.parallel import layer_chunks, run_chunks, worker_count
+from moe_placement.parallel import even_chunks, run_chunks, worker_count
 from moe_placement.policies.base import PolicyOptions, SolverInfo
 
 MONOLITHIC_VARIABLES = 2048  # larger packings are decomposed (nodes first, then GPUs)
@@ -400,7 +400,7 @@ def policy_ilp(
     num_layers = load.shape[0]
     counts = replica_counts(load, topology.num_slots, topology.num_gpus)
     packing_deadline = started + PACKING_SHARE * budget
-    chunks = layer_chunks(num_layers, worker_count(num_layers, options.workers))
+    chunks = even_chunks(num_layers, worker_count(num_layers, options.workers))
     packings = [
         packing
         for chunk in run_chunks(

@@ -14,7 +14,7 @@ import numpy as np
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
 from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
 from moe_placement.pairs import locality_score, pair_matrices
-from moe_placement.parallel import layer_chunks, run_chunks, worker_count
+from moe_placement.parallel import even_chunks, run_chunks, worker_count
 from moe_placement.policies.base import PolicyOptions, SolverInfo
 from moe_placement.presence import node_presence
 from moe_placement.routing import replica_layouts, route_metro
@@ -256,7 +256,7 @@ def policy_metro_aware(
 
     extra_slots = topology.num_slots - num_experts
     levels = sorted({0, extra_slots // 4, extra_slots // 2, extra_slots})
-    chunks = layer_chunks(num_layers, worker_count(num_layers, options.workers))
+    chunks = even_chunks(num_layers, worker_count(num_layers, options.workers))
     searched = run_chunks(
         search_layers,
         [
