@@ -54,7 +54,7 @@ def test_a_heuristic_with_time_to_spare_does_not_say_it_stopped_early(policy):
     assert not result.solver.stopped_early
 
 
-@pytest.mark.parametrize("policy", ["ilp", "metro_aware"])
+@pytest.mark.parametrize("policy", ["ilp", "metro_aware", "locality"])
 def test_layer_chunks_in_worker_processes_give_the_one_process_placement(policy):
     assert can_fork()  # else both runs below would take the one-process path
     fit = profile("decode")

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
-from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
+from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes_per_layer
 from moe_placement.pairs import locality_score, pair_matrices
 from moe_placement.parallel import even_chunks, run_chunks, worker_count
 from moe_placement.policies.base import PolicyOptions, SolverInfo
@@ -148,13 +148,20 @@ def best_replica_level(
     topology: Topology,
     batches: np.ndarray,
     levels: list[int],
+    deadline: float = float("inf"),
 ) -> tuple[np.ndarray, float, int]:
-    """Of ``levels`` redundant replicas added to one layer's primaries ``row`` [N], the one with the
-    lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real gain): (row [N],
-    seconds, level). chance, load: [E]."""
+    """Of ``levels`` (ascending) redundant replicas added to one layer's primaries ``row`` [N], the
+    one with the lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real
+    gain): (row [N], seconds, level). chance, load: [E]. Past ``deadline`` (time.perf_counter())
+    no further level is tried once one has been simulated."""
     best_row, best_time, best_level = row, np.inf, 0
+    candidate, added = row, 0
     for level in levels:
-        candidate = add_replicas(row, chance, load, topology, level)
+        if best_time < np.inf and time.perf_counter() > deadline:
+            break
+        # add_replicas goes on from where it stopped: each level extends the one before
+        candidate = add_replicas(candidate, chance, load, topology, level - added)
+        added = level
         seconds = simulated_time(candidate, model, topology, batches)
         if seconds < best_time * (1.0 - 1e-3):
             best_row, best_time, best_level = candidate, seconds, level
@@ -214,7 +221,7 @@ def search_layers(
             layer_profile(profile, slice(layer, layer + 1)), first_layer + layer, seed
         )
         mapping[layer], seconds, level = best_replica_level(
-            row, chance[layer], load[layer], model, topology, batches, levels
+            row, chance[layer], load[layer], model, topology, batches, levels, deadline
         )
         chosen_levels.append(level)
         simulated += seconds
@@ -244,9 +251,7 @@ def policy_metro_aware(
     capacity = primary_capacity(num_experts, topology)
     node_slots = capacity.reshape(topology.num_nodes, topology.gpus_per_node).sum(1)
     ones = np.ones((num_layers, num_experts), dtype=np.int64)
-    start = np.stack(
-        [greedy_nodes(load[layer], ones[layer], node_slots) for layer in range(num_layers)]
-    )
+    start = greedy_nodes_per_layer(load, ones, node_slots, options.workers)
     tolerance = node_tolerance(profile, model, topology, int(capacity.max()))
     presence = coplace_nodes(
         profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
