@@ -53,10 +53,13 @@ class ReplicaLayout:
         )
         distance = np.where(valid[None], distance, 3)  # [G, E, R]
         best = distance == distance.min(axis=-1, keepdims=True)
-        order = np.argsort(~best, axis=-1, kind="stable")  # best replicas first, in slot order
-        slots = np.take_along_axis(np.broadcast_to(self.replica_slots, best.shape), order, -1)
         counts = best.sum(axis=-1)
-        slots = np.where(np.arange(best.shape[-1]) < counts[..., None], slots, -1)
+        # The best replicas, row by row in slot order, fill each row's first counts places: both
+        # masks list their entries row by row with the same count per row (no sort needed).
+        slots = np.full(best.shape, -1, dtype=self.replica_slots.dtype)
+        slots[np.arange(best.shape[-1]) < counts[..., None]] = np.broadcast_to(
+            self.replica_slots, best.shape
+        )[best]
         return slots, counts
 
 
