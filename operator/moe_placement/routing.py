@@ -40,27 +40,19 @@ class ReplicaLayout:
     node_of_gpu: np.ndarray
 
     @cached_property
-    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray]:
-        """For a token on GPU g choosing expert e, its most local replicas (on g, else on g's node,
-        else any) in slot order: (slots [G, E, R], -1 padded; how many [G, E])."""
-        valid = self.replica_slots >= 0
-        replica_gpu = self.gpu_of_slot[np.where(valid, self.replica_slots, 0)]  # [E, R]
-        source = np.arange(len(self.node_of_gpu))[:, None, None]
-        distance = np.where(
-            replica_gpu[None] == source,
-            0,
-            np.where(self.node_of_gpu[replica_gpu][None] == self.node_of_gpu[source], 1, 2),
+    def local_replicas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each expert's replicas on each GPU and on each node, in slot order: (slots on the GPU
+        [G, E, a], -1 padded; how many [G, E]; slots on the node [M, E, b], -1 padded; how many
+        [M, E]). M nodes; a, b: the most replicas of one expert on one GPU, on one node."""
+        num_experts = len(self.replica_counts)
+        experts, ranks = np.nonzero(self.replica_slots >= 0)  # per expert in slot order
+        slots = self.replica_slots[experts, ranks]
+        gpu = self.gpu_of_slot[slots]
+        num_nodes = int(self.node_of_gpu.max()) + 1
+        return (
+            *_slots_by_group(gpu, experts, slots, len(self.node_of_gpu), num_experts),
+            *_slots_by_group(self.node_of_gpu[gpu], experts, slots, num_nodes, num_experts),
         )
-        distance = np.where(valid[None], distance, 3)  # [G, E, R]
-        best = distance == distance.min(axis=-1, keepdims=True)
-        counts = best.sum(axis=-1)
-        # The best replicas, row by row in slot order, fill each row's first counts places: both
-        # masks list their entries row by row with the same count per row (no sort needed).
-        slots = np.full(best.shape, -1, dtype=self.replica_slots.dtype)
-        slots[np.arange(best.shape[-1]) < counts[..., None]] = np.broadcast_to(
-            self.replica_slots, best.shape
-        )[best]
-        return slots, counts
 
 
 def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
@@ -87,12 +79,23 @@ def route_random(
 def route_local_first(
     layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
 ) -> np.ndarray:
-    """Most local replica, ties broken by ``uniform``. Shapes as ``route_random``."""
-    best_slots, best_counts = layout.most_local_replicas
-    gpu = source_gpu[:, None]
-    counts = best_counts[gpu, expert_ids]
+    """Most local replica (on the token's GPU, else on its node, else any; in slot order), ties
+    broken by ``uniform``. Shapes as ``route_random``."""
+    gpu_slots, gpu_counts, node_slots, node_counts = layout.local_replicas
+    gpu = np.broadcast_to(source_gpu[:, None], expert_ids.shape)
+    node = layout.node_of_gpu[gpu]
+    on_gpu, on_node = gpu_counts[gpu, expert_ids], node_counts[node, expert_ids]
+    counts = np.where(on_gpu > 0, on_gpu, np.where(on_node > 0, on_node, layout.replica_counts[expert_ids]))
     pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
-    return best_slots[gpu, expert_ids, pick]
+    return np.where(
+        on_gpu > 0,
+        gpu_slots[gpu, expert_ids, np.minimum(pick, gpu_slots.shape[2] - 1)],
+        np.where(
+            on_node > 0,
+            node_slots[node, expert_ids, np.minimum(pick, node_slots.shape[2] - 1)],
+            layout.replica_slots[expert_ids, pick],
+        ),
+    )
 
 
 def route_metro(
@@ -209,3 +212,19 @@ ROUTERS: dict[str, Router] = {
 def get_router(name: str) -> Router:
     """The router called ``name``."""
     return lookup(ROUTERS, name, "router")
+
+
+def _slots_by_group(
+    group: np.ndarray, experts: np.ndarray, slots: np.ndarray, num_groups: int, num_experts: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replica slots [n] of experts [n] in groups [n] (GPUs or nodes), each expert's listed in slot
+    order -> (slots of each expert in each group [num_groups, E, most], -1 padded, in slot order;
+    how many [num_groups, E])."""
+    key = group * num_experts + experts
+    order = np.argsort(key, kind="stable")  # stable: slot order within a (group, expert)
+    counts = np.bincount(key, minlength=num_groups * num_experts)
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(key)) - starts[key[order]]
+    table = np.full((num_groups * num_experts, max(int(counts.max()), 1)), -1, dtype=slots.dtype)
+    table[key[order], rank] = slots[order]
+    return table.reshape(num_groups, num_experts, -1), counts.reshape(num_groups, num_experts)
