@@ -167,9 +167,11 @@ def bench_cycle(reference: bool) -> dict:
     new = Placement(result.mapping, model.num_experts, topology.slots_per_gpu)
     with clocks(row, "plan_migration_again"):
         plan_migration(previous, new, model, topology, max_copies_per_stage=8)
-    rng = np.random.default_rng(request.seed)
-    batches = {
-        phase: phase_batches(profile, topology.num_gpus, TOKENS_PER_GPU[phase], SCORED_BATCHES, phase, rng)
+    rng = np.random.default_rng(request.options.seed)
+    batches = {  # sized as the gate's (the gate draws them from its smoothed profile)
+        phase: phase_batches(
+            profile, topology.num_gpus, request.tokens_per_gpu[phase], request.num_batches, phase, rng
+        )
         for phase in request.phases
     }
     with clocks(row, "evaluate_same_batches"):

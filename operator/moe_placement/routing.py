@@ -40,19 +40,29 @@ class ReplicaLayout:
     node_of_gpu: np.ndarray
 
     @cached_property
-    def local_replicas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Each expert's replicas on each GPU and on each node, in slot order: (slots on the GPU
-        [G, E, a], -1 padded; how many [G, E]; slots on the node [M, E, b], -1 padded; how many
-        [M, E]). M nodes; a, b: the most replicas of one expert on one GPU, on one node."""
-        num_experts = len(self.replica_counts)
+    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For a token on GPU g choosing expert e, its most local replicas (on g, else on g's node,
+        else any), in slot order, as a run of one flat array: (slots [n], start [G, E], count
+        [G, E]). The runs come from three copies of the replica list: sorted by (GPU, expert), by
+        (node, expert), and as listed (by expert)."""
+        num_gpus, num_experts = len(self.node_of_gpu), len(self.replica_counts)
+        num_nodes = int(self.node_of_gpu.max()) + 1
         experts, ranks = np.nonzero(self.replica_slots >= 0)  # per expert in slot order
         slots = self.replica_slots[experts, ranks]
         gpu = self.gpu_of_slot[slots]
-        num_nodes = int(self.node_of_gpu.max()) + 1
-        return (
-            *_slots_by_group(gpu, experts, slots, len(self.node_of_gpu), num_experts),
-            *_slots_by_group(self.node_of_gpu[gpu], experts, slots, num_nodes, num_experts),
+        on_gpu, gpu_start, gpu_count = _runs(gpu, experts, slots, num_gpus, num_experts)
+        on_node, node_start, node_count = _runs(
+            self.node_of_gpu[gpu], experts, slots, num_nodes, num_experts
         )
+        any_start = np.cumsum(self.replica_counts) - self.replica_counts
+        node_start = node_start[self.node_of_gpu] + len(on_gpu)  # [G, E]
+        node_count = node_count[self.node_of_gpu]
+        any_start = np.broadcast_to(any_start + len(on_gpu) + len(on_node), (num_gpus, num_experts))
+        any_count = np.broadcast_to(self.replica_counts, (num_gpus, num_experts))
+        here, near = gpu_count > 0, node_count > 0
+        start = np.where(here, gpu_start, np.where(near, node_start, any_start))
+        count = np.where(here, gpu_count, np.where(near, node_count, any_count))
+        return np.concatenate([on_gpu, on_node, slots]), start, count
 
 
 def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
@@ -81,21 +91,11 @@ def route_local_first(
 ) -> np.ndarray:
     """Most local replica (on the token's GPU, else on its node, else any; in slot order), ties
     broken by ``uniform``. Shapes as ``route_random``."""
-    gpu_slots, gpu_counts, node_slots, node_counts = layout.local_replicas
-    gpu = np.broadcast_to(source_gpu[:, None], expert_ids.shape)
-    node = layout.node_of_gpu[gpu]
-    on_gpu, on_node = gpu_counts[gpu, expert_ids], node_counts[node, expert_ids]
-    counts = np.where(on_gpu > 0, on_gpu, np.where(on_node > 0, on_node, layout.replica_counts[expert_ids]))
+    slots, start, count = layout.most_local_replicas
+    gpu = source_gpu[:, None]
+    counts = count[gpu, expert_ids]
     pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
-    return np.where(
-        on_gpu > 0,
-        gpu_slots[gpu, expert_ids, np.minimum(pick, gpu_slots.shape[2] - 1)],
-        np.where(
-            on_node > 0,
-            node_slots[node, expert_ids, np.minimum(pick, node_slots.shape[2] - 1)],
-            layout.replica_slots[expert_ids, pick],
-        ),
-    )
+    return slots[start[gpu, expert_ids] + pick]
 
 
 def route_metro(
@@ -214,17 +214,14 @@ def get_router(name: str) -> Router:
     return lookup(ROUTERS, name, "router")
 
 
-def _slots_by_group(
+def _runs(
     group: np.ndarray, experts: np.ndarray, slots: np.ndarray, num_groups: int, num_experts: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replica slots [n] of experts [n] in groups [n] (GPUs or nodes), each expert's listed in slot
-    order -> (slots of each expert in each group [num_groups, E, most], -1 padded, in slot order;
-    how many [num_groups, E])."""
+    order -> (the slots by (group, expert), in slot order within one [n]; where each (group,
+    expert)'s run starts [num_groups, E]; how long it is [num_groups, E])."""
     key = group * num_experts + experts
     order = np.argsort(key, kind="stable")  # stable: slot order within a (group, expert)
-    counts = np.bincount(key, minlength=num_groups * num_experts)
-    starts = np.cumsum(counts) - counts
-    rank = np.arange(len(key)) - starts[key[order]]
-    table = np.full((num_groups * num_experts, max(int(counts.max()), 1)), -1, dtype=slots.dtype)
-    table[key[order], rank] = slots[order]
-    return table.reshape(num_groups, num_experts, -1), counts.reshape(num_groups, num_experts)
+    count = np.bincount(key, minlength=num_groups * num_experts)
+    start = np.cumsum(count) - count
+    return slots[order], start.reshape(num_groups, num_experts), count.reshape(num_groups, num_experts)
