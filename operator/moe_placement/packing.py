@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_placement.models import Topology, WorkloadProfile
 from moe_placement.pairs import COACTIVATION_WEIGHT, node_affinity, pair_matrices
+from moe_placement.parallel import even_chunks, run_chunks, worker_count
 
 BALANCE_TOLERANCE = 0.05  # a node may carry 5% more than the mean tokens
 MAX_SWEEPS = 3
@@ -47,15 +48,19 @@ def greedy_packing(
     Needs sum(copies) <= num_groups * group_slots and copies <= cap * num_groups."""
     count = np.zeros((len(weight), num_groups), dtype=np.int64)
     free = np.full(num_groups, group_slots)
+    # kept up to date instead of weight @ count per replica, which made a packing O(n^2 G)
+    group_load = np.zeros(num_groups)
     items = np.repeat(np.arange(len(weight)), copies)
     for item in items[np.argsort(-weight[items], kind="stable")]:
         allowed = (free > 0) & (count[item] < cap[item])
         if not allowed.any():
             _make_room(count, free, cap, item)
+            group_load = weight @ count  # _make_room moved replicas between groups
             allowed = (free > 0) & (count[item] < cap[item])
-        group = int(np.argmin(np.where(allowed, weight @ count, np.inf)))
+        group = int(np.argmin(np.where(allowed, group_load, np.inf)))
         count[item, group] += 1
         free[group] -= 1
+        group_load[group] += weight[item]
     return count
 
 
@@ -74,6 +79,21 @@ def _make_room(count: np.ndarray, free: np.ndarray, cap: np.ndarray, item: int) 
                 free[target] -= 1
                 return
     raise AssertionError("no room: the caller guarantees copies <= cap * groups")
+
+
+def greedy_nodes_per_layer(
+    load: np.ndarray, counts: np.ndarray, node_slots: np.ndarray, workers: int | None = 1
+) -> np.ndarray:
+    """``greedy_nodes`` for every layer, load and counts [L, E] -> presence [L, E, N], the layers
+    split over ``workers`` processes (None: every usable CPU; see ``moe_placement.parallel``)."""
+    chunks = even_chunks(len(load), worker_count(len(load), workers))
+    return np.concatenate(
+        run_chunks(_greedy_nodes_chunk, [(load[c], counts[c], node_slots) for c in chunks])
+    )
+
+
+def _greedy_nodes_chunk(load: np.ndarray, counts: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
+    return np.stack([greedy_nodes(load[layer], counts[layer], node_slots) for layer in range(len(load))])
 
 
 def greedy_nodes(load: np.ndarray, counts: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
@@ -124,9 +144,7 @@ def coplace_nodes(
     num_nodes = len(node_slots)
     transitions, coactivation = pair_matrices(profile)
     presence = (
-        np.stack(
-            [greedy_nodes(load[layer], counts[layer], node_slots) for layer in range(num_layers)]
-        )
+        greedy_nodes_per_layer(load, counts, node_slots)
         if initial is None
         else initial.astype(np.int64).copy()
     )
@@ -204,9 +222,19 @@ def _improve_layer(
     return improved
 
 
-def gpus_within_nodes(presence: np.ndarray, load: np.ndarray, topology: Topology) -> np.ndarray:
+def gpus_within_nodes(
+    presence: np.ndarray, load: np.ndarray, topology: Topology, workers: int | None = 1
+) -> np.ndarray:
     """Each node's replicas onto its GPUs, tokens balanced (LPT, one replica of an expert per GPU).
-    presence [L, E, N], load [L, E] -> physical_to_logical_map [L, G*S]."""
+    presence [L, E, N], load [L, E] -> physical_to_logical_map [L, G*S]; the layers split over
+    ``workers`` processes (None: every usable CPU)."""
+    chunks = even_chunks(len(load), worker_count(len(load), workers))
+    return np.concatenate(
+        run_chunks(_gpus_within_nodes_chunk, [(presence[c], load[c], topology) for c in chunks])
+    )
+
+
+def _gpus_within_nodes_chunk(presence: np.ndarray, load: np.ndarray, topology: Topology) -> np.ndarray:
     num_layers, num_experts, num_nodes = presence.shape
     gpus_per_node, slots_per_gpu = topology.gpus_per_node, topology.slots_per_gpu
     counts = presence.sum(-1)

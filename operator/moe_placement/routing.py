@@ -40,24 +40,29 @@ class ReplicaLayout:
     node_of_gpu: np.ndarray
 
     @cached_property
-    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray]:
+    def most_local_replicas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For a token on GPU g choosing expert e, its most local replicas (on g, else on g's node,
-        else any) in slot order: (slots [G, E, R], -1 padded; how many [G, E])."""
-        valid = self.replica_slots >= 0
-        replica_gpu = self.gpu_of_slot[np.where(valid, self.replica_slots, 0)]  # [E, R]
-        source = np.arange(len(self.node_of_gpu))[:, None, None]
-        distance = np.where(
-            replica_gpu[None] == source,
-            0,
-            np.where(self.node_of_gpu[replica_gpu][None] == self.node_of_gpu[source], 1, 2),
+        else any), in slot order, as a run of one flat array: (slots [n], start [G, E], count
+        [G, E]). The runs come from three copies of the replica list: sorted by (GPU, expert), by
+        (node, expert), and as listed (by expert)."""
+        num_gpus, num_experts = len(self.node_of_gpu), len(self.replica_counts)
+        num_nodes = int(self.node_of_gpu.max()) + 1
+        experts, ranks = np.nonzero(self.replica_slots >= 0)  # per expert in slot order
+        slots = self.replica_slots[experts, ranks]
+        gpu = self.gpu_of_slot[slots]
+        on_gpu, gpu_start, gpu_count = _runs(gpu, experts, slots, num_gpus, num_experts)
+        on_node, node_start, node_count = _runs(
+            self.node_of_gpu[gpu], experts, slots, num_nodes, num_experts
         )
-        distance = np.where(valid[None], distance, 3)  # [G, E, R]
-        best = distance == distance.min(axis=-1, keepdims=True)
-        order = np.argsort(~best, axis=-1, kind="stable")  # best replicas first, in slot order
-        slots = np.take_along_axis(np.broadcast_to(self.replica_slots, best.shape), order, -1)
-        counts = best.sum(axis=-1)
-        slots = np.where(np.arange(best.shape[-1]) < counts[..., None], slots, -1)
-        return slots, counts
+        any_start = np.cumsum(self.replica_counts) - self.replica_counts
+        node_start = node_start[self.node_of_gpu] + len(on_gpu)  # [G, E]
+        node_count = node_count[self.node_of_gpu]
+        any_start = np.broadcast_to(any_start + len(on_gpu) + len(on_node), (num_gpus, num_experts))
+        any_count = np.broadcast_to(self.replica_counts, (num_gpus, num_experts))
+        here, near = gpu_count > 0, node_count > 0
+        start = np.where(here, gpu_start, np.where(near, node_start, any_start))
+        count = np.where(here, gpu_count, np.where(near, node_count, any_count))
+        return np.concatenate([on_gpu, on_node, slots]), start, count
 
 
 def replica_layouts(placement: Placement, topology: Topology) -> list[ReplicaLayout]:
@@ -84,12 +89,13 @@ def route_random(
 def route_local_first(
     layout: ReplicaLayout, expert_ids: np.ndarray, source_gpu: np.ndarray, uniform: np.ndarray
 ) -> np.ndarray:
-    """Most local replica, ties broken by ``uniform``. Shapes as ``route_random``."""
-    best_slots, best_counts = layout.most_local_replicas
+    """Most local replica (on the token's GPU, else on its node, else any; in slot order), ties
+    broken by ``uniform``. Shapes as ``route_random``."""
+    slots, start, count = layout.most_local_replicas
     gpu = source_gpu[:, None]
-    counts = best_counts[gpu, expert_ids]
+    counts = count[gpu, expert_ids]
     pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
-    return best_slots[gpu, expert_ids, pick]
+    return slots[start[gpu, expert_ids] + pick]
 
 
 def route_metro(
@@ -206,3 +212,16 @@ ROUTERS: dict[str, Router] = {
 def get_router(name: str) -> Router:
     """The router called ``name``."""
     return lookup(ROUTERS, name, "router")
+
+
+def _runs(
+    group: np.ndarray, experts: np.ndarray, slots: np.ndarray, num_groups: int, num_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replica slots [n] of experts [n] in groups [n] (GPUs or nodes), each expert's listed in slot
+    order -> (the slots by (group, expert), in slot order within one [n]; where each (group,
+    expert)'s run starts [num_groups, E]; how long it is [num_groups, E])."""
+    key = group * num_experts + experts
+    order = np.argsort(key, kind="stable")  # stable: slot order within a (group, expert)
+    count = np.bincount(key, minlength=num_groups * num_experts)
+    start = np.cumsum(count) - count
+    return slots[order], start.reshape(num_groups, num_experts), count.reshape(num_groups, num_experts)

@@ -22,12 +22,14 @@ Shapes: L layers, T tokens, k experts per token, E experts, S sequences, D domai
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from moe_placement.models import Phase, PlacementError, WorkloadProfile
-from moe_placement.traces import Trace, expert_load
+from moe_placement.parallel import even_chunks, usable_cpus
+from moe_placement.traces import Trace, expert_load, smallest_per_row
 
 # Independent random streams of one seed: the prefill popularity, the decode phase's fresh part,
 # the domains of the sequences, and the tokens of each phase.
@@ -199,22 +201,25 @@ def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
     num_tokens = num_sequences * length
     tokens = np.arange(num_tokens)
     expert_ids = np.empty((config.num_layers, num_tokens, top_k), dtype=np.int64)
-    for layer in range(config.num_layers):
-        # Exponential race: the k smallest Exp(1) / weight are a Plackett-Luce (Gumbel top-k) draw;
-        # -log(1 - uniform) is the cheapest finite Exp(1) numpy has.
-        weights = np.exp(logits[layer] - logits[layer].max(axis=1, keepdims=True)).astype(
-            np.float32
-        )
-        keys = rng.random((num_sequences, length, config.num_experts), dtype=np.float32)
-        np.log1p(np.negative(keys, out=keys), out=keys)
-        keys /= -weights[:, None, :]
-        keys = keys.reshape(num_tokens, config.num_experts)
-        if layer > 0:
-            follows = tokens[rng.random(num_tokens) < config.layer_follow]
-            keys[follows, successors[layer - 1, expert_ids[layer - 1, follows, 0]]] = -1.0
-        chosen = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]
-        order = np.argsort(np.take_along_axis(keys, chosen, axis=1), axis=1)
-        expert_ids[layer] = np.take_along_axis(chosen, order, axis=1)
+    # Sequences race independently: groups of them on threads (numpy leaves the GIL for the
+    # arithmetic and the partition); the generator's draws stay in one thread, in order.
+    groups = even_chunks(num_sequences, min(usable_cpus(), num_sequences))
+    with ThreadPoolExecutor(len(groups)) as threads:
+        for layer in range(config.num_layers):
+            weights = np.exp(logits[layer] - logits[layer].max(axis=1, keepdims=True)).astype(
+                np.float32
+            )
+            keys = rng.random((num_sequences, length, config.num_experts), dtype=np.float32)
+            forced = np.full(num_tokens, -1)  # expert whose key is -1 (follows its successor)
+            if layer > 0:
+                follows = tokens[rng.random(num_tokens) < config.layer_follow]
+                forced[follows] = successors[layer - 1, expert_ids[layer - 1, follows, 0]]
+            forced = forced.reshape(num_sequences, length)
+            jobs = [
+                threads.submit(_race, keys[group], weights[group], forced[group], top_k)
+                for group in groups
+            ]
+            expert_ids[layer] = np.concatenate([job.result() for job in jobs])
     return Trace(
         expert_ids=expert_ids,
         num_experts=config.num_experts,
@@ -223,6 +228,21 @@ def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
         phase=config.phase,
         name=f"synthetic:{config.name}",
     )
+
+
+def _race(keys: np.ndarray, weights: np.ndarray, forced: np.ndarray, top_k: int) -> np.ndarray:
+    """The k experts of each token of some sequences: uniform keys [s, len, E] (overwritten),
+    weights [s, E], forced [s, len] (an expert the token picks first, -1: none) -> [s * len, k].
+
+    Exponential race: the k smallest Exp(1) / weight are a Plackett-Luce (Gumbel top-k) draw;
+    -log(1 - uniform) is the cheapest finite Exp(1) numpy has."""
+    np.log1p(np.negative(keys, out=keys), out=keys)
+    keys /= -weights[:, None, :]
+    keys = keys.reshape(-1, keys.shape[2])
+    forced = forced.ravel()
+    rows = np.nonzero(forced >= 0)[0]
+    keys[rows, forced[rows]] = -1.0
+    return smallest_per_row(keys, top_k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -433,6 +433,22 @@ def sample_tokens(
     share of tokens is drawn from its own load and labelled with it. Tokens are independent, so each
     is its own sequence (seq_offsets = 0..T), in random order.
     """
+    expert_ids, names, token_domains = sample_expert_ids(profile, num_tokens, rng)
+    return Trace(
+        expert_ids=expert_ids,
+        num_experts=profile.num_experts,
+        seq_offsets=np.arange(num_tokens + 1),
+        domains=tuple(names[i] for i in token_domains),
+        phase=profile.phase if phase is None else phase,
+        name="sampled",
+    )
+
+
+def sample_expert_ids(
+    profile: WorkloadProfile, num_tokens: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``sample_tokens``'s draw without building a Trace (which labels every token with its
+    domain's name): (expert_ids [L, T, k], domain names, each token's domain index [T])."""
     if num_tokens <= 0:
         raise PlacementError(f"num_tokens: {num_tokens} must be > 0")
     domain_loads = dict(profile.domain_loads)
@@ -450,14 +466,7 @@ def sample_tokens(
     ]
     order = rng.permutation(num_tokens)
     token_domains = np.repeat(np.arange(len(names)), counts)[order]
-    return Trace(
-        expert_ids=np.concatenate(parts, axis=1)[:, order],
-        num_experts=profile.num_experts,
-        seq_offsets=np.arange(num_tokens + 1),
-        domains=tuple(names[i] for i in token_domains),
-        phase=profile.phase if phase is None else phase,
-        name="sampled",
-    )
+    return np.concatenate(parts, axis=1)[:, order], names, token_domains
 
 
 def _proportional_counts(weights: np.ndarray, total: int) -> np.ndarray:
@@ -483,6 +492,23 @@ def _inclusion_probabilities(load: np.ndarray, top_k: int) -> np.ndarray:
         if not over.any():
             return probability
         capped |= over
+
+
+def smallest_per_row(keys: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the k smallest keys of each row, smallest first: keys [T, n] -> [T, k].
+
+    The k-th smallest value (np.partition) picks them out by a comparison, three times faster than
+    np.argpartition's introselect on indices at DeepSeek-V3's 256 experts; rows where keys tie with
+    it (more than k at or below it) take np.argpartition."""
+    threshold = np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
+    below = keys <= threshold
+    exact = np.count_nonzero(below, axis=1) == k
+    chosen = np.empty((len(keys), k), dtype=np.int64)
+    chosen[exact] = np.nonzero(below[exact])[1].reshape(-1, k)
+    if not exact.all():
+        chosen[~exact] = np.argpartition(keys[~exact], k - 1, axis=1)[:, :k]
+    order = np.argsort(np.take_along_axis(keys, chosen, axis=1), axis=1)
+    return np.take_along_axis(chosen, order, axis=1)
 
 
 def _systematic_sample(

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_placement.models import ModelShape, Placement, Topology
 from moe_placement.policies import PolicyOptions, plan
-from moe_placement.policies.metro_aware import activation_chance, primary_capacity
+from moe_placement.policies.metro_aware import activation_chance, add_replicas, primary_capacity
 from moe_placement.presets import gpu_preset
 from moe_placement.routing import (
     ROUTERS,
@@ -125,3 +125,16 @@ def test_activation_chance_grows_with_the_batch():
     assert chance.shape == (3, NUM_EXPERTS) and np.all((chance >= 0) & (chance <= 1))
     bigger = activation_chance(replace(profile, batch_size=64))
     assert np.all(bigger >= chance)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), first=st.integers(0, 4), then=st.integers(0, 4))
+def test_replicas_added_in_two_steps_are_those_added_at_once(seed, first, then):
+    rng = np.random.default_rng(seed)
+    topo = topology()  # 4 GPUs x 4 slots: 12 primaries, 4 empty slots
+    row = np.full(topo.num_slots, -1)
+    row[np.arange(topo.num_slots) % 4 != 3] = rng.permutation(NUM_EXPERTS)
+    chance, load = rng.random(NUM_EXPERTS), rng.random(NUM_EXPERTS) * 100
+    at_once = add_replicas(row, chance, load, topo, first + then)
+    in_steps = add_replicas(add_replicas(row, chance, load, topo, first), chance, load, topo, then)
+    assert np.array_equal(at_once, in_steps)

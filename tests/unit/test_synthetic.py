@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_placement.models import PlacementError, WorkloadProfile
 from moe_placement.presets import MODEL_PRESETS
@@ -21,7 +23,7 @@ from moe_placement.synthetic import (
     rank_correlation,
     shifted,
 )
-from moe_placement.traces import Trace, expert_load, load_profile, load_trace
+from moe_placement.traces import Trace, expert_load, load_profile, load_trace, smallest_per_row
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason=f"{TRACES} is absent")
@@ -228,3 +230,18 @@ def test_the_knobs_reach_flame_too() -> None:
     real = measure(load_trace(TRACES / "flame_moe_290m_prefill_top6.npz"))
     synthetic = measure(generate(FLAME_LIKE))
     assert_near(synthetic, real, {"load_gini": 0.02, "top1_follow": 0.03, "prefill32_active": 0.02})
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.integers(1, 8), distinct=st.booleans())
+def test_smallest_per_row_is_argpartition_then_argsort(seed, k, distinct):
+    rng = np.random.default_rng(seed)
+    # distinct keys, or few values so that rows tie at the k-th smallest
+    keys = (rng.random((64, 20)) if distinct else rng.integers(0, 4, (64, 20))).astype(np.float32)
+    chosen = smallest_per_row(keys, k)
+    assert np.array_equal(np.take_along_axis(keys, chosen, 1), np.sort(keys, axis=1)[:, :k])
+    assert all(len(set(row)) == k for row in chosen.tolist())
+    if distinct:
+        top = np.argpartition(keys, k - 1, axis=1)[:, :k]
+        reference = np.take_along_axis(top, np.argsort(np.take_along_axis(keys, top, 1), 1), 1)
+        assert np.array_equal(chosen, reference)

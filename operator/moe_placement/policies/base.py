@@ -22,12 +22,15 @@ class PolicyOptions:
 
     previous: the placement serving now (migration-aware policies stay close to it).
     move_budget: most expert replicas a re-solve may move (None: no budget).
+    workers: processes a policy whose layers are independent may split them over (None: every
+    usable CPU; see ``moe_placement.parallel``).
     """
 
     time_limit_s: float = 30.0
     previous: Placement | None = None
     move_budget: int | None = None
     seed: int = 0
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class SolverInfo:
     objective_name: str = ""
     notes: list[str] = field(default_factory=list)
     router: str | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the time limit cut the search short (the placement is the best found by then)."""
+        return self.status == "time_limit"
 
     @property
     def gap(self) -> float | None:

@@ -12,12 +12,13 @@ import time
 import numpy as np
 
 from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
-from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes
+from moe_placement.packing import BALANCE_TOLERANCE, coplace_nodes, greedy_nodes_per_layer
 from moe_placement.pairs import locality_score, pair_matrices
+from moe_placement.parallel import even_chunks, run_chunks, worker_count
 from moe_placement.policies.base import PolicyOptions, SolverInfo
 from moe_placement.presence import node_presence
 from moe_placement.routing import replica_layouts, route_metro
-from moe_placement.traces import sample_tokens
+from moe_placement.traces import sample_expert_ids
 
 SIMULATED_BATCHES = 8  # decode batches drawn from the profile to compare replica counts
 MAX_BALANCE_TOLERANCE = 0.3  # most extra tokens a node may carry when memory time dominates
@@ -147,17 +148,84 @@ def best_replica_level(
     topology: Topology,
     batches: np.ndarray,
     levels: list[int],
+    deadline: float = float("inf"),
 ) -> tuple[np.ndarray, float, int]:
-    """Of ``levels`` redundant replicas added to one layer's primaries ``row`` [N], the one with the
-    lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real gain): (row [N],
-    seconds, level). chance, load: [E]."""
+    """Of ``levels`` (ascending) redundant replicas added to one layer's primaries ``row`` [N], the
+    one with the lowest simulated time on ``batches`` [X, B, k] (more replicas only for a real
+    gain): (row [N], seconds, level). chance, load: [E]. Past ``deadline`` (time.perf_counter())
+    no further level is tried once one has been simulated."""
     best_row, best_time, best_level = row, np.inf, 0
+    candidate, added = row, 0
     for level in levels:
-        candidate = add_replicas(row, chance, load, topology, level)
+        if best_time < np.inf and time.perf_counter() > deadline:
+            break
+        # add_replicas goes on from where it stopped: each level extends the one before
+        candidate = add_replicas(candidate, chance, load, topology, level - added)
+        added = level
         seconds = simulated_time(candidate, model, topology, batches)
         if seconds < best_time * (1.0 - 1e-3):
             best_row, best_time, best_level = candidate, seconds, level
     return best_row, best_time, best_level
+
+
+def layer_profile(profile: WorkloadProfile, layers: slice) -> WorkloadProfile:
+    """The loads (and domain loads) of ``layers`` of ``profile``: what sampling tokens needs."""
+    return WorkloadProfile(
+        load=profile.load[layers],
+        top_k=profile.top_k,
+        domain_loads={name: load[layers] for name, load in profile.domain_loads.items()},
+        phase=profile.phase,
+        batch_size=profile.batch_size,
+    )
+
+
+def simulated_batches(profile: WorkloadProfile, layer: int, seed: int) -> np.ndarray:
+    """SIMULATED_BATCHES decode batches of one layer of a one-layer ``profile``, [X, B, k], drawn
+    from a generator of its own (seed, layer): the same tokens however the layers are split up."""
+    batch_tokens = min(profile.batch_size, 8192)
+    rng = np.random.default_rng([seed, layer])
+    tokens, _, _ = sample_expert_ids(profile, SIMULATED_BATCHES * batch_tokens, rng)
+    return tokens.reshape(SIMULATED_BATCHES, batch_tokens, profile.top_k)
+
+
+def search_layers(
+    profile: WorkloadProfile,
+    first_layer: int,
+    presence: np.ndarray,
+    chance: np.ndarray,
+    capacity: np.ndarray,
+    model: ModelShape,
+    topology: Topology,
+    levels: list[int],
+    seed: int,
+    deadline: float,
+) -> tuple[np.ndarray, list[int | None], float]:
+    """Primaries and the best replica level for the consecutive layers of ``profile`` (layer
+    ``first_layer`` of the model onwards), until ``deadline`` (time.perf_counter()); a layer reached
+    after it keeps its primaries only, unsimulated. presence [l, E, N], chance [l, E], capacity [G]
+    -> (mapping [l, N], level of each layer (None: not simulated), simulated seconds summed)."""
+    load = profile.load
+    mapping = np.full((len(load), topology.num_slots), -1, dtype=np.int64)
+    chosen_levels: list[int | None] = []
+    simulated = 0.0
+    for layer in range(len(load)):
+        gpu_of_expert = place_primaries(
+            presence[layer], chance[layer], load[layer], capacity, topology
+        )
+        row = primaries_row(gpu_of_expert, topology)
+        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
+            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
+            chosen_levels.append(None)
+            continue
+        batches = simulated_batches(
+            layer_profile(profile, slice(layer, layer + 1)), first_layer + layer, seed
+        )
+        mapping[layer], seconds, level = best_replica_level(
+            row, chance[layer], load[layer], model, topology, batches, levels, deadline
+        )
+        chosen_levels.append(level)
+        simulated += seconds
+    return mapping, chosen_levels, simulated
 
 
 def policy_metro_aware(
@@ -183,9 +251,7 @@ def policy_metro_aware(
     capacity = primary_capacity(num_experts, topology)
     node_slots = capacity.reshape(topology.num_nodes, topology.gpus_per_node).sum(1)
     ones = np.ones((num_layers, num_experts), dtype=np.int64)
-    start = np.stack(
-        [greedy_nodes(load[layer], ones[layer], node_slots) for layer in range(num_layers)]
-    )
+    start = greedy_nodes_per_layer(load, ones, node_slots, options.workers)
     tolerance = node_tolerance(profile, model, topology, int(capacity.max()))
     presence = coplace_nodes(
         profile, ones, node_slots, initial=start, balance_tolerance=tolerance,
@@ -193,29 +259,22 @@ def policy_metro_aware(
     )
     transitions, _ = pair_matrices(profile)
 
-    rng = np.random.default_rng(options.seed)
-    batch_tokens = min(profile.batch_size, 8192)
-    tokens = sample_tokens(profile, SIMULATED_BATCHES * batch_tokens, rng).expert_ids
-    batches = tokens.reshape(num_layers, SIMULATED_BATCHES, batch_tokens, profile.top_k)
     extra_slots = topology.num_slots - num_experts
     levels = sorted({0, extra_slots // 4, extra_slots // 2, extra_slots})
-    mapping = np.full((num_layers, topology.num_slots), -1, dtype=np.int64)
-    chosen_levels, simulated, unsimulated = [], 0.0, 0
-    for layer in range(num_layers):
-        gpu_of_expert = place_primaries(
-            presence[layer], chance[layer], load[layer], capacity, topology
-        )
-        row = primaries_row(gpu_of_expert, topology)
-        if time.perf_counter() > deadline:  # out of time: primaries only, not simulated
-            mapping[layer] = add_replicas(row, chance[layer], load[layer], topology, 0)
-            unsimulated += 1
-            chosen_levels.append(0)
-            continue
-        mapping[layer], seconds, level = best_replica_level(
-            row, chance[layer], load[layer], model, topology, batches[layer], levels
-        )
-        chosen_levels.append(level)
-        simulated += seconds
+    chunks = even_chunks(num_layers, worker_count(num_layers, options.workers))
+    searched = run_chunks(
+        search_layers,
+        [
+            (layer_profile(profile, chunk), chunk.start, presence[chunk], chance[chunk], capacity,
+             model, topology, levels, options.seed, deadline)
+            for chunk in chunks
+        ],
+    )
+    mapping = np.concatenate([rows for rows, _, _ in searched])
+    chosen_levels = [level for _, chunk_levels, _ in searched for level in chunk_levels]
+    simulated = float(sum(seconds for _, _, seconds in searched))
+    unsimulated = chosen_levels.count(None)
+    chosen_levels = [level or 0 for level in chosen_levels]
     presence = node_presence(mapping, topology, num_experts)
     kept = locality_score(np.minimum(presence, 1), np.maximum(presence.sum(-1), 1), transitions)
     activated_cap = int(capacity.max())
