@@ -258,7 +258,7 @@ def bench_policies(limit: float) -> list[dict]:
     rows = []
     for policy in ("eplb", "ilp", "locality", "metro_aware", "auto"):
         result = plan(policy, profile, model, topology, PolicyOptions(time_limit_s=limit))
-        routers = routers_for(result.solver.router, profile.phase)
+        routers = routers_for(result.solver, profile.phase)
         (costs,) = score_placements([result.placement], model, topology, batches, routers)
         rows.append({
             "policy": policy, "seconds": round(result.solve_seconds, 2), "status": result.solver.status,

@@ -220,6 +220,7 @@ class PlacementSpec(SpecModel):
             previous=previous,
             move_budget=self.move_budget,
             seed=seed,
+            phases=("prefill", "decode") if self.objective.phases == "both" else (),
         )
 
 

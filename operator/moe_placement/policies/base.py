@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_placement.models import ModelShape, Placement, Topology, WorkloadProfile
+from moe_placement.models import ModelShape, Phase, Placement, Topology, WorkloadProfile
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,15 @@ class PolicyOptions:
 
     previous: the placement serving now (migration-aware policies stay close to it).
     move_budget: most expert replicas a re-solve may move (None: no budget).
+    phases: the phases the placement serves, for policies with a joint objective over them
+    (``auto``); empty: the profile's own phase.
     """
 
     time_limit_s: float = 30.0
     previous: Placement | None = None
     move_budget: int | None = None
     seed: int = 0
+    phases: tuple[Phase, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class SolverInfo:
     status: ``heuristic`` (no solver), ``optimal``, ``feasible`` (stopped with a gap),
     ``time_limit``, or ``fallback`` (the solver failed; the warm start is returned).
     objective and lower_bound are in the policy's own units (stated in ``objective_name``).
-    router: the router the placement is meant for (None: the phase's default).
+    router: the router the placement is meant for in the profile's phase (None: the phase's
+    default); phase_routers: the router per phase solved for, when the policy weighed several.
+    tied: choices the policy could not tell apart from its answer (its answer first; empty: no tie).
     """
 
     status: str = "heuristic"
@@ -46,6 +51,8 @@ class SolverInfo:
     objective_name: str = ""
     notes: list[str] = field(default_factory=list)
     router: str | None = None
+    phase_routers: dict[str, str] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)
 
     @property
     def gap(self) -> float | None:
