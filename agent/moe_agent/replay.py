@@ -16,6 +16,8 @@ G) and does only its own share:
   above cover every pair).
 
 When an activation changes the placement, the next batch is routed with it, so the metrics follow.
+With a ``SignatureReporter``, the rank that ran a sequence reports its signature to the request
+router when its last token has been replayed (``moe_agent.signatures``).
 
 Shapes: L layers, B tokens per batch, k choices, E experts, G GPUs, S slots of this rank, H hidden.
 """
@@ -36,6 +38,7 @@ from moe_placement.traces import Trace
 from moe_agent.agent import AgentCore, LiveView
 from moe_agent.model import ReplayMoEModel
 from moe_agent.router import get_router
+from moe_agent.signatures import SignatureReporter
 
 log = logging.getLogger("moe_agent.replay")
 
@@ -78,6 +81,25 @@ class TokenStream:
         )
 
 
+    def finished(self, start: int, count: int) -> list[tuple[Trace, int, int]]:
+        """Sequences whose last token is one of tokens start .. start+count-1: (trace, sequence of
+        that trace, stream sequence number), in stream order."""
+        position = np.arange(start, start + count)
+        if self.after is None or self.shift_at is None:
+            return _finished(self.before, position)
+        early = (position // self.shift_at) % 2 == 0 if self.alternate else position < self.shift_at
+        offset = 0 if self.alternate else self.shift_at
+        return _finished(self.before, position[early]) + _finished(self.after, position[~early] - offset)
+
+
+def _finished(trace: Trace, position: np.ndarray) -> list[tuple[Trace, int, int]]:
+    loop, token = np.divmod(position, trace.num_tokens)
+    sequence = trace.sequence_of_token()[token]
+    last = trace.seq_offsets[sequence + 1] - 1 == token
+    numbers = loop[last] * trace.num_sequences + sequence[last]
+    return [(trace, int(s), int(n)) for s, n in zip(sequence[last], numbers)]
+
+
 def _take(trace: Trace, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     loop, token = np.divmod(position, trace.num_tokens)
     sequence = loop * trace.num_sequences + trace.sequence_of_token()[token]
@@ -116,6 +138,7 @@ class ReplayEngine:
         start_time: float | None = None,
         forward_budget: int = 8,
         data_flow: DataFlow = "home",
+        reporter: SignatureReporter | None = None,
     ) -> None:
         if tokens_per_second <= 0 or batch_tokens <= 0:
             raise ValueError("tokens_per_second and batch_tokens must be > 0")
@@ -132,6 +155,7 @@ class ReplayEngine:
         self.seed = seed
         self.start_time = time.time() if start_time is None else float(start_time)
         self.forward_budget = forward_budget
+        self.reporter = reporter
         device = core.device
         generator = torch.Generator().manual_seed(seed)
         self._hidden = torch.randn(HIDDEN_POOL, core.shape.hidden_size, generator=generator).to(device)
@@ -216,6 +240,10 @@ class ReplayEngine:
             forward_pairs=forward_pairs,
         )
         core.metrics.add_step(result.served, result.activated, own_tokens, cross_gpu, cross_node)
+        if self.reporter is not None:
+            for trace, sequence, number in self.stream.finished(start, self.batch_tokens):
+                if number % num_gpus == rank:  # the rank whose attention ran the request reports it
+                    self.reporter.report(trace, sequence)
         return result
 
     def _cross_bytes(self, destination: torch.Tensor, source: torch.Tensor, num_gpus: int) -> tuple[float, float]:
