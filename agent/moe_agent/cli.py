@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep shifting: the two domains take turns every --shift-after-seconds")
     source.add_argument("--start-time", type=float,
                         help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
+    source.add_argument("--homes", type=Path,
+                        help='JSON {"home_gpu": [S]}: attention rank of each sequence of --replay TRACE '
+                        "(as moeplace route or a request router chose; default: sequence mod GPUs)")
     source.add_argument("--report-signatures-to", metavar="ROUTER_URL",
                         help="request router (moeplace router) to report finished sequences' "
                         "expert signatures to, so it learns online")
@@ -153,7 +156,9 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
             f"model {shape.name} is {expected[0]} x {expected[1]}, top-{expected[2]}"
         )
     if args.shift_after_seconds is None:
-        return TokenStream(trace.select_domain(args.task) if args.task else trace)
+        return TokenStream(trace.select_domain(args.task) if args.task else trace, homes=_homes(args.homes))
+    if args.homes is not None:
+        raise PlacementError("homes: a stream with a shift has no fixed home per sequence")
     before = args.task or domains[0]
     after = args.shift_to or next((name for name in domains if name != before), None)
     if after is None or after == before:
@@ -164,6 +169,18 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
         shift_at=int(args.shift_after_seconds * args.tokens_per_second),
         alternate=args.alternate,
     )
+
+
+def _homes(path: Path | None):
+    """The ``home_gpu`` list of a ``--homes`` file, as an array (None without one)."""
+    if path is None:
+        return None
+    import numpy as np
+
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict) or not isinstance(document.get("home_gpu"), list):
+        raise PlacementError(f"homes: {path} has no home_gpu list")
+    return np.asarray(document["home_gpu"], dtype=np.int64)
 
 
 def run(args: argparse.Namespace) -> int:

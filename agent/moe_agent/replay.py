@@ -4,7 +4,7 @@ Every agent of an EP group replays the same token stream, cut into the same batc
 moments: batch i holds stream tokens i*B .. i*B+B-1 and is due at ``start_time + (i+1) * B / rate``,
 so agents given one ``start_time`` step in lockstep and route every batch identically. Each agent
 routes the whole batch with its live placement (token t's attention rank is its sequence's index mod
-G) and does only its own share:
+G, or the home a request router chose: ``TokenStream.homes``) and does only its own share:
 
 * counts the (layer, expert) pairs its slots serve (``moeplace_expert_tokens_total``: summed over
   the agents, the global load) and the slots it activates;
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from moe_placement.cost import DATA_FLOWS, DataFlow
+from moe_placement.models import PlacementError
 from moe_placement.traces import Trace
 from moe_agent.agent import AgentCore, LiveView
 from moe_agent.model import ReplayMoEModel
@@ -55,12 +56,31 @@ class TokenStream:
 
     Stream token p is trace token p mod T; its sequence number (for the attention rank) counts the
     sequences of the earlier loops too, so sequences spread over ranks the same way in every loop.
+    A sequence's attention rank is its number mod G (round-robin, an engine's default), or with
+    ``homes`` [S] (one trace, no shift: what a request router chose, ``moeplace route``'s
+    ``home_gpu``) the home of the trace sequence it replays.
     """
 
     before: Trace
     after: Trace | None = None
     shift_at: int | None = None
     alternate: bool = False
+    homes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.homes is None:
+            return
+        if self.after is not None or len(self.homes) != self.before.num_sequences:
+            raise PlacementError(
+                f"homes: {len(self.homes)} homes for a stream of {self.before.num_sequences} "
+                "sequences of one trace (a home per sequence, no shift)"
+            )
+
+    def attention_rank(self, sequence: np.ndarray, num_gpus: int) -> np.ndarray:
+        """Attention rank (home GPU) of stream sequence numbers [B]."""
+        if self.homes is None:
+            return sequence % num_gpus
+        return np.asarray(self.homes)[sequence % self.before.num_sequences] % num_gpus
 
     def batch(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens start .. start+count-1: expert_ids [L, B, k] and sequence numbers [B]."""
@@ -205,7 +225,7 @@ class ReplayEngine:
         ids_np, sequence = self.stream.batch(start, self.batch_tokens)
         ids = torch.as_tensor(ids_np, device=device)
         num_layers, batch, top_k = ids.shape
-        attention_gpu = torch.as_tensor(sequence % num_gpus, device=device)
+        attention_gpu = torch.as_tensor(self.stream.attention_rank(sequence, num_gpus), device=device)
         slots, sources = self._route(view, ids, attention_gpu, self._uniform(batch_index, (num_layers, batch, top_k)))
         gpu_of_slot = view.layout.gpu_of_slot
         destination = gpu_of_slot[slots]  # [L, B, k]
@@ -242,7 +262,8 @@ class ReplayEngine:
         core.metrics.add_step(result.served, result.activated, own_tokens, cross_gpu, cross_node)
         if self.reporter is not None:
             for trace, sequence, number in self.stream.finished(start, self.batch_tokens):
-                if number % num_gpus == rank:  # the rank whose attention ran the request reports it
+                # The rank whose attention ran the request reports it.
+                if self.stream.attention_rank(np.array([number]), num_gpus)[0] == rank:
                     self.reporter.report(trace, sequence)
         return result
 
