@@ -239,6 +239,7 @@ class PlacementSpec(SpecModel):
             move_budget=self.move_budget,
             seed=seed,
             phases=("prefill", "decode") if self.objective.phases == "both" else (),
+            request_router="signature" if self.router_url else "round_robin",
         )
 
 

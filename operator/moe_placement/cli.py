@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="phase the placement serves (both: one placement for prefill and decode; auto "
         "weighs them jointly)",
     )
+    plan_parser.add_argument(
+        "--requests", choices=REQUEST_ROUTERS, default="round_robin",
+        help="how requests reach the ranks: round_robin (an engine's default) or signature "
+        "(moeplace router; the trace's domains are its groups, and auto weighs grouped too)",
+    )
     plan_parser.add_argument("--out", required=True, type=Path, help="placement file to write")
     plan_parser.add_argument(
         "--format", choices=("moeplace", "sglang"), default="moeplace",
@@ -181,7 +186,7 @@ def run_plan(args: argparse.Namespace) -> int:
     profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=phase)
     options = PolicyOptions(
         time_limit_s=args.time_limit, seed=args.seed, previous=previous,
-        phases=PHASES if args.phase == "both" else (),
+        phases=PHASES if args.phase == "both" else (), request_router=args.requests,
     )
     result = plan(args.policy, profile, model, topology, options)
     rng = np.random.default_rng(args.seed)

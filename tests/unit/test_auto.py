@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from moe_placement.models import ModelShape, Topology
+from moe_placement.models import ModelShape, PlacementError, Topology
 from moe_placement.policies import PolicyOptions, plan
 from moe_placement.policies.auto import TIE_TOLERANCE
 from moe_placement.presets import gpu_preset
@@ -30,8 +30,9 @@ def trace():
     return generate(config, seed=1)
 
 
-def _auto(profile, seed, phases=()):
-    return plan("auto", profile, MODEL, TOPOLOGY, PolicyOptions(time_limit_s=10, seed=seed, phases=phases))
+def _auto(profile, seed, phases=(), request_router="signature"):
+    options = PolicyOptions(time_limit_s=10, seed=seed, phases=phases, request_router=request_router)
+    return plan("auto", profile, MODEL, TOPOLOGY, options)
 
 
 def test_the_choice_is_the_same_for_every_seed_and_ties_are_named(trace):
@@ -51,10 +52,17 @@ def test_the_choice_is_the_same_for_every_seed_and_ties_are_named(trace):
 
 
 def test_grouped_is_a_candidate_only_with_the_routers_groups(trace):
-    grouped = _auto(trace.profile(batch_size=512, phase="prefill"), 0)
-    assert "grouped:" in grouped.solver.notes[1]
-    alone = _auto(replace(trace.profile(batch_size=512, phase="prefill"), domain_loads={}), 0)
-    assert "grouped:" not in alone.solver.notes[1]
+    profile = trace.profile(batch_size=512, phase="prefill")
+    assert "grouped:" in _auto(profile, 0).solver.notes[1]
+    assert "grouped:" not in _auto(replace(profile, domain_loads={}), 0).solver.notes[1]
+    assert "grouped:" not in _auto(profile, 0, request_router="round_robin").solver.notes[1]
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(PlacementError, match="request_router: 'psychic'"):
+        PolicyOptions(request_router="psychic")
+    with pytest.raises(PlacementError, match="phases: "):
+        PolicyOptions(phases=("both",))
 
 
 def test_phase_both_is_one_joint_objective(trace):
@@ -83,7 +91,8 @@ def test_plan_predicts_with_the_recommended_router_and_names_it(tmp_path):
     out = tmp_path / "auto.json"
     result = moeplace(
         "plan", "--trace", str(path), "--model", "deepseek-v2-lite", "--policy", "auto",
-        "--phase", "both", "--time-limit", "20", "--out", str(out), cwd=tmp_path,
+        "--phase", "both", "--requests", "signature", "--time-limit", "20", "--out", str(out),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     placement_file = read_placement(out)

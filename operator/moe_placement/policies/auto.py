@@ -1,9 +1,10 @@
 """``policy: auto``: per phase, the placement (and router) the cost model predicts fastest, and why.
 
 The candidates are EPLB (token balance), ``ilp`` (MoETuner: balance and layer-to-layer locality),
-``metro_aware`` (activated experts), ``locality`` (node co-placement) and, when the profile carries
-the request router's groups (``WorkloadProfile.domain_loads``), ``grouped`` (each group's experts
-on the node the router sends it to). Each is scored with the cost model under every router on
+``metro_aware`` (activated experts), ``locality`` (node co-placement) and, when requests go through
+the request router (``PolicyOptions.request_router`` ``signature``) and the profile carries its
+groups (``WorkloadProfile.domain_loads``), ``grouped`` (each group's experts on the node the router
+sends it to). Each is scored with the cost model under every router on
 batches drawn from the profile itself: tokens that follow the profile's layer-to-layer transitions
 (a Markov chain over layers), so the locality the candidates aim at shows up in the score; with
 groups, each token belongs to a group and lives on a GPU of the node the router sends the group to.
@@ -74,10 +75,13 @@ class TokenGroups:
     node_share: np.ndarray
 
 
-def token_groups(profile: WorkloadProfile, num_nodes: int) -> TokenGroups | None:
-    """The router's groups of ``profile`` (None without at least two)."""
-    if len(profile.domain_loads) < 2:
-        return None
+def routed_groups(profile: WorkloadProfile, options: PolicyOptions) -> bool:
+    """Whether requests go through the request router and ``profile`` has two groups or more."""
+    return options.request_router == "signature" and len(profile.domain_loads) >= 2
+
+
+def token_groups(profile: WorkloadProfile, num_nodes: int) -> TokenGroups:
+    """The router's groups of ``profile`` (its ``domain_loads``)."""
     _, signatures, tokens = domain_signatures_of_profile(profile)
     popularity = signatures / np.maximum(signatures.sum(2, keepdims=True), 1e-12)
     return TokenGroups(tokens / tokens.sum(), popularity, assign_domain_nodes(tokens, num_nodes))
@@ -104,19 +108,19 @@ def profile_batches(
     rng: np.random.Generator,
     max_tokens: int = MAX_SCORED_TOKENS,
     batch_size: int | None = None,
-    num_nodes: int = 1,
+    num_nodes: int | None = None,
 ) -> list[RoutingBatch]:
     """Batches of ``batch_size`` (default ``profile.batch_size``) tokens, at most ``max_tokens``,
     expert_ids [L, B, k], drawn from the profile: layer 0 by popularity, each later layer by the
     transitions from the token's experts one layer up (mixed with a little popularity), k distinct
-    experts by a Gumbel race. Without groups popularity is the profile's and token i starts on GPU
-    i mod G; with them (``token_groups`` over ``num_nodes`` nodes) it is the token's group's and
-    the token lives on its group's node."""
+    experts by a Gumbel race. Without ``num_nodes`` popularity is the profile's and token i starts
+    on GPU i mod G (round-robin requests); with it (routed requests, ``token_groups`` over that many
+    nodes) it is the token's group's and the token lives on its group's node."""
     load = profile.load
     transitions = pair_matrices(profile)[0].astype(np.float32)
     has_transitions = transitions.reshape(len(transitions), -1).any(1)
     popularity = (load / np.maximum(load.sum(1, keepdims=True), 1e-12)).astype(np.float32)
-    groups = token_groups(profile, num_nodes)
+    groups = None if num_nodes is None else token_groups(profile, num_nodes)
     batch = min(batch_size or profile.batch_size, max_tokens)
     batches = []
     for _ in range(num_batches):
@@ -188,16 +192,17 @@ def _phases(profile: WorkloadProfile, options: PolicyOptions) -> tuple[Phase, ..
     return tuple(options.phases) or (profile.phase,)
 
 
-def _candidates(profile: WorkloadProfile) -> dict:
-    if len(profile.domain_loads) < 2:
-        return {name: fn for name, fn in CANDIDATES.items() if name != "grouped"}
-    return CANDIDATES
+def _candidates(profile: WorkloadProfile, options: PolicyOptions) -> dict:
+    if routed_groups(profile, options):
+        return CANDIDATES
+    return {name: fn for name, fn in CANDIDATES.items() if name != "grouped"}
 
 
 def _batches_per_phase(
-    profile: WorkloadProfile, topology: Topology, phases: tuple[Phase, ...], seed: int
+    profile: WorkloadProfile, topology: Topology, options: PolicyOptions
 ) -> dict[str, list[RoutingBatch]]:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(SCORING_SEED)
+    num_nodes = topology.num_nodes if routed_groups(profile, options) else None
     return {
         phase: profile_batches(
             profile,
@@ -209,9 +214,9 @@ def _batches_per_phase(
                 if phase == profile.phase
                 else OTHER_PHASE_TOKENS_PER_GPU[phase] * topology.num_gpus
             ),
-            num_nodes=topology.num_nodes,
+            num_nodes=num_nodes,
         )
-        for phase in phases
+        for phase in _phases(profile, options)
     }
 
 
@@ -226,7 +231,7 @@ def _solve_and_score(
     each solve given its share of what is left after the scoring still to come; a candidate or a
     router that no longer fits is skipped (named in the returned list)."""
     deadline = time.perf_counter() + options.time_limit_s
-    candidates = _candidates(profile)
+    candidates = _candidates(profile, options)
     routers = [name for name in CANDIDATE_ROUTERS if name in ROUTERS]
     scores = Scores({}, {})
     mappings: dict[str, np.ndarray] = {}
@@ -361,7 +366,7 @@ def policy_auto(
     notes say which."""
     started = time.perf_counter()
     phases = _phases(profile, options)
-    batches = _batches_per_phase(profile, topology, phases, SCORING_SEED)
+    batches = _batches_per_phase(profile, topology, options)
     scores, mappings, skipped = _solve_and_score(profile, model, topology, options, batches)
     names = list(mappings)
     choice = _choose(scores, phases, names)

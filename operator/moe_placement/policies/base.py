@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_placement.models import ModelShape, Phase, Placement, Topology, WorkloadProfile
+from moe_placement.models import (
+    PHASES,
+    ModelShape,
+    Phase,
+    Placement,
+    PlacementError,
+    Topology,
+    WorkloadProfile,
+)
+from moe_placement.request_routing import REQUEST_ROUTERS
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,9 @@ class PolicyOptions:
     move_budget: most expert replicas a re-solve may move (None: no budget).
     phases: the phases the placement serves, for policies with a joint objective over them
     (``auto``); empty: the profile's own phase.
+    request_router: how requests reach the data-parallel ranks: ``round_robin`` (an engine's
+    default) or ``signature`` (moeplace's request router, whose groups are the profile's
+    ``domain_loads``; ``auto`` then weighs ``grouped`` too).
     """
 
     time_limit_s: float = 30.0
@@ -31,6 +43,16 @@ class PolicyOptions:
     move_budget: int | None = None
     seed: int = 0
     phases: tuple[Phase, ...] = ()
+    request_router: str = "round_robin"
+
+    def __post_init__(self) -> None:
+        if self.request_router not in REQUEST_ROUTERS:
+            raise PlacementError(
+                f"request_router: {self.request_router!r} is not one of {', '.join(REQUEST_ROUTERS)}"
+            )
+        unknown = [phase for phase in self.phases if phase not in PHASES]
+        if unknown:
+            raise PlacementError(f"phases: {unknown} are not of {', '.join(PHASES)}")
 
 
 @dataclass(frozen=True)
