@@ -56,10 +56,10 @@ CANDIDATES = {
 }
 CANDIDATE_ROUTERS = ("random", "local_first", "metro")
 ROUTER_PREFERENCE = ("metro", "local_first", "random")  # ties (e.g. no replicas) go to the first
-SCORED_BATCHES = 16  # per phase: enough that the per-batch noise is well under TIE_TOLERANCE
-MAX_SCORED_TOKENS = 1024  # tokens per scored batch: enough to rank candidates, seconds at V3 scale
+SCORED_BATCHES = 6  # per phase; with MAX_SCORED_TOKENS, 3x the tokens auto once scored on
+MAX_SCORED_TOKENS = 4096  # per batch: 512 per GPU on 8 GPUs keeps prefill compute-bound, as served
 OTHER_PHASE_TOKENS_PER_GPU = {"prefill": 128, "decode": 16}  # a phase the profile is not of
-TIE_TOLERANCE = 0.03  # relative objective difference below which two choices are a tie
+TIE_TOLERANCE = 0.01  # relative objective difference below which two choices are a tie
 SCORING_SEED = 0  # the scored batches and replica draws: the same whatever options.seed
 SCORING_SHARE = 0.5  # of the time limit left for scoring; the rest solves
 SMOOTHING = 0.05  # share of a token's next-layer choice drawn from the layer's popularity alone
@@ -269,7 +269,7 @@ def _tied(best: np.ndarray, other: np.ndarray) -> bool:
     return float(difference.mean()) <= max(TIE_TOLERANCE * float(best.mean()), 2.0 * error)
 
 
-def _pick(objectives: dict[str, np.ndarray], order: list[str]) -> tuple[str, list[str]]:
+def choose_with_ties(objectives: dict[str, np.ndarray], order: list[str]) -> tuple[str, list[str]]:
     """The choice of least mean objective, or the first in ``order`` of those tied with it, and
     the tied ones (the choice included; one name when there is no tie)."""
     lowest = min(objectives, key=lambda name: (objectives[name].mean(), order.index(name)))
@@ -301,12 +301,12 @@ def _choose(scores: Scores, phases: tuple[Phase, ...], names: list[str]) -> Choi
             options = {r: t for (n, r, p), t in scores.times.items() if n == name and p == phase}
             if not options:
                 break
-            router, _ = _pick(options, [r for r in ROUTER_PREFERENCE if r in options])
+            router, _ = choose_with_ties(options, [r for r in ROUTER_PREFERENCE if r in options])
             routers[name][phase] = router
             per_phase.append(options[router] / baseline[phase])
         else:
             joint[name] = np.mean(per_phase, axis=0)
-    best, tied = _pick(joint, [name for name in names if name in joint])
+    best, tied = choose_with_ties(joint, [name for name in names if name in joint])
     objective = {name: float(values.mean()) for name, values in joint.items()}
     return Choice(best, routers[best], tied, objective)
 
