@@ -12,7 +12,9 @@ groups, each token belongs to a group and lives on a GPU of the node the router 
 The objective is joint over the phases solved for (``PolicyOptions.phases``; default the profile's
 own): the mean over phases of a candidate's predicted MoE time relative to EPLB with random replica
 choice, each phase with the candidate's best router for it (the gate's gain, turned around).
-Candidates whose objectives differ by less than ``TIE_TOLERANCE`` or two standard errors of their
+Each phase is scored on 2 to 6 batches (``SCORED_BATCHES``; as many as ``SCORING_DRAWS`` allow, so
+a DeepSeek-V3-sized model gets 2 and stays within its time limit). Candidates whose objectives
+differ by less than ``TIE_TOLERANCE`` or two standard errors of their
 per-batch difference are a tie: the first of ``CANDIDATES`` among them wins (never the seed's
 noise) and the notes name the tie. Routers of one phase tie the same way (``ROUTER_PREFERENCE``).
 The scored batches and replica draws come from ``SCORING_SEED``, not ``options.seed``: they are
@@ -56,7 +58,8 @@ CANDIDATES = {
 }
 CANDIDATE_ROUTERS = ("random", "local_first", "metro")
 ROUTER_PREFERENCE = ("metro", "local_first", "random")  # ties (e.g. no replicas) go to the first
-SCORED_BATCHES = 6  # per phase; with MAX_SCORED_TOKENS, 3x the tokens auto once scored on
+SCORED_BATCHES = (2, 6)  # per phase, fewest and most: as many as SCORING_DRAWS allow
+SCORING_DRAWS = 1 << 27  # token x layer x expert draws per phase: 6 batches at V2-Lite, 2 at V3
 MAX_SCORED_TOKENS = 4096  # per batch: 512 per GPU on 8 GPUs keeps prefill compute-bound, as served
 OTHER_PHASE_TOKENS_PER_GPU = {"prefill": 128, "decode": 16}  # a phase the profile is not of
 TIE_TOLERANCE = 0.01  # relative objective difference below which two choices are a tie
@@ -203,21 +206,20 @@ def _batches_per_phase(
 ) -> dict[str, list[RoutingBatch]]:
     rng = np.random.default_rng(SCORING_SEED)
     num_nodes = topology.num_nodes if routed_groups(profile, options) else None
-    return {
-        phase: profile_batches(
-            profile,
-            topology.num_gpus,
-            SCORED_BATCHES,
-            rng,
-            batch_size=(
-                profile.batch_size
-                if phase == profile.phase
-                else OTHER_PHASE_TOKENS_PER_GPU[phase] * topology.num_gpus
-            ),
-            num_nodes=num_nodes,
+    batches = {}
+    for phase in _phases(profile, options):
+        size = min(
+            profile.batch_size
+            if phase == profile.phase
+            else OTHER_PHASE_TOKENS_PER_GPU[phase] * topology.num_gpus,
+            MAX_SCORED_TOKENS,
         )
-        for phase in _phases(profile, options)
-    }
+        # Drawing a batch costs B x L x E: a model as big as DeepSeek-V3 gets the fewest.
+        count = int(np.clip(SCORING_DRAWS // (size * profile.load.size), *SCORED_BATCHES))
+        batches[phase] = profile_batches(
+            profile, topology.num_gpus, count, rng, batch_size=size, num_nodes=num_nodes
+        )
+    return batches
 
 
 def _solve_and_score(
@@ -226,11 +228,12 @@ def _solve_and_score(
     topology: Topology,
     options: PolicyOptions,
     batches: dict[str, list[RoutingBatch]],
+    deadline: float,
 ) -> tuple[Scores, dict[str, np.ndarray], list[str]]:
     """Each candidate solved and scored in order (eplb first, always done) within the time limit,
     each solve given its share of what is left after the scoring still to come; a candidate or a
-    router that no longer fits is skipped (named in the returned list)."""
-    deadline = time.perf_counter() + options.time_limit_s
+    router that no longer fits ``deadline`` (``time.perf_counter``) is skipped (named in the
+    returned list)."""
     candidates = _candidates(profile, options)
     routers = [name for name in CANDIDATE_ROUTERS if name in ROUTERS]
     scores = Scores({}, {})
@@ -367,7 +370,10 @@ def policy_auto(
     started = time.perf_counter()
     phases = _phases(profile, options)
     batches = _batches_per_phase(profile, topology, options)
-    scores, mappings, skipped = _solve_and_score(profile, model, topology, options, batches)
+    deadline = started + options.time_limit_s  # drawing the batches counts too
+    scores, mappings, skipped = _solve_and_score(
+        profile, model, topology, options, batches, deadline
+    )
     names = list(mappings)
     choice = _choose(scores, phases, names)
     notes = _notes(choice, scores, phases, names, time.perf_counter() - started)
