@@ -277,7 +277,7 @@ def bench_policies(limit: float) -> list[dict]:
     for policy, workers in runs:
         options = PolicyOptions(time_limit_s=limit, workers=workers)
         result = plan(policy, profile, model, topology, options)
-        routers = routers_for(result.solver.router, profile.phase)
+        routers = routers_for(result.solver, profile.phase)
         (costs,) = score_placements([result.placement], model, topology, batches, routers)
         rows.append({
             "policy": policy, "processes": workers or usable_cpus(),

@@ -1,6 +1,7 @@
 """Placement benchmark: the seed algorithms side by side with the baselines, on a real routing trace.
 
-    PYTHONPATH=operator python3 benchmarks/placement_bench.py [--quick] [--json out/placement-bench.json]
+    PYTHONPATH=operator python3 benchmarks/placement_bench.py [--quick] [--table-only]
+        [--flows home,follow] [--json out/placement-bench.json]
 
 Sections (all figures are the cost model's predictions, cost.evaluate):
 1. Side by side: policies x routers on the ESFT trace (fit on the first half of each task, score on
@@ -90,10 +91,11 @@ def side_by_side(
         log(
             f"{name} {topology_name(topology)}: {policy} solved in {sum(r.solve_seconds for r in solved.values()):.1f} s"
         )
-        for router in ROUTERS:
+        for router, flow in ((r, f) for r in ROUTERS for f in args.flows):
             row = {
                 "workload": name,
                 "topology": topology_name(topology),
+                "flow": flow,
                 "policy": policy,
                 "router": router,
                 "solve_s": sum(r.solve_seconds for r in solved.values()),
@@ -102,12 +104,14 @@ def side_by_side(
             }
             for phase in PHASES:
                 report = evaluate(
-                    solved[phase].placement, model, topology, batches[phase], router, args.seed
+                    solved[phase].placement, model, topology, batches[phase], router, args.seed, flow
                 )
                 row[phase] = report.summary()
             rows.append(row)
-    base = next(r for r in rows if r["policy"] == "eplb" and r["router"] == "random")
     for row in rows:
+        base = next(
+            r for r in rows if (r["policy"], r["router"], r["flow"]) == ("eplb", "random", row["flow"])
+        )
         row["ratio"] = {
             "prefill_ms": row["prefill"]["moe_ms"] / base["prefill"]["moe_ms"],
             "decode_ms": row["decode"]["moe_ms"] / base["decode"]["moe_ms"],
@@ -125,6 +129,7 @@ def format_rows(rows: list[dict]) -> str:
     header = (
         "workload",
         "topo",
+        "flow",
         "policy",
         "router",
         "prefill ms",
@@ -144,6 +149,7 @@ def format_rows(rows: list[dict]) -> str:
             (
                 r["workload"],
                 r["topology"],
+                r["flow"],
                 r["policy"],
                 r["router"],
                 f"{r['prefill']['moe_ms']:.3f}",
@@ -167,11 +173,12 @@ def format_rows(rows: list[dict]) -> str:
 def targets(rows: list[dict]) -> list[dict]:
     """Per workload and topology, the best (policy, router) for each target metric."""
     summary = []
-    for key in sorted({(r["workload"], r["topology"]) for r in rows}):
+    for key in sorted({(r["workload"], r["topology"], r["flow"]) for r in rows}):
         mine = [
             r
             for r in rows
-            if (r["workload"], r["topology"]) == key and r["policy"] not in ("linear", "eplb")
+            if (r["workload"], r["topology"], r["flow"]) == key
+            and r["policy"] not in ("linear", "eplb")
         ]
         for metric, goal in TARGETS.items():
             best = min(mine, key=lambda r: r["ratio"][metric])
@@ -180,6 +187,7 @@ def targets(rows: list[dict]) -> list[dict]:
                 {
                     "workload": key[0],
                     "topology": key[1],
+                    "flow": key[2],
                     "metric": metric,
                     "target": goal,
                     "best": best["ratio"][metric],
@@ -406,7 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redundant-slots", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flows", default="home,follow",
+        help="data flows each placement is scored under (home: SGLang/vLLM; follow: MoETuner's)",
+    )
+    parser.add_argument(
+        "--table-only", action="store_true",
+        help="only the side-by-side table and its targets (no shift, METRO exact, predictor, scale)",
+    )
     args = parser.parse_args(argv)
+    args.flows = [flow.strip() for flow in args.flows.split(",") if flow.strip()]
     if args.quick:
         args.batches, args.time_limit, args.v3_time_limit = 2, 5.0, 20.0
     started = time.perf_counter()
@@ -421,12 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, fit, score in workloads if not args.quick else workloads[::2]:
             new_rows, placements = side_by_side(name, fit, score, model, topology, args)
             rows += new_rows
-            if name == "intent":
+            if name == "intent" and not args.table_only:
                 exact[spec] = metro_exact(placements, score, topology, args)
+        if args.table_only:
+            continue
         shift.append(domain_shift(trace, model, topology, args))
         if spec == "2x4":
             extras = predictor_and_grouping(trace, model, topology, args)
-    scale_rows = scale(args)
+    scale_rows = [] if args.table_only else scale(args)
     summary = targets(rows)
     document = {
         "meta": {
@@ -451,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets (best of ilp/metro_aware/locality/auto x routers; ratio to eplb + random):")
     for t in summary:
         print(
-            f"  {t['workload']:12s} {t['topology']} {t['metric']:10s} target <= {t['target']:.2f}: "
+            f"  {t['workload']:12s} {t['topology']} {t['flow']:6s} {t['metric']:10s} target <= {t['target']:.2f}: "
             f"best {t['best']:.3f} ({t['best_by']}), auto {t['auto']:.3f} ({t['auto_router']}) "
             f"{'MET' if t['met'] else 'MISSED'}"
         )

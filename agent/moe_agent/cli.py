@@ -24,11 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from moe_placement.baselines import linear_placement
-from moe_placement.models import ModelShape, Placement, PlacementError, Topology, format_validation_error
-from moe_placement.presets import MODEL_PRESETS, parse_topology
+from moe_placement.models import ModelShape, Placement, PlacementError, Topology
+from moe_placement.presets import MODEL_PRESETS, model_shape, parse_topology
 from moe_placement.routing import ROUTERS as REFERENCE_ROUTERS
 from moe_placement.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 from moe_placement.traces import load_trace
@@ -72,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep shifting: the two domains take turns every --shift-after-seconds")
     source.add_argument("--start-time", type=float,
                         help="epoch seconds the stream starts at (default: now); agents given the same value step in lockstep")
+    source.add_argument("--homes", type=Path,
+                        help='JSON {"home_gpu": [S]}: attention rank of each sequence of --replay TRACE '
+                        "(as moeplace route or a request router chose; default: sequence mod GPUs)")
+    source.add_argument("--report-signatures-to", metavar="ROUTER_URL",
+                        help="request router (moeplace router) to report finished sequences' "
+                        "expert signatures to, so it learns online")
     source.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace, weights and draws")
 
     shape = parser.add_argument_group("model and placement")
@@ -112,18 +116,7 @@ def load_model_shape(spec: str | None) -> ModelShape:
     """A preset by name, a ModelShape JSON file, or inline ModelShape JSON."""
     if not spec:
         raise PlacementError(f"model: give --model or set {MODEL_ENV}")
-    if spec in MODEL_PRESETS:
-        return MODEL_PRESETS[spec]
-    text = spec if spec.lstrip().startswith("{") else None
-    if text is None:
-        path = Path(spec)
-        if not path.is_file():
-            raise PlacementError(f"model: {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file")
-        text = path.read_text()
-    try:
-        return ModelShape.model_validate_json(text)
-    except ValidationError as error:
-        raise PlacementError(format_validation_error(error, "model")) from None
+    return model_shape(spec)
 
 
 def load_initial_placement(path: Path | None, shape: ModelShape, topology: Topology) -> Placement:
@@ -163,7 +156,9 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
             f"model {shape.name} is {expected[0]} x {expected[1]}, top-{expected[2]}"
         )
     if args.shift_after_seconds is None:
-        return TokenStream(trace.select_domain(args.task) if args.task else trace)
+        return TokenStream(trace.select_domain(args.task) if args.task else trace, homes=_homes(args.homes))
+    if args.homes is not None:
+        raise PlacementError("homes: a stream with a shift has no fixed home per sequence")
     before = args.task or domains[0]
     after = args.shift_to or next((name for name in domains if name != before), None)
     if after is None or after == before:
@@ -176,6 +171,18 @@ def build_stream(args: argparse.Namespace, shape: ModelShape) -> TokenStream:
     )
 
 
+def _homes(path: Path | None):
+    """The ``home_gpu`` list of a ``--homes`` file, as an array (None without one)."""
+    if path is None:
+        return None
+    import numpy as np
+
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict) or not isinstance(document.get("home_gpu"), list):
+        raise PlacementError(f"homes: {path} has no home_gpu list")
+    return np.asarray(document["home_gpu"], dtype=np.int64)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the agent from the flags and serve until SIGINT / SIGTERM."""
     import torch
@@ -185,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_agent.model import ReplayMoEModel
     from moe_agent.recorder import RoutingRecorder, attach
     from moe_agent.replay import ReplayEngine
+    from moe_agent.signatures import SignatureReporter
     from moe_agent.server import AgentServer, ServerOptions, TokenSource
     from moe_agent.store import DTYPES, ExpertStore
 
@@ -226,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             start_time=args.start_time,
             forward_budget=args.forward_budget,
+            reporter=SignatureReporter(args.report_signatures_to) if args.report_signatures_to else None,
         )
     options = ServerOptions(
         transfer_timeout_seconds=args.transfer_timeout,

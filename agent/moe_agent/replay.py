@@ -4,7 +4,7 @@ Every agent of an EP group replays the same token stream, cut into the same batc
 moments: batch i holds stream tokens i*B .. i*B+B-1 and is due at ``start_time + (i+1) * B / rate``,
 so agents given one ``start_time`` step in lockstep and route every batch identically. Each agent
 routes the whole batch with its live placement (token t's attention rank is its sequence's index mod
-G) and does only its own share:
+G, or the home a request router chose: ``TokenStream.homes``) and does only its own share:
 
 * counts the (layer, expert) pairs its slots serve (``moeplace_expert_tokens_total``: summed over
   the agents, the global load) and the slots it activates;
@@ -16,6 +16,8 @@ G) and does only its own share:
   above cover every pair).
 
 When an activation changes the placement, the next batch is routed with it, so the metrics follow.
+With a ``SignatureReporter``, the rank that ran a sequence reports its signature to the request
+router when its last token has been replayed (``moe_agent.signatures``).
 
 Shapes: L layers, B tokens per batch, k choices, E experts, G GPUs, S slots of this rank, H hidden.
 """
@@ -32,10 +34,12 @@ import numpy as np
 import torch
 
 from moe_placement.cost import DATA_FLOWS, DataFlow
+from moe_placement.models import PlacementError
 from moe_placement.traces import Trace
 from moe_agent.agent import AgentCore, LiveView
 from moe_agent.model import ReplayMoEModel
 from moe_agent.router import get_router
+from moe_agent.signatures import SignatureReporter
 
 log = logging.getLogger("moe_agent.replay")
 
@@ -52,12 +56,31 @@ class TokenStream:
 
     Stream token p is trace token p mod T; its sequence number (for the attention rank) counts the
     sequences of the earlier loops too, so sequences spread over ranks the same way in every loop.
+    A sequence's attention rank is its number mod G (round-robin, an engine's default), or with
+    ``homes`` [S] (one trace, no shift: what a request router chose, ``moeplace route``'s
+    ``home_gpu``) the home of the trace sequence it replays.
     """
 
     before: Trace
     after: Trace | None = None
     shift_at: int | None = None
     alternate: bool = False
+    homes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.homes is None:
+            return
+        if self.after is not None or len(self.homes) != self.before.num_sequences:
+            raise PlacementError(
+                f"homes: {len(self.homes)} homes for a stream of {self.before.num_sequences} "
+                "sequences of one trace (a home per sequence, no shift)"
+            )
+
+    def attention_rank(self, sequence: np.ndarray, num_gpus: int) -> np.ndarray:
+        """Attention rank (home GPU) of stream sequence numbers [B]."""
+        if self.homes is None:
+            return sequence % num_gpus
+        return np.asarray(self.homes)[sequence % self.before.num_sequences] % num_gpus
 
     def batch(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens start .. start+count-1: expert_ids [L, B, k] and sequence numbers [B]."""
@@ -76,6 +99,25 @@ class TokenStream:
             np.concatenate([ids_before, ids_after], axis=1),
             np.concatenate([seq_before, seq_after]),
         )
+
+
+    def finished(self, start: int, count: int) -> list[tuple[Trace, int, int]]:
+        """Sequences whose last token is one of tokens start .. start+count-1: (trace, sequence of
+        that trace, stream sequence number), in stream order."""
+        position = np.arange(start, start + count)
+        if self.after is None or self.shift_at is None:
+            return _finished(self.before, position)
+        early = (position // self.shift_at) % 2 == 0 if self.alternate else position < self.shift_at
+        offset = 0 if self.alternate else self.shift_at
+        return _finished(self.before, position[early]) + _finished(self.after, position[~early] - offset)
+
+
+def _finished(trace: Trace, position: np.ndarray) -> list[tuple[Trace, int, int]]:
+    loop, token = np.divmod(position, trace.num_tokens)
+    sequence = trace.sequence_of_token()[token]
+    last = trace.seq_offsets[sequence + 1] - 1 == token
+    numbers = loop[last] * trace.num_sequences + sequence[last]
+    return [(trace, int(s), int(n)) for s, n in zip(sequence[last], numbers)]
 
 
 def _take(trace: Trace, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +158,7 @@ class ReplayEngine:
         start_time: float | None = None,
         forward_budget: int = 8,
         data_flow: DataFlow = "home",
+        reporter: SignatureReporter | None = None,
     ) -> None:
         if tokens_per_second <= 0 or batch_tokens <= 0:
             raise ValueError("tokens_per_second and batch_tokens must be > 0")
@@ -132,6 +175,7 @@ class ReplayEngine:
         self.seed = seed
         self.start_time = time.time() if start_time is None else float(start_time)
         self.forward_budget = forward_budget
+        self.reporter = reporter
         device = core.device
         generator = torch.Generator().manual_seed(seed)
         self._hidden = torch.randn(HIDDEN_POOL, core.shape.hidden_size, generator=generator).to(device)
@@ -181,7 +225,7 @@ class ReplayEngine:
         ids_np, sequence = self.stream.batch(start, self.batch_tokens)
         ids = torch.as_tensor(ids_np, device=device)
         num_layers, batch, top_k = ids.shape
-        attention_gpu = torch.as_tensor(sequence % num_gpus, device=device)
+        attention_gpu = torch.as_tensor(self.stream.attention_rank(sequence, num_gpus), device=device)
         slots, sources = self._route(view, ids, attention_gpu, self._uniform(batch_index, (num_layers, batch, top_k)))
         gpu_of_slot = view.layout.gpu_of_slot
         destination = gpu_of_slot[slots]  # [L, B, k]
@@ -216,6 +260,11 @@ class ReplayEngine:
             forward_pairs=forward_pairs,
         )
         core.metrics.add_step(result.served, result.activated, own_tokens, cross_gpu, cross_node)
+        if self.reporter is not None:
+            for trace, sequence, number in self.stream.finished(start, self.batch_tokens):
+                # The rank whose attention ran the request reports it.
+                if self.stream.attention_rank(np.array([number]), num_gpus)[0] == rank:
+                    self.reporter.report(trace, sequence)
         return result
 
     def _cross_bytes(self, destination: torch.Tensor, source: torch.Tensor, num_gpus: int) -> tuple[float, float]:

@@ -1,15 +1,17 @@
-"""``moeplace`` subcommands of the local dev stack: ``cluster up | env | down`` and ``demo``."""
+"""``moeplace`` subcommands of the local dev stack: ``cluster up | env | down``, ``demo`` and
+``demo-router``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from moeplace_dev import cluster, demo
+from moeplace_dev import cluster, demo, router_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``moeplace cluster`` and ``moeplace demo`` to the top-level ``moeplace`` parser."""
+    """Add ``moeplace cluster``, ``moeplace demo`` and ``moeplace demo-router`` to the top-level
+    ``moeplace`` parser."""
     cluster_parser = subparsers.add_parser(
         "cluster", help="run a local kube-apiserver + etcd + Prometheus on loopback"
     )
@@ -29,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     down = actions.add_parser("down", help="stop the local cluster and delete its data")
     down.set_defaults(func=_cluster_down)
     demo.register(subparsers)
+    router_demo.register(subparsers)
 
 
 def _fail(error: cluster.ClusterError) -> int:

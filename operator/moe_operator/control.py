@@ -13,7 +13,8 @@ in owned ConfigMaps, so a restarted operator picks up where the last one stopped
 A cycle is a chain of steps, each returning either what the next step needs or a ``CycleOutcome``
 that ends the cycle: load (resource, spec, published map) -> agents (Endpoints, token, their live
 placements; a recorded migration is resumed first) -> converge (lagging agents onto the published
-map) -> profile (Prometheus load, agents' transitions) -> gate (solve, predict, compare, in a worker
+map) -> profile (Prometheus load, agents' transitions, the request router's groups; with a router, a
+cycle whose groups have not drifted and whose load is balanced ends here) -> gate (solve, predict, compare, in a worker
 process) -> migrate (``moe_operator.rollout``). ``Controller._apply`` writes an outcome's status,
 conditions, events and metrics in one place. One lock per resource: never two cycles (so never two
 migrations) at once.
@@ -27,7 +28,7 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor
 from concurrent.futures import Executor as PoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,14 +49,17 @@ from moe_operator.outcomes import (
     CycleOutcome,
     CycleResult,
     Event,
+    GroupsTrigger,
     waiting,
 )
 from moe_operator.plan_runner import AgentsView, GroupLayout, converge, read_agents
+from moe_operator.router_source import RouterGroups, RouterUnavailable, fetch_router_groups
 from moe_operator.rollout import Rollout
 from moe_operator.solver import SolveRequest, SolveResult, solve_and_gate, token_imbalance
 from moe_operator.status import StatusWriter, condition_reason, now_iso
 from moe_placement.baselines import linear_placement
 from moe_placement.models import Placement, PlacementError, WorkloadProfile, placement_hash
+from moe_placement.request_routing import demand_drift
 
 logger = logging.getLogger("moe_operator")
 
@@ -94,6 +98,7 @@ class Profiled:
     profile: WorkloadProfile
     imbalance: float
     missing_layers: tuple[int, ...]
+    groups: RouterGroups | None = None
 
 
 class Controller:
@@ -349,6 +354,9 @@ class Controller:
         if ctx.resolved.spec.placement.paused:
             ctx.metrics.rebalance("skipped")
             return CycleOutcome(CycleResult.PAUSED, "rebalancing paused")
+        unchanged = self._groups_unchanged(ctx, profiled)
+        if unchanged is not None:
+            return unchanged
         result = await self._gate(ctx, loaded.published, profiled)
         if isinstance(result, CycleOutcome):
             return result
@@ -543,7 +551,58 @@ class Controller:
         ctx.base.update(imbalance=round(imbalance, 4), maxActivatedExperts=activated)
         if report.skipped:
             self.event(ctx.body, "Warning", "BadMetrics", report.summary())
-        return Profiled(profile, imbalance, tuple(report.missing_layers))
+        groups = await self._router_groups(ctx)
+        if groups is not None:
+            profile = replace(profile, domain_loads=groups.domain_loads)
+        return Profiled(profile, imbalance, tuple(report.missing_layers), groups)
+
+    async def _router_groups(self, ctx: CycleContext) -> RouterGroups | None:
+        """The request router's groups (None without a router, before it learned any, or when it
+        cannot be read: the cycle goes on without them and a Warning event says why)."""
+        url = ctx.resolved.spec.placement.router_url
+        if url is None:
+            return None
+        model, topology = ctx.resolved.model, ctx.resolved.topology
+        try:
+            return await asyncio.to_thread(
+                fetch_router_groups, url, model.num_layers, model.num_experts, topology.num_nodes, self.agent_timeout_s
+            )
+        except RouterUnavailable as error:
+            self.event(ctx.body, "Warning", "RouterUnavailable", str(error))
+            return None
+
+    def _groups_unchanged(self, ctx: CycleContext, profiled: Profiled) -> CycleOutcome | None:
+        """With router groups: the outcome that ends the cycle when they have not drifted since the
+        last solve and the load is balanced (nothing to re-solve for); else None, with the groups
+        this solve is for (and why it runs) in ``ctx.base``."""
+        groups = profiled.groups
+        if groups is None:
+            return None
+        recorded = ctx.writer.observed.router_groups
+        drift = 1.0 if recorded is None else demand_drift(recorded.demand, groups.demand)
+        threshold = ctx.resolved.spec.placement.group_drift_threshold
+        balanced = profiled.imbalance <= ctx.resolved.spec.alerts.imbalance_threshold
+        if recorded is not None and drift < threshold and balanced:
+            ctx.metrics.rebalance("skipped")
+            return CycleOutcome(
+                CycleResult.GROUPS_UNCHANGED,
+                f"router groups moved {drift:.3f} < groupDriftThreshold {threshold} and the load is balanced",
+                status=ctx.base,
+            )
+        if recorded is None:
+            trigger = GroupsTrigger.FIRST_SEEN
+        else:
+            trigger = GroupsTrigger.DRIFTED if drift >= threshold else GroupsTrigger.IMBALANCED
+        if trigger == GroupsTrigger.DRIFTED:
+            self.event(
+                ctx.body, "Normal", "RouterGroupsDrifted",
+                f"router groups moved {drift:.3f} >= groupDriftThreshold {threshold} since the last solve; re-solving",
+            )
+        ctx.base["routerGroups"] = {
+            "groups": groups.count, "drift": round(min(drift, 1.0), 4), "trigger": str(trigger),
+            "demand": np.round(groups.demand, 6).tolist(),
+        }
+        return None
 
     async def _read_profile(self, ctx: CycleContext) -> tuple[WorkloadProfile, MetricsReport, float | None]:
         spec = ctx.resolved.spec.metrics
@@ -591,6 +650,7 @@ class Controller:
             result = await self._solve(request)
         except (PlacementError, RuntimeError, ValueError) as error:
             ctx.metrics.rebalance("failed")
+            ctx.base.pop("routerGroups", None)  # not solved for: the next cycle tries them again
             return CycleOutcome(
                 CycleResult.SOLVER_FAILED, f"solver: {error}", status=ctx.base, error="solver",
                 conditions=(ConditionChange("Degraded", True, "SolverFailed", str(error)),),

@@ -214,6 +214,24 @@ class PlacementSpec(SpecModel):
     decode_tokens_per_gpu: int = Field(
         16, ge=1, le=65536, description="Tokens per GPU of a sampled decode batch."
     )
+    router_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description=(
+            "Request router (moeplace router) in front of the engine: its groups join the profile "
+            "(policies grouped and auto place by them) and a cycle re-solves when they drift."
+        ),
+    )
+    group_drift_threshold: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description=(
+            "With routerUrl: re-solve when the router's groups moved this far (total variation of "
+            "the expert demand per node) since the last solve; below it, and with the load "
+            "balanced, a cycle solves nothing."
+        ),
+    )
 
     def policy_options(self, previous: Placement, seed: int) -> PolicyOptions:
         """The policy's knobs from this spec: the one place a placement knob of the CRD reaches
@@ -223,6 +241,8 @@ class PlacementSpec(SpecModel):
             previous=previous,
             move_budget=self.move_budget,
             seed=seed,
+            phases=("prefill", "decode") if self.objective.phases == "both" else (),
+            request_router="signature" if self.router_url else "round_robin",
         )
 
 
@@ -374,6 +394,18 @@ class GroupStatus(SpecModel):
     serving: bool = Field(False, description="Whether every rank of the group serves the published placement.")
 
 
+class RouterGroupsStatus(SpecModel):
+    """The request router's groups the last solve was for."""
+
+    groups: int = Field(0, ge=0, description="Groups (domains) the router had learned.")
+    drift: float = Field(0.0, ge=0, le=1, description="How far the groups moved since the solve before (1: first seen).")
+    trigger: str = Field("", description="Why the last solve ran: first seen, drifted or load imbalanced.")
+    demand: list[list[float]] = Field(
+        default_factory=list,
+        description="Share of expert choices each node's requests bring to each expert, summed over layers, [nodes][experts].",
+    )
+
+
 class MoEDeploymentStatus(SpecModel):
     """Observed state (the operator also keeps its own bookkeeping here)."""
 
@@ -392,6 +424,7 @@ class MoEDeploymentStatus(SpecModel):
     imbalance: float | None = Field(None, description="Live token imbalance (max/mean GPU load).")
     max_activated_experts: float | None = Field(None, description="Live max activated experts per GPU.")
     predicted_gain: float | None = Field(None, description="Predicted gain of the last solved placement.")
+    router_groups: RouterGroupsStatus | None = Field(None, description="Request router's groups of the last solve.")
     last_rebalance_time: str | None = Field(None, description="When a new placement was last applied.")
     last_cycle_time: str | None = Field(None, description="When the last rebalance cycle ran.")
     last_cycle_result: str | None = Field(None, description="Outcome of the last cycle.")

@@ -36,6 +36,7 @@ class CycleResult(enum.StrEnum):
     PAUSED = "paused"
     SOLVER_FAILED = "solver failed"
     SKIPPED = "skipped"
+    GROUPS_UNCHANGED = "groups unchanged"
     APPLIED = "applied"
     ENGINE_APPLYING = "engine applying"
     INTERRUPTED = "interrupted"
@@ -45,6 +46,14 @@ class CycleResult(enum.StrEnum):
     ABANDONED = "migration abandoned"
     KUBERNETES_ERROR = "kubernetes error"
     ERROR = "error"
+
+
+class GroupsTrigger(enum.StrEnum):
+    """Why a cycle with a request router solves (``status.routerGroups.trigger``)."""
+
+    FIRST_SEEN = "first seen"
+    DRIFTED = "drifted"
+    IMBALANCED = "load imbalanced"
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_workload_arguments(plan_parser)
     plan_parser.add_argument("--policy", default="eplb", help=f"one of: {', '.join(POLICIES)}")
     plan_parser.add_argument(
-        "--phase", choices=PHASES, default="prefill", help="phase the placement serves"
+        "--phase", choices=(*PHASES, "both"), default="prefill",
+        help="phase the placement serves (both: one placement for prefill and decode; auto "
+        "weighs them jointly)",
+    )
+    plan_parser.add_argument(
+        "--requests", choices=REQUEST_ROUTERS, default="round_robin",
+        help="how requests reach the ranks: round_robin (an engine's default) or signature "
+        "(moeplace router; the trace's domains are its groups, and auto weighs grouped too)",
     )
     plan_parser.add_argument("--out", required=True, type=Path, help="placement file to write")
     plan_parser.add_argument(
@@ -174,18 +181,20 @@ def run_plan(args: argparse.Namespace) -> int:
     topology = parse_topology(args.topology, model.num_experts, args.redundant_slots)
     previous = read_placement(args.previous).placement() if args.previous else None
     trace = _whole_trace(args)
-    batch_tokens = 512 if args.phase == "prefill" else 16
-    profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=args.phase)
-    result = plan(
-        args.policy, profile, model, topology,
-        PolicyOptions(time_limit_s=args.time_limit, seed=args.seed, previous=previous),
+    phase = "decode" if args.phase == "decode" else "prefill"
+    batch_tokens = 512 if phase == "prefill" else 16
+    profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=phase)
+    options = PolicyOptions(
+        time_limit_s=args.time_limit, seed=args.seed, previous=previous,
+        phases=PHASES if args.phase == "both" else (), request_router=args.requests,
     )
+    result = plan(args.policy, profile, model, topology, options)
     rng = np.random.default_rng(args.seed)
     batches = {
         phase: phase_batches(trace, topology.num_gpus, tokens, SCORED_BATCHES, phase, rng)
         for phase, tokens in TOKENS_PER_GPU.items()
     }
-    routers = routers_for(result.solver.router, args.phase)
+    routers = routers_for(result.solver, phase)
     (costs,) = score_placements([result.placement], model, topology, batches, routers, args.seed)
     predicted = {phase: cost.summary() for phase, cost in costs.items()}
     migration = _migration(args, previous, result.placement, model, topology)
@@ -193,7 +202,8 @@ def run_plan(args: argparse.Namespace) -> int:
         write_sglang(args.out, result.placement, model, profile.load)
     else:
         write_placement(
-            args.out, build_placement_file(result, model, topology, predicted, migration)
+            args.out,
+            build_placement_file(result, model, topology, predicted, migration, routers),
         )
     print(
         f"{args.out}: policy {args.policy} ({result.solver.status}, {result.solve_seconds:.2f}s), "

@@ -7,6 +7,7 @@ moeplace JSON (``format: moeplace.placement/v1``)::
      "physical_to_logical_map": [[expert id per slot, -1 empty] per layer],
      "solver": {"status", "objective", "lower_bound", "gap", "objective_name", "solve_seconds", "notes"},
      "predicted": {"prefill": {metric: value}, "decode": {...}},
+     "predicted_routers": {"prefill": router, "decode": router},
      "migration": {from a previous placement: stages of copies and retirements, bytes, time}}
 
 SGLang JSON: ``{"physical_to_logical_map": [[...] per transformer layer]}``: SGLang indexes the map by
@@ -115,6 +116,7 @@ class PlacementFile(BaseModel):
     physical_to_logical_map: list[list[int]]
     solver: SolverReport
     predicted: dict[str, dict[str, float]] = {}
+    predicted_routers: dict[str, str] = {}
     migration: MigrationRecord | None = None
 
     def placement(self) -> Placement:
@@ -146,8 +148,10 @@ def build_placement_file(
     topology: Topology,
     predicted: dict[str, dict[str, float]] | None = None,
     migration: MigrationRecord | None = None,
+    predicted_routers: dict[str, str] | None = None,
 ) -> PlacementFile:
-    """The placement file of a plan."""
+    """The placement file of a plan; ``predicted_routers`` names the token router each phase of
+    ``predicted`` was scored with (the policy's recommendation)."""
     return PlacementFile(
         policy=result.policy,
         model=model,
@@ -155,6 +159,7 @@ def build_placement_file(
         physical_to_logical_map=result.placement.physical_to_logical_map.tolist(),
         solver=solver_report(result),
         predicted=predicted or {},
+        predicted_routers=dict(predicted_routers or {}),
         migration=migration,
     )
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from moe_placement.models import GpuSpec, ModelShape, PlacementError, Topology, lookup
+from pydantic import ValidationError
+
+from moe_placement.models import (
+    GpuSpec,
+    ModelShape,
+    PlacementError,
+    Topology,
+    format_validation_error,
+    lookup,
+)
 
 # Routed experts only (shared experts are dense and never move). Sizes and dense layers from the
 # models' config.json: DeepSeek-V2-Lite has 27 transformer layers, the first dense; DeepSeek-V3 61,
@@ -44,6 +54,24 @@ _TOPOLOGY_SPEC = re.compile(r"^(\d+)x(\d+)(?::([a-z0-9-]+))?$")
 def model_preset(name: str) -> ModelShape:
     """The preset model shape called ``name``."""
     return lookup(MODEL_PRESETS, name, "model")
+
+
+def model_shape(spec: str) -> ModelShape:
+    """A preset by name, a ModelShape JSON file, or inline ModelShape JSON."""
+    if spec in MODEL_PRESETS:
+        return MODEL_PRESETS[spec]
+    text = spec if spec.lstrip().startswith("{") else None
+    if text is None:
+        path = Path(spec)
+        if not path.is_file():
+            raise PlacementError(
+                f"model: {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a file"
+            )
+        text = path.read_text()
+    try:
+        return ModelShape.model_validate_json(text)
+    except ValidationError as error:
+        raise PlacementError(format_validation_error(error, "model")) from None
 
 
 def gpu_preset(name: str) -> GpuSpec:

@@ -92,6 +92,29 @@ def assign_domain_nodes(domain_tokens: np.ndarray, num_nodes: int) -> np.ndarray
     return share
 
 
+def node_demand(signatures: np.ndarray, weights: np.ndarray, node_share: np.ndarray) -> np.ndarray:
+    """Share of all expert choices that each node's requests bring to each expert, summed over
+    layers, [N, E] (sums to 1), of groups' signatures [D, L, E], their weights [D] (requests or
+    tokens) and where their requests go, node_share [D, N] (a row of zeros: where
+    ``assign_domain_nodes`` would send the group). What a group-aware placement is solved for:
+    two of these far apart (``demand_drift``) call for another placement."""
+    weights = np.asarray(weights, dtype=np.float64)
+    share = np.array(node_share, dtype=np.float64)
+    unrouted = share.sum(1) <= 0
+    if unrouted.any():
+        share[unrouted] = assign_domain_nodes(weights, share.shape[1])[unrouted]
+    demand = np.einsum("d,dn,de->ne", weights, share, np.asarray(signatures).sum(1))
+    return demand / max(float(demand.sum()), 1e-12)
+
+
+def demand_drift(before: np.ndarray, after: np.ndarray) -> float:
+    """Total variation distance between two ``node_demand`` [N, E] in [0, 1] (1: different shapes)."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape:
+        return 1.0
+    return float(0.5 * np.abs(before - after).sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompt features
 

@@ -23,6 +23,7 @@ from moe_placement.models import (
     Topology,
     WorkloadProfile,
 )
+from moe_placement.policies.base import SolverInfo
 from moe_placement.traces import Trace, sample_batches, sample_tokens
 
 RECOMMENDED_ROUTERS: dict[Phase, str] = {"prefill": "local_first", "decode": "metro"}
@@ -45,10 +46,12 @@ def phase_batches(
     return sample_batches(source, num_gpus, tokens_per_gpu, num_batches, phase, rng)
 
 
-def routers_for(router: str | None, phase: Phase) -> dict[Phase, str]:
-    """Per phase, the recommended router, but ``router`` (what the policy that solved for
-    ``phase`` recommends) for ``phase``."""
-    return {**RECOMMENDED_ROUTERS, **({phase: router} if router else {})}
+def routers_for(solver: SolverInfo, phase: Phase) -> dict[Phase, str]:
+    """Per phase, the router a placement is predicted with: what its policy recommends for the
+    phases it solved (``phase_routers``, else ``router`` for ``phase``), the phase's
+    ``RECOMMENDED_ROUTERS`` otherwise."""
+    recommended = dict(solver.phase_routers) or ({phase: solver.router} if solver.router else {})
+    return {**RECOMMENDED_ROUTERS, **recommended}
 
 
 def score_placements(

@@ -110,7 +110,9 @@ class BackendState(Strict):
 
 
 class RouterState(Strict):
-    """What the router publishes for the operator (``GET /router/v1/state``)."""
+    """What the router publishes for the operator (``GET /router/v1/state``): its groups (domains)
+    and the share of routed prompt tokens each node took (``node_request_share`` [N], all zero
+    before the first request)."""
 
     num_layers: int
     num_experts: int
@@ -119,6 +121,7 @@ class RouterState(Strict):
     load_cap: float
     has_placement: bool
     routed_requests: int
+    node_request_share: list[float]
     domains: list[DomainState]
     backends: list[BackendState]
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from moe_placement.files import read_placement
 from moe_placement.models import Placement, PlacementError
-from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
+from moe_placement.presets import MODEL_PRESETS, model_shape, parse_topology
 from moe_placement.request_routing import (
     LOAD_CAP,
     RequestRouter,
@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="deepseek-v2-lite", help=f"one of: {', '.join(MODEL_PRESETS)}"
+        "--model", default="deepseek-v2-lite",
+        help=f"a preset ({', '.join(MODEL_PRESETS)}) or a ModelShape JSON file",
     )
     parser.add_argument("--topology", default="2x4", help="NODESxGPUS[:gpu], e.g. 2x4")
     parser.add_argument(
@@ -94,7 +95,7 @@ def read_any_placement(path: Path, num_experts: int, num_gpus: int) -> Placement
 
 def build_router(args: argparse.Namespace) -> RequestRouter:
     """The router of the command line: model, topology, placement, starting domains."""
-    model = model_preset(args.model)
+    model = model_shape(args.model)
     placement = None
     topology = parse_topology(args.topology, model.num_experts)
     if args.placement is not None:

@@ -319,6 +319,9 @@ class RouterService:
             load_cap=router.load_cap,
             has_placement=router.on_node is not None,
             routed_requests=self.routed_requests,
+            node_request_share=(
+                router.routed_tokens.sum(0) / max(float(router.routed_tokens.sum()), 1e-12)
+            ).tolist(),
             domains=[
                 DomainState(
                     domain=domain,

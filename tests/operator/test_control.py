@@ -439,3 +439,71 @@ def test_agent_problems_name_the_group_and_rank():
     # One group: the messages as they always were.
     single = KeyedAgents({0: "a", 2: "c"}, GroupLayout(ranks=2))
     assert control._agent_problems(single, AgentsView({})) == ["ranks [1] not announced", "ranks [2] beyond the 2 GPUs"]
+@pytest.fixture
+async def request_router():
+    """A real ``moeplace router`` service (in this process, on a real socket) for the stack's 2x2
+    topology of 4 layers x 16 experts, top-2; its backends are never called here."""
+    from aiohttp import web
+    from moe_placement.models import Topology
+    from moe_placement.presets import gpu_preset
+    from moe_placement.request_routing import RequestRouter
+    from moe_router.service import BackendSet, RouterService
+
+    topology = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=5, gpu=gpu_preset("h100"))
+    router = RequestRouter(topology, 4, 16)
+    service = RouterService(router, BackendSet.by_header("http://127.0.0.1:9", 4))
+    runner = web.AppRunner(service.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield router, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+def _group_signature(experts: list[int]) -> np.ndarray:
+    """A signature [4, 16] whose every token chooses ``experts`` (two) at every layer."""
+    signature = np.zeros((4, 16))
+    signature[:, experts] = 1.0
+    return signature
+
+
+async def test_router_groups_drive_the_solve(make_stack, request_router):
+    """With spec.placement.routerUrl the cycle places by the router's groups, records them, solves
+    nothing while they stay put (and the load is balanced), and re-solves once they drift."""
+    router, url = request_router
+    for _ in range(3):
+        router.learn(_group_signature([0, 1]))
+        router.learn(_group_signature([8, 9]))
+    stack = await make_stack(
+        placement={"policy": "grouped", "routerUrl": url, "groupDriftThreshold": 0.1},
+        alerts={"imbalanceThreshold": 100},
+    )
+    stack.announce()
+    await stack.ctl.reconcile(stack.kube.body)
+    first = await stack.ctl.cycle("ns", "demo")
+    assert first.result in (CycleResult.APPLIED, CycleResult.SKIPPED), first
+    recorded = stack.kube.body["status"]["routerGroups"]
+    assert recorded["groups"] == 2 and recorded["trigger"] == "first seen" and recorded["drift"] == 1.0
+    assert np.isclose(np.sum(recorded["demand"]), 1.0)
+
+    unchanged = await stack.ctl.cycle("ns", "demo")
+    assert unchanged.result == CycleResult.GROUPS_UNCHANGED, unchanged
+    assert stack.kube.body["status"]["lastCycleResult"] == "groups unchanged"
+    assert stack.kube.body["status"]["routerGroups"]["demand"] == recorded["demand"]
+
+    for _ in range(6):  # a third group, as busy as the other two together
+        router.learn(_group_signature([12, 13]))
+    drifted = await stack.ctl.cycle("ns", "demo")
+    assert drifted.result in (CycleResult.APPLIED, CycleResult.SKIPPED), drifted
+    after = stack.kube.body["status"]["routerGroups"]
+    assert after["groups"] == 3 and after["trigger"] == "drifted" and after["drift"] >= 0.1
+    assert "RouterGroupsDrifted" in stack.reasons()
+    assert stack.cluster.violations == []
+
+
+async def test_an_unreachable_router_leaves_the_cycle_as_before(make_stack):
+    stack = await make_stack(placement={"routerUrl": "http://127.0.0.1:9"})
+    stack.announce()
+    await stack.ctl.reconcile(stack.kube.body)
+    assert (await stack.ctl.cycle("ns", "demo")).result == CycleResult.APPLIED
+    assert "RouterUnavailable" in stack.reasons() and "routerGroups" not in stack.kube.body["status"]

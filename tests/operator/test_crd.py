@@ -163,3 +163,30 @@ def test_a_placement_knob_reaches_the_policy_options():
     options = resolved.spec.placement.policy_options(previous, seed=5)
     assert (options.move_budget, options.time_limit_s, options.seed) == (7, 3, 5)
     assert options.previous is previous
+
+
+def test_the_router_knobs_reach_the_policy_options():
+    """routerUrl makes auto weigh the router's groups (request_router signature); phases both is
+    auto's joint objective; bad values name the field."""
+    from moe_operator.crd import SpecError, resolve_spec
+    from moe_placement.baselines import linear_placement
+    from moe_placement.models import Placement
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "moedeployment.yaml").read_text())["spec"]
+    resolved = resolve_spec(spec)
+    previous = Placement(
+        linear_placement(resolved.model.num_layers, resolved.model.num_experts, resolved.topology.num_slots),
+        resolved.model.num_experts, resolved.topology.slots_per_gpu,
+    )
+    plain = resolved.spec.placement.policy_options(previous, seed=0)
+    assert resolved.spec.placement.router_url is None and resolved.spec.placement.group_drift_threshold == 0.1
+    assert plain.request_router == "round_robin"
+    spec["placement"] = {
+        **spec.get("placement", {}), "routerUrl": "http://router:8300", "groupDriftThreshold": 0.25,
+        "objective": {"phases": "both"},
+    }
+    routed = resolve_spec(spec).spec.placement.policy_options(previous, seed=0)
+    assert routed.request_router == "signature" and routed.phases == ("prefill", "decode")
+    for field, value in (("routerUrl", "router:8300"), ("groupDriftThreshold", 0)):
+        with pytest.raises(SpecError, match=f"spec.placement.{field}"):
+            resolve_spec({**spec, "placement": {**spec["placement"], field: value}})
