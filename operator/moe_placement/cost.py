@@ -18,7 +18,8 @@ Shapes: L layers, B tokens, k choices, G GPUs, N slots.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -150,6 +151,59 @@ def layer_cost(
     )
 
 
+# Layers a batch's costs are computed ahead on threads (numpy leaves the GIL for most of the work).
+LAYER_THREADS = 2
+LAYERS_AHEAD = 8
+
+
+def _home_layer_costs(
+    layouts: Sequence[ReplicaLayout],
+    batch: RoutingBatch,
+    route: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    model: ModelShape,
+    topology: Topology,
+) -> Iterator[LayerCost]:
+    """Each layer's cost in order when every layer starts from the batch's source GPUs (the
+    ``home`` flow, so layers are independent): the layers' random draws are taken in layer order,
+    as one layer after another would take them, and up to LAYERS_AHEAD layers are routed and
+    costed at once on LAYER_THREADS threads."""
+    source_gpu = batch.source_gpu % len(layouts[0].node_of_gpu)
+
+    def routed(layout: ReplicaLayout, expert_ids: np.ndarray, draws: np.ndarray) -> LayerCost:
+        slots = route(layout, expert_ids, source_gpu, draws)
+        return layer_cost(slots, source_gpu, layout, model, topology)
+
+    with ThreadPoolExecutor(LAYER_THREADS) as threads:
+        for start in range(0, len(layouts), LAYERS_AHEAD):
+            pending = [
+                threads.submit(
+                    routed, layouts[layer], batch.expert_ids[layer],
+                    rng.random(batch.expert_ids[layer].shape),
+                )
+                for layer in range(start, min(start + LAYERS_AHEAD, len(layouts)))
+            ]
+            for future in pending:
+                yield future.result()
+
+
+def _follow_layer_costs(
+    layouts: Sequence[ReplicaLayout],
+    batch: RoutingBatch,
+    route: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    model: ModelShape,
+    topology: Topology,
+) -> Iterator[LayerCost]:
+    """Each layer's cost in order when a token starts layer l + 1 where its first choice at l was
+    served (the ``follow`` flow: one layer after another)."""
+    source_gpu = batch.source_gpu % len(layouts[0].node_of_gpu)
+    for layout, expert_ids in zip(layouts, batch.expert_ids):
+        slots = route(layout, expert_ids, source_gpu, rng.random(expert_ids.shape))
+        yield layer_cost(slots, source_gpu, layout, model, topology)
+        source_gpu = layout.gpu_of_slot[slots[:, 0]]
+
+
 def evaluate(
     placement: Placement,
     model: ModelShape,
@@ -179,11 +233,8 @@ def evaluate(
             raise PlacementError(
                 f"expert_ids: batch has {batch.expert_ids.shape[0]} layers, placement {num_layers}"
             )
-        source_gpu = batch.source_gpu % num_gpus
-        for layer, layout in enumerate(layouts):
-            expert_ids = batch.expert_ids[layer]
-            slots = route(layout, expert_ids, source_gpu, rng.random(expert_ids.shape))
-            cost = layer_cost(slots, source_gpu, layout, model, topology)
+        layer_costs = _home_layer_costs if data_flow == "home" else _follow_layer_costs
+        for layer, cost in enumerate(layer_costs(layouts, batch, route, rng, model, topology)):
             gpu_tokens[layer] += cost.gpu_tokens
             gpu_activated[layer] += cost.gpu_activated
             totals += (
@@ -194,8 +245,6 @@ def evaluate(
                 cost.gpu_tokens.max() / max(cost.gpu_tokens.mean(), 1e-12) / num_layers,
                 cost.gpu_activated.max() / num_layers,
             )
-            if data_flow == "follow":
-                source_gpu = layout.gpu_of_slot[slots[:, 0]]
     count = len(batches)
     compute, comm, cross_gpu, cross_node, token_imbalance, max_activated = totals / count
     return CostReport(

@@ -6,10 +6,11 @@ The generator draws, for every layer, a log-popularity of the experts per sequen
                   + affinity * personal[l, s]
 
 with base, own, personal independent standard normal vectors over the E experts. Each token of
-sequence s picks its k experts by an exponential race (Gumbel top-k) on exp(logit[l, s]), so its
-first choice is the race's winner. With probability ``layer_follow`` a token's first choice at l+1
-is instead the fixed successor of its first choice at l (the expert of the same popularity rank at
-l+1), which gives MoETuner's inter-layer predictability without changing the popularity ranks.
+sequence s picks its k experts one after another from exp(logit[l, s]), each among those it has
+not picked yet (a Plackett-Luce, or Gumbel top-k, draw), so its first choice is the first drawn.
+With probability ``layer_follow`` a token's first choice at l+1 is instead the fixed successor of
+its first choice at l (the expert of the same popularity rank at l+1), which gives MoETuner's
+inter-layer predictability without changing the popularity ranks.
 A decode trace mixes the prefill logits with an independent draw of the same structure,
 sqrt(c) * prefill + sqrt(1 - c) * fresh, so that prefill activations predict decode ones
 (Spearman 0.70-0.92 in the literature).
@@ -22,14 +23,12 @@ Shapes: L layers, T tokens, k experts per token, E experts, S sequences, D domai
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from moe_placement.models import Phase, PlacementError, WorkloadProfile
-from moe_placement.parallel import even_chunks, usable_cpus
-from moe_placement.traces import Trace, expert_load, smallest_per_row
+from moe_placement.traces import Trace, expert_load
 
 # Independent random streams of one seed: the prefill popularity, the decode phase's fresh part,
 # the domains of the sequences, and the tokens of each phase.
@@ -195,31 +194,11 @@ def _successors(logits: np.ndarray) -> np.ndarray:
 def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray) -> Trace:
     """The trace of ``config`` whose sequences have domains domain_of_sequence [S]."""
     logits = _sequence_logits(config, seed, domain_of_sequence)
-    successors = _successors(logits)
-    rng = np.random.default_rng([seed, _TOKENS, config.phase == "decode"])
-    num_sequences, length, top_k = config.num_sequences, config.tokens_per_sequence, config.top_k
-    num_tokens = num_sequences * length
-    tokens = np.arange(num_tokens)
-    expert_ids = np.empty((config.num_layers, num_tokens, top_k), dtype=np.int64)
-    # Sequences race independently: groups of them on threads (numpy leaves the GIL for the
-    # arithmetic and the partition); the generator's draws stay in one thread, in order.
-    groups = even_chunks(num_sequences, min(usable_cpus(), num_sequences))
-    with ThreadPoolExecutor(len(groups)) as threads:
-        for layer in range(config.num_layers):
-            weights = np.exp(logits[layer] - logits[layer].max(axis=1, keepdims=True)).astype(
-                np.float32
-            )
-            keys = rng.random((num_sequences, length, config.num_experts), dtype=np.float32)
-            forced = np.full(num_tokens, -1)  # expert whose key is -1 (follows its successor)
-            if layer > 0:
-                follows = tokens[rng.random(num_tokens) < config.layer_follow]
-                forced[follows] = successors[layer - 1, expert_ids[layer - 1, follows, 0]]
-            forced = forced.reshape(num_sequences, length)
-            jobs = [
-                threads.submit(_race, keys[group], weights[group], forced[group], top_k)
-                for group in groups
-            ]
-            expert_ids[layer] = np.concatenate([job.result() for job in jobs])
+    expert_ids = _sequence_tokens(
+        config, logits, _successors(logits), config.tokens_per_sequence,
+        np.random.default_rng([seed, _TOKENS, config.phase == "decode"]),
+    )
+    num_sequences, length = config.num_sequences, config.tokens_per_sequence
     return Trace(
         expert_ids=expert_ids,
         num_experts=config.num_experts,
@@ -230,19 +209,74 @@ def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
     )
 
 
-def _race(keys: np.ndarray, weights: np.ndarray, forced: np.ndarray, top_k: int) -> np.ndarray:
-    """The k experts of each token of some sequences: uniform keys [s, len, E] (overwritten),
-    weights [s, E], forced [s, len] (an expert the token picks first, -1: none) -> [s * len, k].
+def _sequence_tokens(
+    config: SyntheticConfig,
+    logits: np.ndarray,
+    successors: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """expert_ids [L, s * length, k] of the s sequences whose log-popularities are logits [L, s, E],
+    ``length`` tokens each; successors [L-1, E] as ``_successors``."""
+    num_tokens = logits.shape[1] * length
+    tokens = np.arange(num_tokens)
+    sequence_of_token = np.repeat(np.arange(logits.shape[1]), length)
+    expert_ids = np.empty((config.num_layers, num_tokens, config.top_k), dtype=np.int64)
+    for layer in range(config.num_layers):
+        forced = np.full(num_tokens, -1)  # the expert a token picks first (follows its successor)
+        if layer > 0:
+            follows = tokens[rng.random(num_tokens) < config.layer_follow]
+            forced[follows] = successors[layer - 1, expert_ids[layer - 1, follows, 0]]
+        expert_ids[layer] = _draw_without_replacement(
+            logits[layer], sequence_of_token, forced, config.top_k, rng
+        )
+    return expert_ids
 
-    Exponential race: the k smallest Exp(1) / weight are a Plackett-Luce (Gumbel top-k) draw;
-    -log(1 - uniform) is the cheapest finite Exp(1) numpy has."""
-    np.log1p(np.negative(keys, out=keys), out=keys)
-    keys /= -weights[:, None, :]
-    keys = keys.reshape(-1, keys.shape[2])
-    forced = forced.ravel()
-    rows = np.nonzero(forced >= 0)[0]
-    keys[rows, forced[rows]] = -1.0
-    return smallest_per_row(keys, top_k)
+
+def _draw_without_replacement(
+    logits: np.ndarray,
+    sequence_of_token: np.ndarray,
+    forced: np.ndarray,
+    top_k: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The k experts of each token in the order picked: logits [S, E] of the token's sequence,
+    sequence_of_token [T], forced [T] (an expert the token picks first, -1: none) -> [T, k].
+
+    Each place draws from the sequence's popularity exp(logit) and draws again while it hits an
+    expert the token already holds: the same Plackett-Luce (Gumbel top-k) draw as an exponential
+    race over all E experts, at about k draws per token instead of E. A draw u of sequence s is
+    the first expert whose cumulative popularity exceeds u; sequence s's cumulative popularity is
+    shifted into [s, s + 1] so that one flat array serves every sequence, and a guide table (the
+    first expert past each multiple of 1/E) starts the search a step or two from the answer."""
+    num_sequences, num_experts = logits.shape
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(weights, axis=1)
+    cumulative /= cumulative[:, -1:]
+    cumulative[:, -1] = 1.0  # the search never runs past a row's end
+    shifted = (cumulative + np.arange(num_sequences)[:, None]).ravel()
+    grid = (np.arange(num_sequences)[:, None] + np.arange(num_experts) / num_experts).ravel()
+    guide = np.searchsorted(shifted, grid, side="right")
+    chosen = np.full((len(sequence_of_token), top_k), -1, dtype=np.int64)
+    chosen[:, 0] = forced
+    for place in range(top_k):
+        drawing = np.nonzero(chosen[:, place] < 0)[0]
+        while len(drawing):
+            sequence = sequence_of_token[drawing]
+            uniform = rng.random(len(drawing))
+            cell = (uniform * num_experts).astype(np.int64)
+            cell -= cell / num_experts > uniform  # a product rounded up to the next cell
+            target = uniform + sequence
+            position = guide[sequence * num_experts + cell]
+            short = np.nonzero(shifted[position] <= target)[0]
+            while len(short):
+                position[short] += 1
+                short = short[shifted[position[short]] <= target[short]]
+            expert = position - sequence * num_experts
+            held = (chosen[drawing, :place] == expert[:, None]).any(axis=1)
+            chosen[drawing[~held], place] = expert[~held]
+            drawing = drawing[held]
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +405,9 @@ SYNTHETIC_PRESETS: dict[str, SyntheticConfig] = {
     "deepseek-v2-lite": SyntheticConfig(
         name="deepseek-v2-lite",
         popularity_skew=0.744,  # ESFT (both tasks): load Gini 0.275; synthetic 0.274
-        domain_drift=1.0,  # ESFT intent vs law: load cosine 0.680; synthetic 0.699
+        domain_drift=1.0,  # ESFT intent vs law: load cosine 0.680; synthetic 0.700
         sequence_affinity=0.57,  # ESFT: first 32 tokens activate 0.820; synthetic 0.821
-        layer_follow=0.404,  # ESFT: top-1 follow 0.415 (intent 0.518, law 0.406); synthetic 0.414
+        layer_follow=0.404,  # ESFT: top-1 follow 0.415 (intent 0.518, law 0.406); synthetic 0.417
         decode_similarity=0.71,  # literature: prefill/decode Spearman 0.70-0.92; synthetic 0.81
     ),
     "deepseek-v3": SyntheticConfig(
@@ -388,7 +422,7 @@ SYNTHETIC_PRESETS: dict[str, SyntheticConfig] = {
         domain_weights=(1.0, 1.0, 1.0, 1.0),
         domain_drift=0.773,  # ESFT: domain cosine 0.680; synthetic 0.680
         sequence_affinity=0.57,  # ESFT-calibrated (deepseek-v2-lite)
-        layer_follow=0.412,  # ESFT: top-1 follow 0.415; synthetic 0.415
+        layer_follow=0.412,  # ESFT: top-1 follow 0.415; synthetic 0.414
         decode_similarity=0.71,
     ),
     "mixtral-8x7b": SyntheticConfig(
@@ -396,13 +430,13 @@ SYNTHETIC_PRESETS: dict[str, SyntheticConfig] = {
         num_layers=32,
         num_experts=8,
         top_k=2,
-        popularity_skew=0.111,  # Mixtral counts (layers 0, 7, 15): load Gini 0.049; synthetic 0.053
+        popularity_skew=0.111,  # Mixtral counts (layers 0, 7, 15): load Gini 0.049; synthetic 0.054
         domains=("arxiv", "book", "c4", "github", "wikipedia"),
         domain_weights=(1.0,) * 5,
         domain_drift=0.0,  # Mixtral counts: domain cosine 0.992; synthetic 0.992
         sequence_affinity=0.57,  # ESFT-calibrated (the counts have no sequences)
         # Mixtral counts: top-1 follow 0.212 over layers 0 -> 7 and 7 -> 15 (the file has no
-        # adjacent pair, so adjacent layers likely follow more); synthetic 0.213
+        # adjacent pair, so adjacent layers likely follow more); synthetic 0.214
         layer_follow=0.10,
         decode_similarity=0.71,
     ),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,11 +229,17 @@ class Trace:
         """
         if max_pairs_per_layer <= 0:
             raise PlacementError(f"max_pairs_per_layer: {max_pairs_per_layer} must be > 0")
+        # The two kinds of pairs on two threads: numpy leaves the GIL for most of their counting.
+        with ThreadPoolExecutor(2) as threads:
+            transitions = threads.submit(
+                transition_pairs, self.expert_ids, self.num_experts, max_pairs_per_layer
+            )
+            coactivation = coactivation_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer)
         return WorkloadProfile(
             load=expert_load(self.expert_ids, self.num_experts),
             top_k=self.top_k,
-            transitions=transition_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer),
-            coactivation=coactivation_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer),
+            transitions=transitions.result(),
+            coactivation=coactivation,
             domain_loads=self.domain_loads(),
             phase=self.phase if phase is None else phase,
             batch_size=batch_size,
@@ -276,9 +283,7 @@ def _top_pairs(per_layer_codes: Iterable[np.ndarray], num_experts: int, keep: in
     layers, codes, counts = [], [], []
     for layer, layer_codes in enumerate(per_layer_codes):
         histogram = np.bincount(layer_codes, minlength=num_experts * num_experts)
-        present = np.nonzero(histogram)[0]
-        kept = present[np.argsort(-histogram[present], kind="stable")[:keep]]
-        kept.sort()
+        kept = _largest_codes(histogram, keep)
         layers.append(np.full(len(kept), layer, dtype=np.int64))
         codes.append(kept)
         counts.append(histogram[kept].astype(np.float64))
@@ -288,6 +293,22 @@ def _top_pairs(per_layer_codes: Iterable[np.ndarray], num_experts: int, keep: in
     return SparsePairs(
         np.concatenate(layers), code // num_experts, code % num_experts, np.concatenate(counts)
     )
+
+
+def _largest_codes(histogram: np.ndarray, keep: int) -> np.ndarray:
+    """The codes of the ``keep`` largest nonzero counts of histogram [E*E], ties by code, ascending:
+    every count above the keep-th largest and the lowest codes of those equal to it (a partition, not
+    a sort of every present pair)."""
+    present = np.nonzero(histogram)[0]
+    if len(present) <= keep:
+        return present
+    counts = histogram[present]
+    threshold = np.partition(counts, len(counts) - keep)[len(counts) - keep]
+    above = counts > threshold
+    at_threshold = np.nonzero(counts == threshold)[0][: keep - int(above.sum())]
+    kept = np.concatenate([np.nonzero(above)[0], at_threshold])
+    kept.sort()
+    return present[kept]
 
 
 def concatenate(traces: Sequence[Trace]) -> Trace:

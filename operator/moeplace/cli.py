@@ -21,20 +21,27 @@ DEV_PACKAGE = "moeplace_dev"
 OPTIONAL_DEPENDENCIES = {"torch": "agent", "safetensors": "agent"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every package's subcommands, or, given the ``command`` to run, the packages' up to the one
+    that registers it (a command pays only for the imports of the packages before its own)."""
     parser = argparse.ArgumentParser(
         prog="moeplace", description="Expert placement for Mixture-of-Experts serving."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    modules = list(COMMAND_MODULES)
     if importlib.util.find_spec(DEV_PACKAGE) is not None:
-        importlib.import_module(f"{DEV_PACKAGE}.cli").register(subparsers)
+        modules.append(f"{DEV_PACKAGE}.cli")
+    for module_name in modules:
+        importlib.import_module(module_name).register(subparsers)
+        if command is not None and command in subparsers.choices:
+            break
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    command = arguments[0] if arguments and not arguments[0].startswith("-") else None
+    args = build_parser(command).parse_args(arguments)
     try:
         return int(args.func(args) or 0)
     except PlacementError as error:

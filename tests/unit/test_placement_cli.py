@@ -119,3 +119,25 @@ def test_plan_with_previous_writes_the_operators_migration_plan(tmp_path, traces
             live[layer, slot] = -1
     assert np.array_equal(live, after.physical_to_logical_map)
     assert record.estimated_seconds > 0 and set(record.bytes_per_link)
+
+
+def test_a_command_imports_only_the_packages_up_to_its_own(tmp_path):
+    """``moeplace plan`` registers moe_placement's commands alone (the others' imports cost it
+    time); ``moeplace --help`` and an unknown command still see every package's commands."""
+    probe = (
+        "import sys; from moeplace import cli; parser = cli.build_parser(sys.argv[1] or None); "
+        "print(sorted(parser._subparsers._group_actions[0].choices), 'moe_router.cli' in sys.modules)"
+    )
+    env = {"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'agent'}", "PATH": "/usr/bin:/bin"}
+
+    def commands(command: str) -> str:
+        done = subprocess.run([sys.executable, "-c", probe, command], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    assert commands("plan") == "['bench', 'plan'] False\n"
+    every = commands("")
+    assert "'agent'" in every and "'router'" in every and every.endswith("True\n")
+    assert commands("no-such-command") == every
+    unknown = moeplace("no-such-command", cwd=tmp_path)
+    assert unknown.returncode == 2 and "invalid choice: 'no-such-command'" in unknown.stderr

@@ -22,6 +22,7 @@ from moe_placement.traces import (
     save_profile,
     save_trace,
 )
+from moe_placement.traces import _largest_codes as largest_codes
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 ESFT = TRACES / "esft_lite_intent_law_top6.npz"
@@ -517,3 +518,13 @@ def test_esft_kind_with_a_missing_key(tmp_path: Path) -> None:
     )
     with pytest.raises(PlacementError, match="esft.npz: seq_offsets: must run from 0 to T=3"):
         load_trace(tmp_path / "esft.npz")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), keep=st.integers(1, 40), top=st.integers(1, 6))
+def test_largest_codes_are_a_stable_sort_of_the_counts(seed, keep, top):
+    """The pairs a profile keeps: the same as sorting every present pair by count (ties by code)."""
+    histogram = np.random.default_rng(seed).integers(0, top, 200)
+    present = np.nonzero(histogram)[0]
+    reference = np.sort(present[np.argsort(-histogram[present], kind="stable")[:keep]])
+    assert np.array_equal(largest_codes(histogram, keep), reference)
