@@ -65,6 +65,8 @@ MAX_SCORED_TOKENS = 4096  # per batch: 512 per GPU on 8 GPUs keeps prefill compu
 OTHER_PHASE_TOKENS_PER_GPU = {"prefill": 128, "decode": 16}  # a phase the profile is not of
 TIE_TOLERANCE = 0.01  # relative objective difference below which two choices are a tie
 SCORING_SEED = 0  # the scored batches and replica draws: the same whatever options.seed
+SAMPLING_SHARE = 0.2  # of the time limit for drawing the scored batches of every phase
+MIN_SCORED_TOKENS = 256  # fewest tokens per scored batch when drawing them is cut short
 SCORING_SHARE = 0.5  # of the time limit left for scoring; the rest solves
 SMOOTHING = 0.05  # share of a token's next-layer choice drawn from the layer's popularity alone
 
@@ -113,13 +115,16 @@ def profile_batches(
     max_tokens: int = MAX_SCORED_TOKENS,
     batch_size: int | None = None,
     num_nodes: int | None = None,
+    seconds: float = float("inf"),
 ) -> list[RoutingBatch]:
     """Batches of ``batch_size`` (default ``profile.batch_size``) tokens, at most ``max_tokens``,
     expert_ids [L, B, k], drawn from the profile: layer 0 by popularity, each later layer by the
     transitions from the token's experts one layer up (mixed with a little popularity), k distinct
     experts by a Gumbel race. Without ``num_nodes`` popularity is the profile's and token i starts
     on GPU i mod G (round-robin requests); with it (routed requests, ``token_groups`` over that many
-    nodes) it is the token's group's and the token lives on its group's node."""
+    nodes) it is the token's group's and the token lives on its group's node. Where the first
+    batch's first layers show that drawing every batch would take longer than ``seconds``, the
+    batches are cut to the tokens that fit (at least MIN_SCORED_TOKENS)."""
     load = profile.load
     transitions = pair_matrices(profile)[0].astype(np.float32)
     has_transitions = transitions.reshape(len(transitions), -1).any(1)
@@ -131,8 +136,11 @@ def profile_batches(
         group, home = _token_homes(groups, batch, num_gpus, rng)
         # Per token and layer: what it would choose with no history, [B, L, E] (or [1, L, E]).
         prior = popularity[None] if group is None else groups.popularity[group].astype(np.float32)
-        ids = _markov_tokens(prior, transitions, has_transitions, profile.top_k, batch, rng)
-        batches.append(RoutingBatch(ids, home))
+        ids = _markov_tokens(
+            prior, transitions, has_transitions, profile.top_k, batch, rng, seconds / num_batches
+        )
+        batch = ids.shape[1]
+        batches.append(RoutingBatch(ids, home[:batch]))
     return batches
 
 
@@ -143,18 +151,30 @@ def _markov_tokens(
     top_k: int,
     batch: int,
     rng: np.random.Generator,
+    seconds: float = float("inf"),
 ) -> np.ndarray:
-    """expert_ids [L, B, k] of ``batch`` tokens whose layer-0 choices follow ``prior`` [B or 1, L,
-    E] and later ones the transitions [L-1, E, E] from their choices one layer up."""
+    """expert_ids [L, B', k] of ``batch`` tokens whose layer-0 choices follow ``prior`` [B or 1, L,
+    E] and later ones the transitions [L-1, E, E] from their choices one layer up. B' = B unless
+    the first layers show that drawing all would take longer than ``seconds``: then the first B'
+    tokens that fit (at least MIN_SCORED_TOKENS), drawn as they would have been (a token's layers
+    depend on its own earlier layers only)."""
     num_layers, num_experts = prior.shape[1:]
     ids = np.empty((num_layers, batch, top_k), dtype=np.int64)
     weight = np.broadcast_to(prior[:, 0], (batch, num_experts))
+    started = time.perf_counter()
+    measured_layer = min(1, num_layers - 1)  # layer 1 is the first to follow transitions
     for layer in range(num_layers):
         uniform = rng.random((batch, num_experts), dtype=np.float32)
         race = np.log(np.maximum(weight, np.float32(1e-30))) - np.log(
             -np.log(uniform + np.float32(1e-30))
         )
         ids[layer] = smallest_per_row(-race, top_k)
+        if layer == measured_layer and np.isfinite(seconds):
+            projected = (time.perf_counter() - started) / (layer + 1) * num_layers
+            fits = max(MIN_SCORED_TOKENS, int(batch * seconds / max(projected, 1e-9)))
+            if fits < batch:
+                batch, ids = fits, ids[:, :fits].copy()
+                prior = prior[:fits] if len(prior) > 1 else prior
         if layer + 1 == num_layers:
             break
         weight = np.broadcast_to(prior[:, layer + 1], (batch, num_experts))
@@ -216,7 +236,8 @@ def _batches_per_phase(
         # Drawing a batch costs B x L x E: a model as big as DeepSeek-V3 gets the fewest.
         count = int(np.clip(SCORING_DRAWS // (size * profile.load.size), *SCORED_BATCHES))
         batches[phase] = profile_batches(
-            profile, topology.num_gpus, count, rng, batch_size=size, num_nodes=num_nodes
+            profile, topology.num_gpus, count, rng, batch_size=size, num_nodes=num_nodes,
+            seconds=SAMPLING_SHARE * options.time_limit_s / len(_phases(profile, options)),
         )
     return batches
 
