@@ -297,6 +297,7 @@ class OperatorProcess:
     # Watch only these namespaces (every namespace when empty), so that operators of several test
     # modules on one API server leave each other's deployments alone.
     namespaces: Sequence[str] = ()
+    extra_args: Sequence[str] = ()  # further flags of python -m moe_operator
     proc: subprocess.Popen | None = None
     starts: int = 0
 
@@ -310,6 +311,7 @@ class OperatorProcess:
             "--solver-workers", str(self.solver_workers),
             # The agents run on this machine, announced under a placeholder address (build_external_endpoints).
             "--agent-host-override",
+            *self.extra_args,
         ]
         if self.prometheus_url:
             argv += ["--prometheus-url", self.prometheus_url]

@@ -23,6 +23,7 @@ from e2e_support import (
     TINY_SHAPE,
     Agents,
     Api,
+    Operator,
     ReplicaChecker,
     manifest,
     skewed_trace,
@@ -43,6 +44,22 @@ def api(api: Api) -> Api:
     (it looks for them at reconcile)."""
     api.install_monitoring_crds()
     return api
+
+
+# What a kube-prometheus-stack release selects its PodMonitors and PrometheusRules by (the chart passes
+# its monitoring.labels as --inherited-label).
+INHERITED = {"release": "kps"}
+
+
+@pytest.fixture(scope="module")
+def operator(api, control_plane, tmp_path_factory):
+    """The operator as the ``operator`` user, every namespace, with ``--inherited-label release=kps``."""
+    args = [f"--inherited-label={key}={value}" for key, value in INHERITED.items()]
+    process = Operator(tmp_path_factory.mktemp("operator"), control_plane.kubeconfig_for("operator"), extra_args=args)
+    process.start()
+    yield process
+    process.stop()
+    print(process.log()[-4000:])
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +149,11 @@ def test_apply_rebalance_migrate(api, operator, stack):
         # deployment only, with its thresholds (the CRD's defaults here), and the marker series by
         # which the chart's copies skip it: one alert per deployment, one definition.
         check_deployment_rule(owned["prometheusrules"], namespace, deployment)
+        # Every object the operator created carries the inherited labels, as the API server stored them.
+        created = [service.metadata.labels, configmap["metadata"]["labels"]]
+        created += [owned[plural]["metadata"]["labels"] for plural in owned]
+        for labels in created:
+            assert INHERITED.items() <= (labels or {}).items(), labels
 
         # Metrics flow from the agents through Prometheus into the operator.
         wait_for(lambda: api.condition(namespace, NAME, "MetricsAvailable").get("status") == "True", 60,
