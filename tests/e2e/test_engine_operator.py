@@ -21,8 +21,6 @@ that never moves is named while the operator waits, then the migration fails on
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ import numpy as np
 import pytest
 from kubernetes import watch
 
-from e2e_support import AGENT_TOKEN, TINY_SHAPE, Api, manifest, wait_for
+from e2e_support import AGENT_TOKEN, TINY_SHAPE, Api, BackgroundLoop, manifest, poll_until, wait_for
 from engine_standin import Standin
 from moe_agent.engines import contract
 from moeplace_dev.cluster import PrometheusServer
@@ -51,24 +49,15 @@ UNROUTED = "no route for"
 SLOTS_PER_GPU = 5  # manifest(): (16 experts + 4 redundant slots) over 2 x 2 GPUs
 
 
-class PlacementMount:
+class PlacementMount(BackgroundLoop):
     """The kubelet's part: watches the placement ConfigMap and writes its data into ``directory``
     (``contract.write_published``, one file per key) on every change."""
 
     def __init__(self, api: Api, namespace: str, name: str, directory: Path) -> None:
+        super().__init__("placement-mount")
         self.api, self.namespace, self.directory = api, namespace, directory
         self.selector = f"metadata.name={builders.placement_configmap_name(name)}"
         self.writes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="placement-mount")
-
-    def __enter__(self) -> PlacementMount:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _run(self) -> None:
         written = None
@@ -191,14 +180,8 @@ class MigrationWatch:
         self.completed.append(plan)
 
     def until(self, done, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.poll()
-            if done():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (completed {self.completed}, "
-                             f"failed {self.failed}, status {self.status()})")
+        poll_until(self.poll, done, timeout, what,
+                   lambda: f"completed {self.completed}, failed {self.failed}, status {self.status()}")
 
 
 def prove_unrouted_requests_are_logged(standin: Standin) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, ReplicaChecker, manifest, wait_for
+from e2e_support import AGENT_TOKEN, TINY_SHAPE, Agents, Api, ReplicaChecker, manifest, poll_until, wait_for
 from moeplace_dev.cluster import ManagedProcess, _http
 from moe_placement.models import placement_hash
 
@@ -112,13 +112,7 @@ class MigrationWatch:
         assert staged == 0, f"{staged} staged slots left after plan {migration['planId']}"
 
     def until(self, done, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.poll()
-            if done():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (completed {len(self.completed)})")
+        poll_until(self.poll, done, timeout, what, lambda: f"completed {len(self.completed)}")
 
 
 def test_a_dozen_migrations_in_a_row_through_alternating_shifts(api, operator, prometheus_factory, tmp_path_factory):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import yaml
@@ -113,7 +114,41 @@ class Agents(LocalAgents):
     token: str = AGENT_TOKEN
 
 
-class ReplicaChecker:
+class BackgroundLoop:
+    """A context manager running ``self._run`` on a daemon thread until the ``with`` block ends;
+    ``_run`` watches ``self._stop``."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+def poll_until(
+    poll: Callable[[], None], done: Callable[[], Any], timeout: float, what: str, progress: Callable[[], str]
+) -> None:
+    """``poll()`` then ``done()`` every 0.1 s until ``done()`` is truthy; AssertionError naming ``what``
+    and ``progress()`` after ``timeout`` seconds (an assertion inside ``poll`` fails at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        poll()
+        if done():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} ({progress()})")
+
+
+class ReplicaChecker(BackgroundLoop):
     """Samples every agent's /v1/placement in a background thread and records each (layer, expert)
     that no answering agent serves live, in two consecutive samples (a sample reads the agents one
     after another, so one sample alone can straddle an activation). Also checks that every map an
@@ -121,23 +156,14 @@ class ReplicaChecker:
     together with the experts their slots held."""
 
     def __init__(self, agents: Agents, num_layers: int, num_experts: int, period: float = 0.1) -> None:
+        super().__init__("replica-checker")
         self.agents = agents
         self.num_layers, self.num_experts = num_layers, num_experts
         self.period = period
         self.samples = 0
         self.violations: list[str] = []
         self.dead: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="replica-checker")
         self._previous: set[tuple[int, int]] = set()
-
-    def __enter__(self) -> ReplicaChecker:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _run(self) -> None:
         while not self._stop.is_set():
