@@ -266,14 +266,10 @@ class PlanRunner:
             await asyncio.sleep(self.options.backoff_s * 2**attempt)
             last = await read_agents(self.client, self.agents)
         if last.errors:
-            ranks = ", ".join(f"{self._label(rank)} ({error.message})" for rank, error in sorted(last.errors.items()))
+            ranks = ", ".join(f"{self.layout.name(rank)} ({error.message})" for rank, error in sorted(last.errors.items()))
             raise StepFailed(f"agents unreachable: {ranks}")
         self.view = last
         return last
-
-    def _label(self, key: int) -> str:
-        """How messages name an agent: its rank, with its group when there are several."""
-        return str(key) if self.layout.groups == 1 else self.layout.name(key)
 
     async def _current(self) -> AgentsView:
         return self.view if self.view is not None else await self._read()

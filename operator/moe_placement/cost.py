@@ -156,19 +156,27 @@ LAYER_THREADS = 2
 LAYERS_AHEAD = 8
 
 
-def _home_layer_costs(
+def _layer_costs(
     layouts: Sequence[ReplicaLayout],
     batch: RoutingBatch,
     route: Callable[..., np.ndarray],
     rng: np.random.Generator,
     model: ModelShape,
     topology: Topology,
+    data_flow: DataFlow,
 ) -> Iterator[LayerCost]:
-    """Each layer's cost in order when every layer starts from the batch's source GPUs (the
-    ``home`` flow, so layers are independent): the layers' random draws are taken in layer order,
-    as one layer after another would take them, and up to LAYERS_AHEAD layers are routed and
-    costed at once on LAYER_THREADS threads."""
+    """Each layer's cost in order. ``follow``: a token starts layer l + 1 where its first choice at l
+    was served, so one layer after another. ``home``: every layer starts from the batch's source GPUs,
+    so layers are independent: their random draws are taken in layer order, as one layer after
+    another would take them, and up to LAYERS_AHEAD layers are routed and costed at once on
+    LAYER_THREADS threads."""
     source_gpu = batch.source_gpu % len(layouts[0].node_of_gpu)
+    if data_flow == "follow":
+        for layout, expert_ids in zip(layouts, batch.expert_ids):
+            slots = route(layout, expert_ids, source_gpu, rng.random(expert_ids.shape))
+            yield layer_cost(slots, source_gpu, layout, model, topology)
+            source_gpu = layout.gpu_of_slot[slots[:, 0]]
+        return
 
     def routed(layout: ReplicaLayout, expert_ids: np.ndarray, draws: np.ndarray) -> LayerCost:
         slots = route(layout, expert_ids, source_gpu, draws)
@@ -185,23 +193,6 @@ def _home_layer_costs(
             ]
             for future in pending:
                 yield future.result()
-
-
-def _follow_layer_costs(
-    layouts: Sequence[ReplicaLayout],
-    batch: RoutingBatch,
-    route: Callable[..., np.ndarray],
-    rng: np.random.Generator,
-    model: ModelShape,
-    topology: Topology,
-) -> Iterator[LayerCost]:
-    """Each layer's cost in order when a token starts layer l + 1 where its first choice at l was
-    served (the ``follow`` flow: one layer after another)."""
-    source_gpu = batch.source_gpu % len(layouts[0].node_of_gpu)
-    for layout, expert_ids in zip(layouts, batch.expert_ids):
-        slots = route(layout, expert_ids, source_gpu, rng.random(expert_ids.shape))
-        yield layer_cost(slots, source_gpu, layout, model, topology)
-        source_gpu = layout.gpu_of_slot[slots[:, 0]]
 
 
 def evaluate(
@@ -233,8 +224,8 @@ def evaluate(
             raise PlacementError(
                 f"expert_ids: batch has {batch.expert_ids.shape[0]} layers, placement {num_layers}"
             )
-        layer_costs = _home_layer_costs if data_flow == "home" else _follow_layer_costs
-        for layer, cost in enumerate(layer_costs(layouts, batch, route, rng, model, topology)):
+        costs = _layer_costs(layouts, batch, route, rng, model, topology, data_flow)
+        for layer, cost in enumerate(costs):
             gpu_tokens[layer] += cost.gpu_tokens
             gpu_activated[layer] += cost.gpu_activated
             totals += (

@@ -195,7 +195,7 @@ def _generate(config: SyntheticConfig, seed: int, domain_of_sequence: np.ndarray
     """The trace of ``config`` whose sequences have domains domain_of_sequence [S]."""
     logits = _sequence_logits(config, seed, domain_of_sequence)
     expert_ids = _sequence_tokens(
-        config, logits, _successors(logits), config.tokens_per_sequence,
+        config, logits, _successors(logits),
         np.random.default_rng([seed, _TOKENS, config.phase == "decode"]),
     )
     num_sequences, length = config.num_sequences, config.tokens_per_sequence
@@ -213,11 +213,11 @@ def _sequence_tokens(
     config: SyntheticConfig,
     logits: np.ndarray,
     successors: np.ndarray,
-    length: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """expert_ids [L, s * length, k] of the s sequences whose log-popularities are logits [L, s, E],
-    ``length`` tokens each; successors [L-1, E] as ``_successors``."""
+    """expert_ids [L, S * tokens_per_sequence, k] of the sequences whose log-popularities are
+    logits [L, S, E]; successors [L-1, E] as ``_successors``."""
+    length = config.tokens_per_sequence
     num_tokens = logits.shape[1] * length
     tokens = np.arange(num_tokens)
     sequence_of_token = np.repeat(np.arange(logits.shape[1]), length)
