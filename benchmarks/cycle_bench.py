@@ -73,7 +73,7 @@ TARGETS = {  # *_cpu_s: the same target in CPU seconds, what an idle 2-core mach
 SCALE_LAYERS = (16, 58)
 SCALE_EXPERTS = (64, 256, 512)
 SCALE_GPUS = ((1, 8), (8, 8), (32, 8))
-SCALING_REPEATS = 3
+SCALING_REPEATS = 5
 SLOW_POLICIES = ("ilp", "locality", "metro_aware", "migration_aware", "auto")
 
 

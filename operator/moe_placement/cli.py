@@ -37,7 +37,7 @@ from moe_placement.models import (
     placement_hash,
 )
 from moe_placement.cost import DATA_FLOWS
-from moe_placement.policies import POLICIES, PolicyOptions, plan
+from moe_placement.policies import LOAD_ONLY_POLICIES, POLICIES, PolicyOptions, plan
 from moe_placement.presets import MODEL_PRESETS, model_preset, parse_topology
 from moe_placement.request_routing import REQUEST_ROUTERS
 from moe_placement.routing import ROUTERS
@@ -183,7 +183,10 @@ def run_plan(args: argparse.Namespace) -> int:
     trace = _whole_trace(args)
     phase = "decode" if args.phase == "decode" else "prefill"
     batch_tokens = 512 if phase == "prefill" else 16
-    profile = trace.profile(batch_size=topology.num_gpus * batch_tokens, phase=phase)
+    profile = trace.profile(
+        batch_size=topology.num_gpus * batch_tokens, phase=phase,
+        pairs=args.policy not in LOAD_ONLY_POLICIES,
+    )
     options = PolicyOptions(
         time_limit_s=args.time_limit, seed=args.seed, previous=previous,
         phases=PHASES if args.phase == "both" else (), request_router=args.requests,

@@ -98,49 +98,41 @@ def layer_cost(
     memory = gpu_activated * model.expert_bytes / (topology.gpu.hbm_bandwidth_gb_s * 1e9)
     compute_time = float(np.max(np.maximum(compute, memory)))
 
-    # Unique (token, destination GPU) pairs that leave the token's GPU, ordered by token then GPU:
-    # each token's k destinations sorted, repeats dropped (much faster than np.unique on keys).
+    # Each token is sent once to each GPU it needs but its own: its k destinations sorted, the first
+    # of each GPU kept. Everything below is a [B, k] mask over these entries (masks over the sorted
+    # rows beat listing the unique pairs by 2x).
+    home = source_gpu[:, None]
     destinations = np.sort(destination_gpu, axis=1)
-    first = np.ones(destinations.shape, dtype=bool)
-    first[:, 1:] = destinations[:, 1:] != destinations[:, :-1]
-    pair_token, column = np.nonzero(first)
-    pair_gpu = destinations[pair_token, column]
-    pair_source = source_gpu[pair_token]
-    remote = pair_gpu != pair_source
-    pair_token, pair_gpu, pair_source = pair_token[remote], pair_gpu[remote], pair_source[remote]
-    same_node = node_of_gpu[pair_gpu] == node_of_gpu[pair_source]
-
-    # Cross-node: one transfer per (token, destination node). DeepEP's internode dispatch is
-    # rail-aligned: the token crosses to the GPU with its sender's local index, which forwards it over
-    # NVLink to the other destination GPUs of that node.
+    sent = destinations != home
+    sent[:, 1:] &= destinations[:, 1:] != destinations[:, :-1]
+    destination_node = node_of_gpu[destinations]
+    same_node = sent & (destination_node == node_of_gpu[home])
+    # Cross-node: one transfer per (token, destination node), the first entry of each node of the
+    # sorted row. DeepEP's internode dispatch is rail-aligned: the token crosses to the GPU with its
+    # sender's local index (its relay), which forwards it over NVLink to the node's other
+    # destination GPUs.
+    other_node = sent & ~same_node
+    crosses = other_node.copy()
+    crosses[:, 1:] &= destination_node[:, 1:] != destination_node[:, :-1]
     gpus_per_node = topology.gpus_per_node
-    remote_token, remote_gpu = pair_token[~same_node], pair_gpu[~same_node]
-    remote_node = node_of_gpu[remote_gpu]
-    # (token, node) pairs come ordered by token then node: a new pair wherever either changes.
-    new_pair = np.ones(len(remote_token), dtype=bool)
-    new_pair[1:] = (remote_token[1:] != remote_token[:-1]) | (remote_node[1:] != remote_node[:-1])
-    node_token, node = remote_token[new_pair], remote_node[new_pair]
-    sender = source_gpu[node_token]
-    receiver = node * gpus_per_node + sender % gpus_per_node
-    relay = remote_node * gpus_per_node + source_gpu[remote_token] % gpus_per_node
-    forwarded = remote_gpu != relay
+    relay = destination_node * gpus_per_node + home % gpus_per_node
+    forwarded = other_node & (destinations != relay)
+    intra = np.flatnonzero(same_node | forwarded)  # flat entries: faster to gather by than masks
+    inter = np.flatnonzero(crosses)
 
     token_bytes = 2.0 * model.token_bytes  # dispatch + combine
-    intra_out = np.bincount(pair_source[same_node], minlength=num_gpus) + np.bincount(
-        relay[forwarded], minlength=num_gpus
+    intra_out = np.bincount(
+        np.where(same_node, home, relay).ravel()[intra], minlength=num_gpus
     )
-    intra_in = np.bincount(pair_gpu[same_node], minlength=num_gpus) + np.bincount(
-        remote_gpu[forwarded], minlength=num_gpus
-    )
-    inter_out = np.bincount(sender, minlength=num_gpus)
-    inter_in = np.bincount(receiver, minlength=num_gpus)
+    intra_in = np.bincount(destinations.ravel()[intra], minlength=num_gpus)
+    inter_out = np.bincount(source_gpu[inter // destinations.shape[1]], minlength=num_gpus)
+    inter_in = np.bincount(relay.ravel()[inter], minlength=num_gpus)
     intra_bw, inter_bw = topology.intra_node_gb_s * 1e9, topology.inter_node_gb_s * 1e9
     send = intra_out * token_bytes / intra_bw + inter_out * token_bytes / inter_bw
     receive = intra_in * token_bytes / intra_bw + inter_in * token_bytes / inter_bw
     comm_time = float(np.max(np.maximum(send, receive))) if num_gpus > 1 else 0.0
 
-    inter_transfers = len(node_token)
-    intra_transfers = int(same_node.sum() + forwarded.sum())
+    inter_transfers, intra_transfers = len(inter), len(intra)
     return LayerCost(
         gpu_tokens=gpu_tokens,
         gpu_activated=gpu_activated,

@@ -92,10 +92,10 @@ def route_local_first(
     """Most local replica (on the token's GPU, else on its node, else any; in slot order), ties
     broken by ``uniform``. Shapes as ``route_random``."""
     slots, start, count = layout.most_local_replicas
-    gpu = source_gpu[:, None]
-    counts = count[gpu, expert_ids]
+    runs = source_gpu[:, None] * count.shape[1] + expert_ids  # flat [G, E] index: one gather each
+    counts = count.ravel()[runs]
     pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
-    return slots[start[gpu, expert_ids] + pick]
+    return slots[start.ravel()[runs] + pick]
 
 
 def route_metro(

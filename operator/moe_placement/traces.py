@@ -36,9 +36,13 @@ OLMOE_MODELS = {"olmoe": "olmoe", "mistral": "mistral", "mixtral": "mistral"}
 
 
 def _checked_expert_ids(value: object, num_experts: object) -> np.ndarray:
-    """``value`` as an integer [L, T, k] array of expert ids in 0..num_experts - 1; PlacementError
-    if it is empty, ``num_experts`` is not an integer > 0, or k or an id exceeds it."""
-    expert_ids = _integer_array("expert_ids", value, 3)
+    """``value`` as an int64 [L, T, k] array of expert ids in 0..num_experts - 1; PlacementError
+    if it is empty, ``num_experts`` is not an integer > 0, or k or an id exceeds it. A read-only
+    int64 array that owns its memory is taken as it is (nothing writes to it unless its owner
+    makes it writable again); any other value is copied."""
+    expert_ids = value if _read_only_int64(value) else _integer_array("expert_ids", value, 3)
+    if expert_ids.ndim != 3:
+        raise PlacementError(f"expert_ids: expected 3 dimensions, got shape {expert_ids.shape}")
     num_layers, num_tokens, top_k = expert_ids.shape
     if num_layers == 0 or num_tokens == 0 or top_k == 0:
         raise PlacementError(f"expert_ids: empty trace, shape {expert_ids.shape}")
@@ -52,6 +56,17 @@ def _checked_expert_ids(value: object, num_experts: object) -> np.ndarray:
             f"found {expert_ids.min()}..{expert_ids.max()}"
         )
     return expert_ids
+
+
+def _read_only_int64(value: object) -> bool:
+    """Whether ``value`` is an int64 array that owns its memory and is not writable. A trace of
+    DeepSeek-V3's shape holds 60 MB of ids; a copy of it costs a tenth of a second in fresh pages."""
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype == np.int64
+        and value.flags.owndata
+        and not value.flags.writeable
+    )
 
 
 def _checked_offsets(value: object, num_tokens: int) -> np.ndarray:
@@ -77,7 +92,8 @@ class Trace:
         sequence [0, T] when the sequences are unknown.
     domains: [S] task domain of each sequence ("" when unknown).
 
-    The arrays are copied and made read-only on construction.
+    The arrays are copied and made read-only on construction; expert_ids is taken without a copy
+    when it is already a read-only int64 array that owns its memory.
     """
 
     expert_ids: np.ndarray
@@ -142,8 +158,10 @@ class Trace:
         new_offsets = np.concatenate([[0], np.cumsum(lengths)])
         # Token t of the selection is token (t - new start of its sequence) + old start.
         tokens = np.arange(new_offsets[-1]) + np.repeat(starts - new_offsets[:-1], lengths)
+        expert_ids = self.expert_ids[:, tokens]
+        expert_ids.setflags(write=False)  # a fresh array: the trace takes it without a copy
         return Trace(
-            expert_ids=self.expert_ids[:, tokens],
+            expert_ids=expert_ids,
             num_experts=self.num_experts,
             seq_offsets=new_offsets,
             domains=tuple(self.domains[i] for i in indices),
@@ -206,16 +224,26 @@ class Trace:
 
     def domain_loads(self) -> dict[str, np.ndarray]:
         """Load [L, E] of each domain, in order of first appearance; empty for one domain."""
-        if len(self.domain_names) < 2:
+        names = self.domain_names
+        if len(names) < 2:
             return {}
-        token_domain = np.array(self.domains)[self.sequence_of_token()]
-        return {
-            domain: expert_load(self.expert_ids[:, token_domain == domain], self.num_experts)
-            for domain in self.domain_names
-        }
+        index = {name: position for position, name in enumerate(names)}
+        sequence_domain = np.array([index[domain] for domain in self.domains])
+        # One layer at a time, each token's ids shifted into its domain's block of E: no copy of
+        # the whole trace per domain.
+        shift = (sequence_domain[self.sequence_of_token()] * self.num_experts)[:, None]
+        by_layer = np.stack([
+            np.bincount((layer_ids + shift).ravel(), minlength=len(names) * self.num_experts)
+            for layer_ids in self.expert_ids
+        ]).reshape(self.num_layers, len(names), self.num_experts)
+        return {name: by_layer[:, position].astype(np.float64) for position, name in enumerate(names)}
 
     def profile(
-        self, batch_size: int = 4096, phase: Phase | None = None, max_pairs_per_layer: int = 4096
+        self,
+        batch_size: int = 4096,
+        phase: Phase | None = None,
+        max_pairs_per_layer: int = 4096,
+        pairs: bool = True,
     ) -> WorkloadProfile:
         """What the experts see over this trace.
 
@@ -225,20 +253,26 @@ class Trace:
             sum to T*k*k and expert i's row sums to k*load[l, i]).
         coactivation: tokens that chose both ``first`` < ``second`` at one layer.
         Only the ``max_pairs_per_layer`` largest pairs of each layer are kept (ties by pair id).
+        With ``pairs`` False, neither kind is counted (for ``LOAD_ONLY_POLICIES``).
         domain_loads [L, E] per domain, when the trace has more than one domain.
         """
         if max_pairs_per_layer <= 0:
             raise PlacementError(f"max_pairs_per_layer: {max_pairs_per_layer} must be > 0")
-        # The two kinds of pairs on two threads: numpy leaves the GIL for most of their counting.
-        with ThreadPoolExecutor(2) as threads:
-            transitions = threads.submit(
-                transition_pairs, self.expert_ids, self.num_experts, max_pairs_per_layer
-            )
-            coactivation = coactivation_pairs(self.expert_ids, self.num_experts, max_pairs_per_layer)
+        transitions = coactivation = None
+        if pairs:
+            # The two kinds on two threads: numpy leaves the GIL for most of their counting.
+            with ThreadPoolExecutor(2) as threads:
+                counting = threads.submit(
+                    transition_pairs, self.expert_ids, self.num_experts, max_pairs_per_layer
+                )
+                coactivation = coactivation_pairs(
+                    self.expert_ids, self.num_experts, max_pairs_per_layer
+                )
+                transitions = counting.result()
         return WorkloadProfile(
             load=expert_load(self.expert_ids, self.num_experts),
             top_k=self.top_k,
-            transitions=transitions.result(),
+            transitions=transitions,
             coactivation=coactivation,
             domain_loads=self.domain_loads(),
             phase=self.phase if phase is None else phase,
@@ -248,10 +282,10 @@ class Trace:
 
 def expert_load(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
     """Tokens per expert per layer, [L, E] float64, of ids [L, T, k]."""
-    num_layers = expert_ids.shape[0]
-    flat = (expert_ids + num_experts * np.arange(num_layers)[:, None, None]).ravel()
-    counts = np.bincount(flat, minlength=num_layers * num_experts)
-    return counts.reshape(num_layers, num_experts).astype(np.float64)
+    # One layer at a time: a layer's ids need no copy, all layers shifted into one range would.
+    return np.stack(
+        [np.bincount(layer_ids.ravel(), minlength=num_experts) for layer_ids in expert_ids]
+    ).astype(np.float64)
 
 
 def transition_pairs(
@@ -331,8 +365,10 @@ def concatenate(traces: Sequence[Trace]) -> Trace:
     offsets = [head.seq_offsets]
     for trace in traces[1:]:
         offsets.append(trace.seq_offsets[1:] + offsets[-1][-1])
+    expert_ids = np.concatenate([trace.expert_ids for trace in traces], axis=1)
+    expert_ids.setflags(write=False)  # a fresh array: the trace takes it without a copy
     return Trace(
-        expert_ids=np.concatenate([trace.expert_ids for trace in traces], axis=1),
+        expert_ids=expert_ids,
         num_experts=head.num_experts,
         seq_offsets=np.concatenate(offsets),
         domains=tuple(domain for trace in traces for domain in trace.domains),

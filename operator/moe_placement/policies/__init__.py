@@ -44,8 +44,14 @@ POLICIES: dict[str, PolicyFn] = {
     "grouped": grouped.policy_grouped,
 }
 
+# Policies that read a profile's load (and domain loads) only, never its transitions or
+# coactivation: whoever builds a profile for one of them may leave the pairs out, the costliest part
+# of a profile from a trace. A policy missing here is given pairs.
+LOAD_ONLY_POLICIES = frozenset({"linear", "round_robin", "eplb", "eplb_global", "grouped"})
+
 __all__ = [
-    "POLICIES", "PlanResult", "PolicyFn", "PolicyOptions", "SolverInfo", "get_policy", "plan"
+    "LOAD_ONLY_POLICIES", "POLICIES", "PlanResult", "PolicyFn", "PolicyOptions", "SolverInfo",
+    "get_policy", "plan",
 ]
 
 
