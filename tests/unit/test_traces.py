@@ -344,7 +344,26 @@ def test_profile_load_sums_to_tokens_times_k(domains: list[str], top_k: int, see
     np.testing.assert_array_equal(profile.load.sum(axis=1), trace.num_tokens * top_k)
     if len(set(domains)) > 1:
         np.testing.assert_array_equal(sum(profile.domain_loads.values()), profile.load)
+        for domain, load in profile.domain_loads.items():
+            np.testing.assert_array_equal(load, trace.select_domain(domain).profile().load)
     assert np.all(np.bincount(profile.transitions.layer) <= 5)
+    without = trace.profile(pairs=False)
+    assert without.transitions is None and without.coactivation is None
+    np.testing.assert_array_equal(without.load, profile.load)
+
+
+def test_a_trace_copies_ids_unless_they_are_its_own_read_only_array() -> None:
+    ids = np.zeros((2, 3, 1), dtype=np.int64)
+    copied = Trace(ids, 2, np.array([0, 3]), ("",))
+    ids[0, 0, 0] = 1  # the caller's writable array: the trace kept a copy
+    assert copied.expert_ids[0, 0, 0] == 0 and not copied.expert_ids.flags.writeable
+    ids.setflags(write=False)
+    assert Trace(ids, 2, np.array([0, 3]), ("",)).expert_ids is ids
+    view = ids[:, :2]  # read-only but not its own memory: copied
+    assert Trace(view, 2, np.array([0, 2]), ("",)).expert_ids is not view
+    narrow = np.zeros((2, 3, 1), dtype=np.int16)
+    narrow.setflags(write=False)
+    assert Trace(narrow, 2, np.array([0, 3]), ("",)).expert_ids.dtype == np.int64
 
 
 # --- batches and sampled tokens ---------------------------------------------------------------
