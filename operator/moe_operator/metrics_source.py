@@ -198,16 +198,11 @@ def silent_ranks(rows: Sequence[Any], num_ranks: int, num_groups: int) -> list[s
 
 
 def _check_ranks(client: Any, url: str, match_labels: Mapping[str, str], num_ranks: int, num_groups: int) -> None:
-    """MetricsUnavailable (RanksMissing) when some rank (of some group) exports no load series."""
-    if num_groups > 1:
-        rows = _query(client, url, ranks_query(match_labels, by_group=True))
-        silent_agents = silent_ranks(rows, num_ranks, num_groups)
-        if silent_agents:
-            raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from {', '.join(silent_agents)}")
-        return
-    silent = missing_ranks(_query(client, url, ranks_query(match_labels)), num_ranks)
+    """MetricsUnavailable (RanksMissing) naming each rank (of some group) that exports no load series."""
+    rows = _query(client, url, ranks_query(match_labels, by_group=num_groups > 1))
+    silent = silent_ranks(rows, num_ranks, num_groups)
     if silent:
-        raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from ranks {silent}")
+        raise MetricsUnavailable("RanksMissing", f"{url}: no {LOAD_METRIC} series from {', '.join(silent)}")
 
 
 def fetch_load(

@@ -95,6 +95,10 @@ class GroupLayout:
         """Every agent the layout expects."""
         return range(self.ranks * self.groups)
 
+    def total_bytes(self, plan_bytes: float) -> float:
+        """Bytes a plan copies in all: every group runs it on its own agents."""
+        return plan_bytes * self.groups
+
     def name(self, key: int) -> str:
         return f"rank {key}" if self.groups == 1 else f"group {key // self.ranks} rank {key % self.ranks}"
 

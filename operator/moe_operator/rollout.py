@@ -113,7 +113,7 @@ class Rollout:
             target_hash=placement_hash(target.physical_to_logical_map),
             from_generation=generation,
             stages=result.stages,
-            bytes_total=result.bytes_to_move * ctx.layout.groups,
+            bytes_total=ctx.layout.total_bytes(result.bytes_to_move),
             started_at=now_iso(),
             message=result.reason,
             policy=policy,
@@ -181,7 +181,7 @@ class Rollout:
             stage=migration.stage,
             step=migration.step,
             bytes_moved=migration.bytes_moved,
-            bytes_total=migration.bytes_total or plan.bytes_moved * ctx.layout.groups,
+            bytes_total=migration.bytes_total or ctx.layout.total_bytes(plan.bytes_moved),
         )
         self.event(ctx.body, "Normal", "MigrationResumed", f"plan {progress.plan_id} at stage {progress.stage}/{progress.stages}")
         return await self._run(ctx, record, plan, progress, migration, should_stop)
@@ -404,7 +404,7 @@ class Rollout:
         rollback = MigrationStatus(
             plan_id=back.plan_id, state="Running", rollback_of=forward_plan,
             target_hash=placement_hash(original.physical_to_logical_map), from_generation=outcome.generation,
-            stages=len(plan.stages), bytes_total=plan.bytes_moved * ctx.layout.groups, started_at=now_iso(),
+            stages=len(plan.stages), bytes_total=ctx.layout.total_bytes(plan.bytes_moved), started_at=now_iso(),
             message=f"returning to the map before plan {forward_plan}: {outcome.message}",
             policy=record.policy, solver_status=migration.solver_status,
         )
@@ -414,7 +414,7 @@ class Rollout:
             # One rollback attempt per cycle: the next cycle resumes it once the agents answer.
             return waiting(CycleResult.ROLLING_BACK, rollback.message, event=Event("Warning", "MigrationRollingBack", rollback.message))
         self.event(ctx.body, "Warning", "MigrationRollingBack", rollback.message)
-        progress = Progress(plan_id=back.plan_id, stages=len(plan.stages), bytes_total=plan.bytes_moved * ctx.layout.groups)
+        progress = Progress(plan_id=back.plan_id, stages=len(plan.stages), bytes_total=ctx.layout.total_bytes(plan.bytes_moved))
         return await self._run(ctx, back, plan, progress, rollback, should_stop)
 
     async def _rolled_back(
