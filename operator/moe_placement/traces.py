@@ -158,10 +158,8 @@ class Trace:
         new_offsets = np.concatenate([[0], np.cumsum(lengths)])
         # Token t of the selection is token (t - new start of its sequence) + old start.
         tokens = np.arange(new_offsets[-1]) + np.repeat(starts - new_offsets[:-1], lengths)
-        expert_ids = self.expert_ids[:, tokens]
-        expert_ids.setflags(write=False)  # a fresh array: the trace takes it without a copy
         return Trace(
-            expert_ids=expert_ids,
+            expert_ids=self.expert_ids[:, tokens],
             num_experts=self.num_experts,
             seq_offsets=new_offsets,
             domains=tuple(self.domains[i] for i in indices),
