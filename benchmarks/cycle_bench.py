@@ -203,33 +203,39 @@ def fitted_exponent(sizes: list[float], seconds: list[float]) -> float:
 
 
 def bench_scaling(quick: bool) -> tuple[list[dict], float]:
-    rows = []
     layers = (16,) if quick else SCALE_LAYERS
     experts = (64, 256) if quick else SCALE_EXPERTS
+    cases = []
     for num_layers in layers:
         for num_experts in experts:
             for nodes, per_node in SCALE_GPUS:
                 model, topology, profile, previous = setup(num_layers, num_experts, nodes, per_node)
-                new = plan("eplb", profile, model, topology).placement
-                timings = []
-                for _ in range(SCALING_REPEATS):
-                    started, cpu = time.perf_counter(), time.process_time()
-                    migration = plan_migration(previous, new, model, topology, max_copies_per_stage=8)
-                    timings.append((time.process_time() - cpu, time.perf_counter() - started))
-                cpu, seconds = min(timings)  # the least disturbed by the machine's other work
-                rows.append({
-                    "layers": num_layers,
-                    "experts": num_experts,
-                    "gpus": topology.num_gpus,
-                    "slots": topology.num_slots,
-                    "layers_x_slots": num_layers * topology.num_slots,
-                    "stages": len(migration.stages),
-                    "plan_migration_s": round(seconds, 4),
-                    "plan_migration_cpu_s": round(cpu, 4),
-                    "cpu_us_per_stage": round(cpu / max(len(migration.stages), 1) * 1e6, 1),
-                    "plan_mb": round(len(pickle.dumps(migration)) / 1e6, 2),
-                })
-                log(f"scaling {rows[-1]}")
+                cases.append((model, topology, previous, plan("eplb", profile, model, topology).placement))
+    # Rounds over every case, not repeats of one case in a row: this machine's speed drifts over
+    # minutes, and each case's least disturbed run should come from any part of the run.
+    timings: list[list[tuple[float, float]]] = [[] for _ in cases]
+    for _ in range(SCALING_REPEATS):
+        for case, (model, topology, previous, new) in enumerate(cases):
+            started, cpu = time.perf_counter(), time.process_time()
+            migration = plan_migration(previous, new, model, topology, max_copies_per_stage=8)
+            timings[case].append((time.process_time() - cpu, time.perf_counter() - started))
+    rows = []
+    for (model, topology, previous, new), case_timings in zip(cases, timings):
+        migration = plan_migration(previous, new, model, topology, max_copies_per_stage=8)
+        cpu, seconds = min(case_timings)  # the least disturbed by the machine's other work
+        rows.append({
+            "layers": model.num_layers,
+            "experts": model.num_experts,
+            "gpus": topology.num_gpus,
+            "slots": topology.num_slots,
+            "layers_x_slots": model.num_layers * topology.num_slots,
+            "stages": len(migration.stages),
+            "plan_migration_s": round(seconds, 4),
+            "plan_migration_cpu_s": round(cpu, 4),
+            "cpu_us_per_stage": round(cpu / max(len(migration.stages), 1) * 1e6, 1),
+            "plan_mb": round(len(pickle.dumps(migration)) / 1e6, 2),
+        })
+        log(f"scaling {rows[-1]}")
     sizes = [r["layers_x_slots"] for r in rows]
     exponents = {
         "exponent": fitted_exponent(sizes, [r["plan_migration_cpu_s"] for r in rows]),
@@ -369,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" not in skip:
         rows, exponents = bench_scaling(args.quick)
         report["scaling"] = {"rows": rows, **{name: round(value, 3) for name, value in exponents.items()}}
-        print(f"\n== migration planning, linear -> eplb (least CPU of {SCALING_REPEATS} runs) ==")
+        print(f"\n== migration planning, linear -> eplb (least CPU of {SCALING_REPEATS} rounds over the table) ==")
         print(table(rows))
         print(f"fitted: CPU seconds ~ (layers x slots)^{exponents['exponent']:.2f}; "
               f"stages ~ ^{exponents['stages_exponent']:.2f}, CPU per stage ~ ^{exponents['per_stage_exponent']:.2f}")
