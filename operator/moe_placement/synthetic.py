@@ -260,9 +260,6 @@ def _draw_without_replacement(
     guide = np.searchsorted(shifted, grid, side="right")
     chosen = np.full((len(sequence_of_token), top_k), -1, dtype=np.int64)
     chosen[:, 0] = forced
-    # [T, E]: whether a token holds an expert (one lookup per draw, not a scan of its places)
-    held_by_token = np.zeros((len(sequence_of_token), num_experts), dtype=bool)
-    held_by_token[forced >= 0, forced[forced >= 0]] = True
     for place in range(top_k):
         drawing = np.nonzero(chosen[:, place] < 0)[0]
         while len(drawing):
@@ -277,10 +274,8 @@ def _draw_without_replacement(
                 position[short] += 1
                 short = short[shifted[position[short]] <= target[short]]
             expert = position - sequence * num_experts
-            held = held_by_token[drawing, expert]
-            fresh, expert = drawing[~held], expert[~held]
-            chosen[fresh, place] = expert
-            held_by_token[fresh, expert] = True
+            held = (chosen[drawing, :place] == expert[:, None]).any(axis=1)
+            chosen[drawing[~held], place] = expert[~held]
             drawing = drawing[held]
     return chosen
 

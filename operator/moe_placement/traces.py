@@ -40,9 +40,7 @@ def _checked_expert_ids(value: object, num_experts: object) -> np.ndarray:
     if it is empty, ``num_experts`` is not an integer > 0, or k or an id exceeds it. A read-only
     int64 array that owns its memory is taken as it is (nothing writes to it unless its owner
     makes it writable again); any other value is copied."""
-    expert_ids = value if _read_only_int64(value) else _integer_array("expert_ids", value, 3)
-    if expert_ids.ndim != 3:
-        raise PlacementError(f"expert_ids: expected 3 dimensions, got shape {expert_ids.shape}")
+    expert_ids = value if _read_only_int64(value, 3) else _integer_array("expert_ids", value, 3)
     num_layers, num_tokens, top_k = expert_ids.shape
     if num_layers == 0 or num_tokens == 0 or top_k == 0:
         raise PlacementError(f"expert_ids: empty trace, shape {expert_ids.shape}")
@@ -58,12 +56,14 @@ def _checked_expert_ids(value: object, num_experts: object) -> np.ndarray:
     return expert_ids
 
 
-def _read_only_int64(value: object) -> bool:
-    """Whether ``value`` is an int64 array that owns its memory and is not writable. A trace of
-    DeepSeek-V3's shape holds 60 MB of ids; a copy of it costs a tenth of a second in fresh pages."""
+def _read_only_int64(value: object, ndim: int) -> bool:
+    """Whether ``value`` is an int64 array of ``ndim`` dimensions that owns its memory and is not
+    writable. A trace of DeepSeek-V3's shape holds 60 MB of ids; a copy of it costs a tenth of a
+    second in fresh pages."""
     return (
         isinstance(value, np.ndarray)
         and value.dtype == np.int64
+        and value.ndim == ndim
         and value.flags.owndata
         and not value.flags.writeable
     )
