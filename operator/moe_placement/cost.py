@@ -19,13 +19,13 @@ Shapes: L layers, B tokens, k choices, G GPUs, N slots.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from moe_placement.models import ModelShape, Placement, PlacementError, RoutingBatch, Topology
+from moe_placement.parallel import in_order_on_threads
 from moe_placement.routing import ReplicaLayout, get_router, replica_layouts
 
 DataFlow = Literal["home", "follow"]
@@ -143,11 +143,6 @@ def layer_cost(
     )
 
 
-# Layers a batch's costs are computed ahead on threads (numpy leaves the GIL for most of the work).
-LAYER_THREADS = 2
-LAYERS_AHEAD = 8
-
-
 def _layer_costs(
     layouts: Sequence[ReplicaLayout],
     batch: RoutingBatch,
@@ -160,8 +155,8 @@ def _layer_costs(
     """Each layer's cost in order. ``follow``: a token starts layer l + 1 where its first choice at l
     was served, so one layer after another. ``home``: every layer starts from the batch's source GPUs,
     so layers are independent: their random draws are taken in layer order, as one layer after
-    another would take them, and up to LAYERS_AHEAD layers are routed and costed at once on
-    LAYER_THREADS threads."""
+    another would take them, and several layers are routed and costed at once on threads
+    (``in_order_on_threads``)."""
     source_gpu = batch.source_gpu % len(layouts[0].node_of_gpu)
     if data_flow == "follow":
         for layout, expert_ids in zip(layouts, batch.expert_ids):
@@ -174,17 +169,10 @@ def _layer_costs(
         slots = route(layout, expert_ids, source_gpu, draws)
         return layer_cost(slots, source_gpu, layout, model, topology)
 
-    with ThreadPoolExecutor(LAYER_THREADS) as threads:
-        for start in range(0, len(layouts), LAYERS_AHEAD):
-            pending = [
-                threads.submit(
-                    routed, layouts[layer], batch.expert_ids[layer],
-                    rng.random(batch.expert_ids[layer].shape),
-                )
-                for layer in range(start, min(start + LAYERS_AHEAD, len(layouts)))
-            ]
-            for future in pending:
-                yield future.result()
+    yield from in_order_on_threads(
+        (routed, (layout, expert_ids, rng.random(expert_ids.shape)))
+        for layout, expert_ids in zip(layouts, batch.expert_ids)
+    )
 
 
 def evaluate(

@@ -1,5 +1,6 @@
 """Independent layers on every usable core: contiguous layer chunks, one per process, the first in
-the calling process and the others in forked workers.
+the calling process and the others in forked workers; or, for numpy work that leaves the GIL,
+layers a few at a time on two threads (``in_order_on_threads``).
 
 Fork, not spawn: a spawned worker re-imports numpy, pulp and highspy (about a second) before it does
 anything, which a 5-10 s time limit cannot afford; a forked one starts in milliseconds with the
@@ -15,12 +16,16 @@ import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+# Layers of numpy work in flight at once on threads (numpy leaves the GIL for most of it).
+LAYER_THREADS = 2
+LAYERS_AHEAD = 8
 
 
 def usable_cpus() -> int:
@@ -70,3 +75,18 @@ def run_chunks(function: Callable[..., Any], jobs: Sequence[tuple]) -> list[Any]
         futures = [pool.submit(function, *job) for job in jobs[1:]]
         first = function(*jobs[0])
         return [first, *(future.result() for future in futures)]
+
+
+def in_order_on_threads(calls: Iterable[tuple[Callable[..., Any], tuple]]) -> Iterator[Any]:
+    """The result of each (function, arguments) of ``calls``, in order, up to LAYERS_AHEAD running at
+    once on LAYER_THREADS threads. ``calls`` is read one call at a time as results are taken, so
+    random numbers drawn to build the arguments are drawn in order: the results are those of one
+    call after another."""
+    with ThreadPoolExecutor(LAYER_THREADS) as threads:
+        pending: deque[Future] = deque()
+        for function, arguments in calls:
+            pending.append(threads.submit(function, *arguments))
+            if len(pending) == LAYERS_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_placement.models import PHASES, Phase, PlacementError, RoutingBatch, SparsePairs, WorkloadProfile
+from moe_placement.parallel import in_order_on_threads
 
 # Model names of the OLMoE/Mixtral counts file -> the prefix of its keys.
 OLMOE_MODELS = {"olmoe": "olmoe", "mistral": "mistral", "mixtral": "mistral"}
@@ -569,28 +570,54 @@ def smallest_per_row(keys: np.ndarray, k: int) -> np.ndarray:
 def _systematic_sample(
     load: np.ndarray, top_k: int, num_tokens: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """k distinct experts per token, [L, T, k], with inclusion probabilities from load [L, E]."""
+    """k distinct experts per token, [L, T, k], with inclusion probabilities from load [L, E]. Each
+    layer's random numbers are drawn in layer order, as one layer after another would draw them,
+    and several layers are sampled at once on threads (``in_order_on_threads``)."""
     num_orders = 64
     num_layers, num_experts = load.shape
-    ids = np.empty((num_layers, num_tokens, top_k), dtype=np.int64)
-    for layer in range(num_layers):
-        probability = _inclusion_probabilities(load[layer], top_k)
-        orders = np.argsort(rng.random((num_orders, num_experts)), axis=1)
+
+    def sample_layer(
+        layer_load: np.ndarray,
+        order_keys: np.ndarray,
+        token_draws: np.ndarray,
+        shuffle: np.ndarray,
+        gumbel: np.ndarray,
+    ) -> np.ndarray:
+        """order_keys [orders, E], token_draws [T], shuffle [T] (a permutation), gumbel [T, k]."""
+        probability = _inclusion_probabilities(layer_load, top_k)
+        orders = np.argsort(order_keys, axis=1)
         # Order r's cumulative probabilities run from r*k to (r+1)*k: one sorted array serves all.
         edges = (
             np.cumsum(probability[orders], axis=1) + top_k * np.arange(num_orders)[:, None]
         ).ravel()
         # Integer part: the token's order; fraction: its systematic start. Sorted, because
         # searchsorted is several times faster on sorted needles; a permutation undoes the sort.
-        position = np.sort(rng.random(num_tokens) * num_orders)
+        position = np.sort(token_draws * num_orders)
         order_of_token = position.astype(np.int64)
         starts = position + (top_k - 1) * order_of_token
         points = starts[None, :] + np.arange(top_k)[:, None]  # [k, T], each row sorted
         slot = np.minimum(np.searchsorted(edges, points, side="right"), edges.size - 1)
-        chosen = orders.ravel()[slot.T][rng.permutation(num_tokens)]
+        chosen = orders.ravel()[slot.T][shuffle]
         # First choice: popular experts more likely (Gumbel-perturbed log probability).
-        priority = np.log(probability[chosen]) + rng.gumbel(size=chosen.shape)
-        ids[layer] = np.take_along_axis(chosen, np.argsort(-priority, axis=1), axis=1)
+        priority = np.log(probability[chosen]) + gumbel
+        return np.take_along_axis(chosen, np.argsort(-priority, axis=1), axis=1)
+
+    layers = in_order_on_threads(
+        (
+            sample_layer,
+            (
+                layer_load,
+                rng.random((num_orders, num_experts)),
+                rng.random(num_tokens),
+                rng.permutation(num_tokens),
+                rng.gumbel(size=(num_tokens, top_k)),
+            ),
+        )
+        for layer_load in load
+    )
+    ids = np.empty((num_layers, num_tokens, top_k), dtype=np.int64)
+    for layer, layer_ids in enumerate(layers):
+        ids[layer] = layer_ids
     return ids
 
 
