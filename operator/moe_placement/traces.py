@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,16 +257,11 @@ class Trace:
         if max_pairs_per_layer <= 0:
             raise PlacementError(f"max_pairs_per_layer: {max_pairs_per_layer} must be > 0")
         transitions = coactivation = None
-        if pairs:
-            # The two kinds on two threads: numpy leaves the GIL for most of their counting.
-            with ThreadPoolExecutor(2) as threads:
-                counting = threads.submit(
-                    transition_pairs, self.expert_ids, self.num_experts, max_pairs_per_layer
-                )
-                coactivation = coactivation_pairs(
-                    self.expert_ids, self.num_experts, max_pairs_per_layer
-                )
-                transitions = counting.result()
+        if pairs:  # the two kinds at once on threads
+            arguments = (self.expert_ids, self.num_experts, max_pairs_per_layer)
+            transitions, coactivation = in_order_on_threads(
+                [(transition_pairs, arguments), (coactivation_pairs, arguments)]
+            )
         return WorkloadProfile(
             load=expert_load(self.expert_ids, self.num_experts),
             top_k=self.top_k,
